@@ -1,0 +1,116 @@
+"""Model registry: the architectures the gradient-inversion literature studies.
+
+Every model maps an input of shape ``input_shape`` (C x H x W) to ``num_classes`` logits and is built
+from plain ``torch.nn`` layers, so attacks can find its dense layers by walking ``named_modules()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from math import prod
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model name or option that the registry does not know."""
+
+
+def softmax_regression(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """One dense layer on the flattened input (multinomial logistic regression)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
+
+
+def mlp(
+    input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,), activation: str = "relu"
+) -> nn.Module:
+    """A fully connected network with the given hidden widths and activation."""
+    if activation not in ACTIVATIONS:
+        raise UnknownModelError(
+            f"model.activation: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}"
+        )
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = prod(input_shape)
+    for size in hidden:
+        layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def lenet(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The sigmoid LeNet of the DLG / iDLG papers: three 5x5 convolutions (12 channels) and one dense layer.
+
+    Works for 1x28x28 (MNIST) and 3x32x32 (CIFAR-10) inputs; strides 2, 2, 1 with padding 2.
+    """
+    channels, height, width = input_shape
+    body = nn.Sequential(
+        nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
+        nn.Sigmoid(),
+        nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
+        nn.Sigmoid(),
+        nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
+        nn.Sigmoid(),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        features = body(torch.zeros(1, channels, height, width)).shape[1]
+    return nn.Sequential(*body, nn.Linear(features, num_classes))
+
+
+def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """A small ReLU convolutional network: two conv + max-pool blocks, then two dense layers."""
+    channels, height, width = input_shape
+    body = nn.Sequential(
+        nn.Conv2d(channels, 16, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        features = body(torch.zeros(1, channels, height, width)).shape[1]
+    return nn.Sequential(*body, nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+
+MODEL_NAMES = ("softmax", "mlp", "lenet", "cnn")
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (256,),
+    activation: str = "relu",
+    seed: int | None = None,
+) -> nn.Module:
+    """Build a registered model; with ``seed`` its initial weights depend only on that seed."""
+    if len(input_shape) != 3:
+        raise UnknownModelError(f"model: input shape must be C x H x W, got {tuple(input_shape)}")
+    generator_state = None
+    if seed is not None:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        if name == "softmax":
+            return softmax_regression(input_shape, num_classes)
+        if name == "mlp":
+            return mlp(input_shape, num_classes, hidden, activation)
+        if name == "lenet":
+            return lenet(input_shape, num_classes)
+        if name == "cnn":
+            return small_cnn(input_shape, num_classes)
+        raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    finally:
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
