@@ -1,0 +1,75 @@
+"""Starting or joining the Ray cluster a run uses, and always leaving it as it was found."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from testbed.config import ResourcesConfig
+from testbed.errors import UserError
+
+PROJECT_PACKAGES = ("testbed", "attacks", "defenses", "metrics")
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _project_modules() -> list[str]:
+    """Folders of the project's packages, shipped to the nodes of a joined cluster."""
+    import importlib
+
+    return [str(Path(importlib.import_module(name).__file__ or "").parent) for name in PROJECT_PACKAGES]
+
+
+@contextmanager
+def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
+    """Start a local Ray (address null) or join a cluster (auto / host:port); shut down what was started.
+
+    Yields the cluster's total resources. A local instance is bound to the loopback interface. When
+    joining, the project's packages travel to the worker nodes through Ray's runtime environment,
+    so a node needs only the installed dependencies.
+    """
+    _quiet_environment()
+    import ray
+
+    if ray.is_initialized():
+        yield dict(ray.cluster_resources())
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    if resources.address is None:
+        kwargs.update(num_cpus=resources.num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1")
+    else:
+        kwargs.update(address=resources.address, runtime_env={"py_modules": _project_modules()})
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}") from None
+    try:
+        yield dict(ray.cluster_resources())
+    finally:
+        ray.shutdown()
+
+
+def check_resources(resources: ResourcesConfig, available: dict[str, Any]) -> int:
+    """Number of client workers to start; a clear error if the cluster cannot host one of them."""
+    cpus = float(available.get("CPU", 0))
+    gpus = float(available.get("GPU", 0))
+    wanted = resources.client
+    if wanted.num_gpus > 0 and gpus == 0:
+        raise UserError(
+            f"resources.client.num_gpus: {wanted.num_gpus} GPU per worker requested, but the cluster has no GPU"
+        )
+    if wanted.num_cpus > cpus:
+        raise UserError(f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs")
+    if resources.workers is not None:
+        return resources.workers
+    fits = [cpus / wanted.num_cpus if wanted.num_cpus > 0 else float("inf")]
+    if wanted.num_gpus > 0:
+        fits.append(gpus / wanted.num_gpus)
+    return max(1, min(int(min(fits)), 64))

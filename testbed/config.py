@@ -1,0 +1,217 @@
+"""The experiment schema: one YAML file describes data, model, algorithm, client groups and runtime.
+
+The pydantic models below are the single source of truth for what a topology file may contain;
+``testbed schema`` prints them as JSON Schema and docs/configuration.md explains each block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from testbed.datasets import DATASETS
+from testbed.partition import PARTITIONS
+
+
+class Strict(BaseModel):
+    """Base for every block: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(Strict):
+    """How the training split is divided among all clients of all groups."""
+
+    scheme: str = Field("iid", description="iid | dirichlet | shards")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more label skew)")
+    shards_per_client: int = Field(2, ge=1, description="label-sorted shards per client (shards)")
+    min_samples: int = Field(1, ge=1, description="fewest samples any client may hold")
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value not in PARTITIONS:
+            raise ValueError(f"unknown partition scheme {value!r}; allowed: {', '.join(PARTITIONS)}")
+        return value
+
+
+class DatasetConfig(Strict):
+    """Which data set, where it lives offline, and how it is split."""
+
+    name: str = Field("mnist-5k", description=" | ".join(DATASETS))
+    root: str | None = Field(None, description="folder of a torchvision data set (mnist, cifar10, ...)")
+    download: bool = Field(False, description="let torchvision download into root when missing")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when no test split ships")
+    max_train: int | None = Field(None, ge=1, description="truncate the training split (fast runs)")
+    max_test: int | None = Field(None, ge=1, description="truncate the test split (fast evaluation)")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(DATASETS)}")
+        return value
+
+
+class ModelConfig(Strict):
+    """The architecture every client trains."""
+
+    name: Literal["softmax", "mlp", "lenet", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths (mlp)")
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"hidden widths must be >= 1, got {value}")
+        return value
+
+
+class AlgorithmConfig(Strict):
+    """FedSGD (one gradient per client) or FedAvg (local SGD, the client sends its weight delta)."""
+
+    name: Literal["fedsgd", "fedavg"] = "fedsgd"
+    lr: float = Field(0.1, gt=0, description="client learning rate (FedSGD: step applied to the mean gradient)")
+    server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
+    local_epochs: int | None = Field(None, ge=1, description="FedAvg: local epochs over the client's data")
+    local_steps: int | None = Field(None, ge=1, description="FedAvg: local SGD steps (instead of epochs)")
+    max_update_norm: float | None = Field(None, gt=0, description="reject client updates above this L2 norm")
+
+    @model_validator(mode="after")
+    def _one_local_budget(self) -> AlgorithmConfig:
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError("give local_epochs or local_steps, not both")
+        if self.name == "fedsgd" and (self.local_epochs is not None or self.local_steps is not None):
+            raise ValueError("fedsgd takes no local_epochs/local_steps (use fedavg)")
+        return self
+
+
+class ClientGroupConfig(Strict):
+    """A group of clients sharing a batch size, a defence policy and a simulated behaviour."""
+
+    group: str = Field(min_length=1, description="unique group name")
+    count: int = Field(ge=1, description="number of clients in the group")
+    batch_size: int = Field(ge=1, description="samples per local batch")
+    defence: dict[str, Any] = Field(default_factory=dict, description="batching, loss, update transforms")
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client sends nothing")
+    straggler_delay_s: float = Field(0.0, ge=0, description="mean simulated delay (exponential)")
+    faulty: float = Field(0.0, ge=0, le=1, description="fault injection: share of clients sending NaN updates")
+
+    @field_validator("defence")
+    @classmethod
+    def _valid_defence(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from defenses import build_policy
+
+        build_policy(value, field="defence")
+        return value
+
+
+class SamplingConfig(Strict):
+    """Which clients take part in a round."""
+
+    clients_per_round: int | None = Field(None, ge=1, description="None: every client, every round")
+    round_timeout_s: float | None = Field(None, gt=0, description="simulated deadline; later clients are late")
+    min_clients: int = Field(1, ge=1, description="fewest accepted updates for a round to count")
+
+
+class AuditConfig(Strict):
+    """Which updates the curious aggregator attacks."""
+
+    clients_per_round: int = Field(4, ge=1)
+    every: int = Field(1, ge=1, description="audit every k-th round")
+    groups: list[str] | None = Field(None, description="groups to audit (default: all)")
+
+
+class AttackConfig(Strict):
+    """The gradient-inversion attack the aggregator runs on audited updates."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    aggregator: str = Field("root", description="which aggregator runs it")
+    labels_known: bool = Field(False, description="threat model: labels are public")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+
+class ActorResources(Strict):
+    """Ray resources of one actor."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ResourcesConfig(Strict):
+    """Where the run executes and how big the worker pool is."""
+
+    address: str | None = Field(None, description="null: start a local Ray; auto or host:port: join a cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started for the run")
+    workers: int | None = Field(None, ge=1, description="client workers (default: what the CPUs allow)")
+    client: ActorResources = Field(default_factory=ActorResources)
+    aggregator: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0))
+    chunk_size: int = Field(64, ge=1, description="clients simulated together in one task")
+
+
+class TrackingConfig(Strict):
+    """Where MLflow stores the run."""
+
+    uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the topology name)")
+    artifact_location: str = Field("mlartifacts", description="artifact folder for new experiments")
+
+
+class EvaluationConfig(Strict):
+    """Server-side evaluation on the held-out split."""
+
+    every: int = Field(1, ge=1, description="evaluate every k-th round (and after the last)")
+    batch_size: int = Field(1000, ge=1)
+
+
+class Experiment(Strict):
+    """A whole experiment: the root of a topology YAML file."""
+
+    name: str = Field(min_length=1)
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(ge=1)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    clients: list[ClientGroupConfig] = Field(min_length=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    attack: AttackConfig | None = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    sweep: dict[str, list[Any]] | None = Field(None, description="grid over dotted fields; each cell a child run")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Experiment:
+        names = [group.group for group in self.clients]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"clients: duplicate group names {duplicates}")
+        total = self.total_clients
+        per_round = self.sampling.clients_per_round
+        if per_round is not None and per_round > total:
+            raise ValueError(f"sampling.clients_per_round: {per_round} exceeds the {total} clients configured")
+        if self.sampling.min_clients > (per_round or total):
+            raise ValueError(
+                f"sampling.min_clients: {self.sampling.min_clients} exceeds the {per_round or total} "
+                "clients sampled per round"
+            )
+        if self.attack is not None and self.attack.audit.groups is not None:
+            unknown = sorted(set(self.attack.audit.groups) - set(names))
+            if unknown:
+                raise ValueError(f"attack.audit.groups: unknown groups {unknown}; known: {names}")
+        return self
+
+    @property
+    def total_clients(self) -> int:
+        """Clients over all groups."""
+        return sum(group.count for group in self.clients)
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment the run is logged under."""
+        return self.tracking.experiment or self.name

@@ -1,0 +1,65 @@
+"""Records passed between the stages of a round: tasks to workers, their results, client updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+REJECT_REASONS = ("non_finite", "shape", "norm")
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """A fixed slice of one group's sampled clients for one round; chunks are summed in ``index`` order."""
+
+    index: int
+    round: int
+    group: int
+    clients: np.ndarray  # sorted global client ids
+    audited: np.ndarray  # the subset whose raw updates travel to the auditing aggregator
+
+
+@dataclass
+class ClientUpdate:
+    """One client's raw update as the aggregator receives it, plus the simulator-only ground truth."""
+
+    client: int
+    group: str
+    round: int
+    update: Params  # gradient (FedSGD) or weight delta (FedAvg), keys = model parameter names
+    num_samples: int
+    batch_size: int
+    local_steps: int
+    sample_indices: np.ndarray  # training-set indices the client used, in order (never shown to attacks)
+
+
+@dataclass
+class ChunkSummary:
+    """The small, always-fetched part of a chunk's result: counts and timings."""
+
+    index: int
+    group: str
+    sampled: int
+    accepted: int = 0
+    dropped: int = 0
+    late: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    short_batches: int = 0
+    weight: float = 0.0
+    seconds: float = 0.0
+    max_delay_s: float = 0.0
+
+
+@dataclass
+class ChunkPayload:
+    """The heavy part of a chunk's result: the weighted sum of accepted updates and audited raw updates."""
+
+    index: int
+    group: str
+    weighted_sum: Params | None
+    weight: float
+    audited: list[ClientUpdate] = field(default_factory=list)

@@ -1,0 +1,246 @@
+"""Simulating one chunk of virtual clients: batching, local update, defences, validation, summation.
+
+This is what a ``ClientWorker`` runs, written without Ray so it can be tested and benchmarked alone.
+Every random choice of a client comes from ``rng(seed, round, client)``, so a client's update does not
+depend on which worker simulates it or which other clients share its chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from defenses import DefencePolicy, build_policy
+from testbed.config import ClientGroupConfig, Experiment
+from testbed.local_update import StackedBatches, flat_norms, stacked_deltas, stacked_gradients
+from testbed.models import build_model
+from testbed.partition import Partition
+from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
+
+STREAM_BATCHES = 0
+STREAM_BEHAVIOUR = 1
+STREAM_NOISE = 2
+
+
+def client_rng(seed: int, round_index: int, client: int, stream: int) -> np.random.Generator:
+    """The random stream ``stream`` of one client in one round."""
+    return np.random.default_rng([seed, round_index, client, stream])
+
+
+@dataclass
+class GroupRuntime:
+    """A client group as the simulator needs it: its config and its built defence policy."""
+
+    config: ClientGroupConfig
+    policy: DefencePolicy
+    first_client: int
+
+
+@dataclass
+class SimulationContext:
+    """Everything a worker holds for the whole run: model architecture, data, partition, groups."""
+
+    experiment: Experiment
+    model: nn.Module
+    train_x: Tensor
+    train_y: Tensor
+    labels: np.ndarray
+    partition: Partition
+    groups: list[GroupRuntime]
+    device: torch.device
+
+    @classmethod
+    def build(
+        cls,
+        experiment: Experiment,
+        train_x: np.ndarray,
+        train_y: np.ndarray,
+        partition: Partition,
+        num_classes: int,
+        device: str = "cpu",
+    ) -> SimulationContext:
+        """Build the context from the experiment and the (shared, read-only) training arrays."""
+        model = build_model(
+            experiment.model.name,
+            train_x.shape[1:],
+            num_classes,
+            hidden=experiment.model.hidden,
+            activation=experiment.model.activation,
+        ).to(device)
+        groups = []
+        first = 0
+        for group in experiment.clients:
+            groups.append(GroupRuntime(group, build_policy(group.defence), first))
+            first += group.count
+        return cls(
+            experiment=experiment,
+            model=model,
+            train_x=torch.as_tensor(train_x).to(device),
+            train_y=torch.as_tensor(train_y).to(device),
+            labels=np.asarray(train_y),
+            partition=partition,
+            groups=groups,
+            device=torch.device(device),
+        )
+
+    def num_batches(self, samples: int, batch_size: int) -> tuple[int, int]:
+        """(epochs to plan, batches per epoch) of one client's local work under the algorithm."""
+        algorithm = self.experiment.algorithm
+        per_epoch = max(1, math.ceil(samples / batch_size))
+        if algorithm.name == "fedsgd":
+            return 1, 1
+        if algorithm.local_steps is not None:
+            return math.ceil(algorithm.local_steps / per_epoch), per_epoch
+        return algorithm.local_epochs or 1, per_epoch
+
+
+def plan_batches(
+    context: SimulationContext, group: GroupRuntime, clients: np.ndarray, round_index: int
+) -> tuple[np.ndarray, int]:
+    """Global sample indices (C, S, B) of every client's local batches, -1 for padding; and short batches."""
+    seed = context.experiment.seed
+    batch_size = group.config.batch_size
+    algorithm = context.experiment.algorithm
+    per_client: list[list[np.ndarray]] = []
+    short = 0
+    for client in clients:
+        owned = context.partition.client(int(client))
+        rng = client_rng(seed, round_index, int(client), STREAM_BATCHES)
+        epochs, per_epoch = context.num_batches(len(owned), batch_size)
+        batches: list[np.ndarray] = []
+        for _ in range(epochs):
+            plan = group.policy.batching.plan(context.labels[owned], batch_size, per_epoch, rng)
+            short += plan.short
+            batches.extend(owned[positions] for positions in plan.batches)
+        if algorithm.name == "fedavg" and algorithm.local_steps is not None:
+            batches = batches[: algorithm.local_steps]
+        per_client.append(batches)
+    steps = max(len(batches) for batches in per_client)
+    width = max((len(batch) for batches in per_client for batch in batches), default=1)
+    index = np.full((len(clients), steps, width), -1, dtype=np.int64)
+    for row, batches in enumerate(per_client):
+        for step, batch in enumerate(batches):
+            index[row, step, : len(batch)] = batch
+    return index, short
+
+
+def gather(context: SimulationContext, index: np.ndarray) -> StackedBatches:
+    """Stack the samples named by ``index`` (padding -1 becomes a zero-weight copy of sample 0)."""
+    flat = torch.from_numpy(index).to(context.device)
+    mask = flat >= 0
+    safe = flat.clamp_min(0)
+    return StackedBatches(x=context.train_x[safe], y=context.train_y[safe], w=mask.to(context.train_x.dtype))
+
+
+def _behaviour(
+    context: SimulationContext, group: GroupRuntime, clients: np.ndarray, round_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per client: (dropped, delay seconds, sends a faulty update), all drawn from its own stream."""
+    seed = context.experiment.seed
+    draws = np.array(
+        [client_rng(seed, round_index, int(c), STREAM_BEHAVIOUR).random(3) for c in clients]
+    ).reshape(len(clients), 3)
+    dropped = draws[:, 0] < group.config.dropout
+    mean_delay = group.config.straggler_delay_s
+    delay = -mean_delay * np.log1p(-draws[:, 1]) if mean_delay > 0 else np.zeros(len(clients))
+    faulty = draws[:, 2] < group.config.faulty
+    return dropped, delay, faulty
+
+
+def _validate(update: Params, params: Params, max_norm: float | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Accept mask per client and the boolean mask of each rejection reason."""
+    clients = next(iter(update.values())).shape[0]
+    shape_ok = all(
+        name in update and update[name].shape == (clients, *value.shape) and update[name].dtype == value.dtype
+        for name, value in params.items()
+    ) and set(update) == set(params)
+    if not shape_ok:
+        reject = torch.ones(clients, dtype=torch.bool)
+        return ~reject, {"shape": reject}
+    finite = torch.stack([torch.isfinite(v.reshape(clients, -1)).all(dim=1) for v in update.values()]).all(0)
+    reasons = {"non_finite": ~finite}
+    accept = finite.clone()
+    if max_norm is not None:
+        too_big = finite & (flat_norms(update) > max_norm)
+        reasons["norm"] = too_big
+        accept &= ~too_big
+    return accept, reasons
+
+
+def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
+    """Run one chunk of clients for one round and return its counts and its weighted update sum."""
+    started = time.perf_counter()
+    group = context.groups[task.group]
+    experiment = context.experiment
+    name = group.config.group
+    summary = ChunkSummary(index=task.index, group=name, sampled=len(task.clients))
+    payload = ChunkPayload(index=task.index, group=name, weighted_sum=None, weight=0.0)
+    dropped, delay, faulty = _behaviour(context, group, task.clients, task.round)
+    timeout = experiment.sampling.round_timeout_s
+    late = (~dropped) & (delay > timeout) if timeout is not None else np.zeros(len(task.clients), dtype=bool)
+    summary.dropped = int(dropped.sum())
+    summary.late = int(late.sum())
+    active = ~(dropped | late)
+    summary.max_delay_s = float(delay[active].max()) if active.any() else 0.0
+    clients = task.clients[active]
+    if len(clients) == 0:
+        summary.seconds = time.perf_counter() - started
+        return summary, payload
+    params = {key: value.to(context.device) for key, value in params.items()}
+    index, summary.short_batches = plan_batches(context, group, clients, task.round)
+    batches = gather(context, index)
+    loss = group.policy.loss
+    algorithm = experiment.algorithm
+    if algorithm.name == "fedsgd":
+        update = stacked_gradients(context.model, loss, params, batches)
+    else:
+        update = stacked_deltas(context.model, loss, params, batches, algorithm.lr)
+    generators = [
+        torch.Generator().manual_seed(int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62)))
+        for c in clients
+    ]
+    update = group.policy.transform(update, generators)
+    inject = torch.from_numpy(faulty[active]).to(context.device)
+    if bool(inject.any()):
+        update = {key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()}
+    accept, reasons = _validate(update, params, algorithm.max_update_norm)
+    for reason, mask in reasons.items():
+        summary.rejected[reason] = int(mask.sum())
+    summary.accepted = int(accept.sum())
+    used = batches.w.sum(dim=2)
+    samples = used[:, 0] if algorithm.name == "fedsgd" else torch.tensor(
+        [len(context.partition.client(int(c))) for c in clients], dtype=used.dtype, device=used.device
+    )
+    weights = samples * accept.to(samples.dtype)
+    if summary.accepted:
+        kept = weights[accept]
+        payload.weighted_sum = {
+            key: (value[accept] * kept.view(-1, *[1] * (value.dim() - 1))).sum(dim=0).cpu()
+            for key, value in update.items()
+        }
+        payload.weight = float(kept.sum())
+        summary.weight = payload.weight
+    audited = {int(c) for c in task.audited}
+    for row, client in enumerate(clients):
+        if int(client) not in audited:
+            continue
+        rows = index[row][index[row] >= 0]
+        payload.audited.append(
+            ClientUpdate(
+                client=int(client),
+                group=name,
+                round=task.round,
+                update={key: value[row].detach().cpu().clone() for key, value in update.items()},
+                num_samples=len(rows),
+                batch_size=group.config.batch_size,
+                local_steps=int((used[row] > 0).sum()),
+                sample_indices=rows,
+            )
+        )
+    summary.seconds = time.perf_counter() - started
+    return summary, payload

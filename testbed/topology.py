@@ -1,0 +1,173 @@
+"""Reading a topology YAML file into a validated ``Experiment``, with ``--set`` overrides.
+
+Every failure becomes a ``UserError`` whose message names the file, the field path, the YAML line
+where one exists, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from testbed.config import Experiment
+from testbed.errors import UserError
+
+Path_ = tuple[str | int, ...]
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Parse a YAML file with the safe loader; return the mapping and its node tree (for line numbers)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such topology file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{file}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: the top level must be a mapping of fields (name, rounds, clients, ...)")
+    return data, node
+
+
+def _line_of(node: yaml.Node | None, loc: Path_) -> int | None:
+    """The 1-based YAML line of the deepest node that exists along ``loc``."""
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for name, value in node.value if name.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    """A pydantic location as a field path: ('clients', 0, 'count') -> 'clients[0].count'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _describe(error: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """One line for one pydantic error: field path, message, offending value."""
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling; `testbed schema` lists the fields)"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in error and error["type"] not in ("value_error", "assertion_error"):
+        value = error["input"]
+        if not isinstance(value, dict | list):
+            message += f" (got {value!r})"
+    if isinstance(data.get("clients"), list) and loc[:1] == ("clients",) and len(loc) > 1:
+        index = loc[1]
+        groups = data["clients"]
+        if isinstance(index, int) and index < len(groups) and isinstance(groups[index], dict):
+            name = groups[index].get("group")
+            if name:
+                message = f"{message} [group {name!r}]"
+    return f"{format_loc(loc)}: {message}"
+
+
+def validate(
+    data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None
+) -> Experiment:
+    """Validate a mapping as an Experiment; raise UserError with one line per problem."""
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            line = _line_of(node, tuple(error["loc"]))
+            where = f":{line}" if line is not None else ""
+            lines.append(f"{source}{where}: {_describe(error, data)}")
+        raise UserError(lines[0] if len(lines) == 1 else "\n".join(lines)) from None
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rounds=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_path(data: dict[str, Any], key: str, value: Any, *, origin: str = "--set") -> None:
+    """Assign ``value`` at a dotted ``key``; ``clients.<group>.<field>`` selects a client group by name."""
+    parts = key.split(".")
+    target: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(target, list):
+            target = _group(target, part, key, origin)
+            continue
+        if not isinstance(target, dict):
+            raise UserError(f"{origin} {key}: {here} is not a block of fields")
+        if part not in target or target[part] is None:
+            target[part] = {}
+        target = target[part]
+    last = parts[-1]
+    if isinstance(target, list):
+        raise UserError(f"{origin} {key}: name a field of the group, e.g. clients.<group>.batch_size")
+    if not isinstance(target, dict):
+        raise UserError(f"{origin} {key}: {'.'.join(parts[:-1])} is not a block of fields")
+    target[last] = value
+
+
+def _group(groups: list[Any], name: str, key: str, origin: str) -> dict[str, Any]:
+    for group in groups:
+        if isinstance(group, dict) and str(group.get("group")) == name:
+            return group
+    if name.isdigit() and int(name) < len(groups) and isinstance(groups[int(name)], dict):
+        chosen: dict[str, Any] = groups[int(name)]
+        return chosen
+    known = [str(group.get("group")) for group in groups if isinstance(group, dict)]
+    raise UserError(f"{origin} {key}: no client group {name!r}; groups: {', '.join(known)}")
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of ``data`` with every ``key=value`` applied; the same key twice with two values is an error."""
+    result = copy.deepcopy(dict(data))
+    seen: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in seen and seen[key] != value:
+            raise UserError(f"--set {key}: given twice with different values ({seen[key]!r} and {value!r})")
+        seen[key] = value
+        set_path(result, key, value)
+    return result
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """Read, override and validate a topology file."""
+    data, node = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, source=str(path), node=node)

@@ -1,0 +1,142 @@
+"""MLflow tracking of a run: parameters, per-round metrics, artifacts.
+
+Uses ``MlflowClient`` directly (no global active-run state), so parent and child runs of a sweep and
+several runs in one process stay independent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from testbed.config import Experiment
+from testbed.errors import UserError
+
+MAX_PARAM_LENGTH = 6000
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten nested config data to dotted keys; client groups are keyed by their group name."""
+    items: dict[str, str] = {}
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            items.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(item, Mapping) and "group" in item for item in data):
+        for item in data:
+            rest = {key: value for key, value in item.items() if key != "group"}
+            items.update(flatten(rest, f"{prefix}{item['group']}."))
+    else:
+        text = json.dumps(data) if isinstance(data, list | dict) else str(data)
+        items[prefix.rstrip(".")] = text[:MAX_PARAM_LENGTH]
+    return items
+
+
+def _artifact_uri(location: str) -> str:
+    return Path(location).resolve().as_uri() if "://" not in location else location
+
+
+class Tracker:
+    """One MLflow tracking store and experiment; opens runs and logs into them."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.experiment_name = experiment
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id: str | None = None
+
+    @classmethod
+    def for_experiment(cls, experiment: Experiment) -> Tracker:
+        """The tracker an experiment's ``tracking`` block describes."""
+        tracking = experiment.tracking
+        return cls(tracking.uri, experiment.experiment_name, tracking.artifact_location)
+
+    def check(self) -> None:
+        """Fail fast, in one line, when the tracking store cannot be reached or opened."""
+        previous = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # any failure to reach the store is the user's address to fix
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"tracking.uri: cannot reach MLflow at {self.uri!r}: {first}") from None
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def ensure_experiment(self) -> str:
+        """The experiment id, creating the experiment (with its artifact location) if needed."""
+        if self.experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=_artifact_uri(self.artifact_location)
+                )
+            else:
+                self.experiment_id = found.experiment_id
+        return self.experiment_id
+
+    def start_run(self, name: str, params: Mapping[str, str], parent_run_id: str | None = None) -> str:
+        """Create a run (a child of ``parent_run_id`` when given) with its parameters; return its id."""
+        from mlflow.entities import Param
+
+        tags = {"mlflow.runName": name}
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.ensure_experiment(), tags=tags, run_name=name)
+        run_id = str(run.info.run_id)
+        entries = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(run_id, params=entries[start : start + 100])
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Log numeric metrics at ``step`` (non-finite values are skipped)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if value == value and abs(float(value)) != float("inf")
+        ]
+        for start in range(0, len(entries), 500):
+            self.client.log_batch(run_id, metrics=entries[start : start + 500])
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        """Store ``text`` as an artifact file ``name``."""
+        self.client.log_text(run_id, text, name)
+
+    def log_json(self, run_id: str, data: Any, name: str) -> None:
+        """Store ``data`` as a JSON artifact."""
+        self.client.log_text(run_id, json.dumps(data, indent=2, sort_keys=True, default=str), name)
+
+    def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        """Copy a local file into the run's artifacts."""
+        self.client.log_artifact(run_id, str(path), folder)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A temporary folder for files about to be logged as artifacts."""
+        with tempfile.TemporaryDirectory(prefix="testbed-") as folder:
+            yield Path(folder)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        """Set a tag on a run."""
+        self.client.set_tag(run_id, key, value)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a run with FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,142 @@
+"""The pool of ``ClientWorker`` actors: each simulates many virtual clients, chunk by chunk.
+
+The training arrays and the partition reach every worker once, through the object store. A round is a
+list of chunk tasks handed out dynamically (a few in flight per worker); a chunk whose worker dies is
+run again on a fresh worker, so no client update is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, WorkerCrashedError
+
+from testbed.config import Experiment
+from testbed.partition import Partition
+from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, Params
+from testbed.simulation import SimulationContext, simulate_chunk
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2
+
+
+class ClientWorker:
+    """Hosts the model, the data and the defence policies; simulates chunks of clients on request."""
+
+    def __init__(self, experiment: Experiment, data: dict[str, Any], partition: Partition, num_classes: int) -> None:
+        threads = max(1, int(experiment.resources.client.num_cpus))
+        torch.set_num_threads(threads)
+        device = "cpu"
+        if experiment.resources.client.num_gpus > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError("resources.client.num_gpus > 0 but this worker sees no CUDA device")
+            device = "cuda"
+        self.context = SimulationContext.build(
+            experiment, data["x"], data["y"], partition, num_classes, device=device
+        )
+
+    def pid(self) -> int:
+        """The worker's process id (for diagnostics and fault-injection tests)."""
+        return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node id this worker runs on."""
+        return str(ray.get_runtime_context().get_node_id())
+
+    def run(self, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
+        """Simulate one chunk of clients against the round's global parameters."""
+        return simulate_chunk(self.context, params, task)
+
+
+class WorkerPool:
+    """A fixed number of ClientWorker actors with dynamic dispatch and replacement of dead workers."""
+
+    def __init__(
+        self, experiment: Experiment, data_ref: ray.ObjectRef, partition_ref: ray.ObjectRef, num_classes: int,
+        size: int,
+    ) -> None:
+        client = experiment.resources.client
+        self._actor_class = ray.remote(num_cpus=client.num_cpus, num_gpus=client.num_gpus, max_restarts=0)(
+            ClientWorker
+        )
+        self._make: Callable[[], Any] = lambda: self._actor_class.remote(
+            experiment, data_ref, partition_ref, num_classes
+        )
+        self.workers = [self._make() for _ in range(size)]
+        self.replaced = 0
+        ray.get([worker.pid.remote() for worker in self.workers])
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [int(pid) for pid in ray.get([worker.pid.remote() for worker in self.workers])]
+
+    def nodes(self) -> list[str]:
+        """Node id of each worker."""
+        return [str(node) for node in ray.get([worker.node.remote() for worker in self.workers])]
+
+    def run_round(
+        self, params_ref: ray.ObjectRef, tasks: Sequence[ChunkTask], on_done: Callable[[ChunkSummary], None] | None = None
+    ) -> tuple[list[ChunkSummary], list[ray.ObjectRef]]:
+        """Run every task; return the summaries and payload references, both in task index order."""
+        pending = deque(tasks)
+        running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]] = {}
+        summaries: dict[int, ChunkSummary] = {}
+        payloads: dict[int, ray.ObjectRef] = {}
+        load = [0] * len(self.workers)
+
+        def submit(slot: int) -> None:
+            task = pending.popleft()
+            summary_ref, payload_ref = self.workers[slot].run.options(num_returns=2).remote(params_ref, task)
+            running[summary_ref] = (slot, task, payload_ref)
+            load[slot] += 1
+
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for slot in range(len(self.workers)):
+                if pending:
+                    submit(slot)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, task, payload_ref = running.pop(ready[0])
+            load[slot] -= 1
+            try:
+                summary: ChunkSummary = ray.get(ready[0])
+            except (RayActorError, WorkerCrashedError):
+                log.warning("client worker %d died; re-running chunk %d on a new worker", slot, task.index)
+                self._replace(slot, running, pending, load)
+                pending.appendleft(task)
+                submit(slot)
+                continue
+            summaries[task.index] = summary
+            payloads[task.index] = payload_ref
+            if on_done is not None:
+                on_done(summary)
+            if pending:
+                submit(slot)
+        order = sorted(summaries)
+        return [summaries[i] for i in order], [payloads[i] for i in order]
+
+    def _replace(
+        self, slot: int, running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]],
+        pending: deque[ChunkTask], load: list[int],
+    ) -> None:
+        """Start a new worker in ``slot``; the dead worker's other in-flight tasks go back to the queue."""
+        for ref, (other_slot, task, _) in list(running.items()):
+            if other_slot == slot:
+                del running[ref]
+                pending.appendleft(task)
+                load[slot] -= 1
+        self.workers[slot] = self._make()
+        self.replaced += 1
+
+    def shutdown(self) -> None:
+        """Stop every worker."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
