@@ -159,6 +159,7 @@ class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI")
     experiment: str | None = Field(None, description="MLflow experiment (default: the topology name)")
     artifact_location: str = Field("mlartifacts", description="artifact folder for new experiments")
+    checkpoints: str = Field("checkpoints", description="folder of per-run checkpoints (for --resume)")
 
 
 class EvaluationConfig(Strict):

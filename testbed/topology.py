@@ -87,7 +87,11 @@ def _describe(error: Mapping[str, Any], data: Mapping[str, Any]) -> str:
             name = groups[index].get("group")
             if name:
                 message = f"{message} [group {name!r}]"
-    return f"{format_loc(loc)}: {message}"
+    field = format_loc(loc)
+    head = str(loc[-1]) if loc else ""
+    if head and message.startswith(head):
+        return f"{format_loc(loc[:-1])}.{message}"
+    return f"{field}: {message}"
 
 
 def validate(

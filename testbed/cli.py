@@ -1,0 +1,105 @@
+"""The ``testbed`` command: run, validate, schema, ui.
+
+User mistakes print one line on stderr and exit with status 2; nothing else is printed for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from testbed.errors import UserError
+
+DEFAULT_UI_PORT = 5000
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed", description="Federated-learning privacy testbed: run topologies, attack updates, track leakage."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a topology YAML file")
+    run.add_argument("file", help="topology YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. --set rounds=5 --set clients.mixed.batch_size=4")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+
+    validate = commands.add_parser("validate", help="check a topology file and print OK or its errors")
+    validate.add_argument("file")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    commands.add_parser("schema", help="print the JSON Schema of topology files")
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for a tracking store")
+    ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from testbed.engine import RunAborted, run_experiment
+    from testbed.topology import load_experiment
+
+    experiment = load_experiment(args.file, args.overrides)
+    try:
+        result = run_experiment(experiment, show_progress=not args.quiet, resume_run_id=args.resume)
+    except RunAborted as exc:
+        print(f"testbed: run stopped: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"run_id": result.run_id, "final_test_accuracy": result.final_accuracy}))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from testbed.topology import load_experiment
+
+    load_experiment(args.file, args.overrides)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _schema(_: argparse.Namespace) -> int:
+    from testbed.config import Experiment
+
+    print(json.dumps(Experiment.model_json_schema(), indent=2))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.uri,
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "ui": _ui}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``testbed`` console script; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
