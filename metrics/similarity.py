@@ -1,0 +1,114 @@
+"""Pixel-space scores between an original and a reconstruction: MSE, PSNR and SSIM.
+
+Pre-processing: both images are clipped to [0, 1] (the original normally already is; the
+reconstruction of an attack often is not). There is no absolute value and no quantisation here;
+those belong to AVD only. A reconstruction holding NaN or infinity gets the worst score listed in
+``metrics.conventions.WORST_SCORE``: MSE ``inf``, PSNR ``0.0``, SSIM ``-1.0``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from metrics.conventions import PSNR_CEILING_DB, WORST_SCORE
+from metrics.images import as_batch_pair, as_image_pair, clip_unit, is_finite_image
+
+DATA_RANGE = 1.0
+"""The intensity range used by PSNR and SSIM."""
+
+SSIM_WINDOW = 7
+"""The SSIM window side for images of at least 7 x 7 pixels."""
+
+_MSE_FLOOR = 10.0 ** (-PSNR_CEILING_DB / 10.0)
+
+
+def ssim_window(height: int, width: int) -> int:
+    """SSIM window side for an image: 7, or the largest odd number that fits a smaller image."""
+    side = min(SSIM_WINDOW, height, width)
+    return side if side % 2 == 1 else side - 1
+
+
+def _mse(v0: np.ndarray, v1: np.ndarray) -> float:
+    return float(np.mean((clip_unit(v1) - clip_unit(v0)) ** 2))
+
+
+def _psnr_from_mse(error: float) -> float:
+    if not math.isfinite(error):
+        return WORST_SCORE["psnr"]
+    return float(10.0 * math.log10(DATA_RANGE**2 / max(error, _MSE_FLOOR)))
+
+
+def _ssim(v0: np.ndarray, v1: np.ndarray) -> float:
+    window = ssim_window(v0.shape[-2], v0.shape[-1])
+    value = structural_similarity(
+        clip_unit(v0), clip_unit(v1), data_range=DATA_RANGE, channel_axis=0, win_size=window
+    )
+    return float(value)
+
+
+def mse(original: Any, reconstruction: Any) -> float:
+    """Mean squared error over all channels and pixels, after clipping both images to [0, 1].
+
+    Inputs are numpy arrays or torch tensors of shape H x W or C x H x W. A non-finite
+    reconstruction scores ``inf``.
+    """
+    v0, v1 = as_image_pair(original, reconstruction)
+    return _mse(v0, v1) if is_finite_image(v1) else WORST_SCORE["mse"]
+
+
+def psnr(original: Any, reconstruction: Any) -> float:
+    """Peak signal-to-noise ratio in dB for data range 1.0, after clipping both images to [0, 1].
+
+    PSNR = 10 log10(1 / MSE), capped at ``PSNR_CEILING_DB`` (100 dB) so identical images stay
+    finite. A non-finite reconstruction scores ``0.0``, the lowest value clipped images can reach.
+    """
+    return _psnr_from_mse(mse(original, reconstruction))
+
+
+def ssim(original: Any, reconstruction: Any) -> float:
+    """Structural similarity (Wang et al. 2004) with data range 1.0, after clipping to [0, 1].
+
+    Uses scikit-image's ``structural_similarity`` with a 7 x 7 uniform window (the largest odd
+    window that fits for smaller images); for C x H x W the per-channel values are averaged. A
+    non-finite reconstruction scores ``-1.0``.
+    """
+    v0, v1 = as_image_pair(original, reconstruction)
+    return _ssim(v0, v1) if is_finite_image(v1) else WORST_SCORE["ssim"]
+
+
+def _finite_rows(images: np.ndarray) -> np.ndarray:
+    return np.isfinite(images).reshape(len(images), -1).all(axis=1)
+
+
+def pairwise_mse(originals: Any, reconstructions: Any) -> np.ndarray:
+    """N x M matrix of MSE between every original and every reconstruction (``inf`` if non-finite)."""
+    v0, v1 = as_batch_pair(originals, reconstructions)
+    finite = _finite_rows(v1)
+    flat0 = clip_unit(v0).reshape(len(v0), -1)
+    flat1 = clip_unit(np.where(np.isfinite(v1), v1, 0.0)).reshape(len(v1), -1)
+    errors = np.empty((len(v0), len(v1)))
+    for i in range(len(v0)):
+        errors[i] = np.mean((flat1 - flat0[i]) ** 2, axis=1)
+    errors[:, ~finite] = WORST_SCORE["mse"]
+    return errors
+
+
+def pairwise_psnr(originals: Any, reconstructions: Any) -> np.ndarray:
+    """N x M matrix of PSNR in dB between every original and every reconstruction (0 if non-finite)."""
+    errors = pairwise_mse(originals, reconstructions)
+    return np.vectorize(_psnr_from_mse, otypes=[np.float64])(errors).reshape(errors.shape)
+
+
+def pairwise_ssim(originals: Any, reconstructions: Any) -> np.ndarray:
+    """N x M matrix of SSIM between every original and every reconstruction (-1 if non-finite)."""
+    v0, v1 = as_batch_pair(originals, reconstructions)
+    finite = _finite_rows(v1)
+    values = np.full((len(v0), len(v1)), WORST_SCORE["ssim"])
+    for j in np.flatnonzero(finite):
+        for i in range(len(v0)):
+            values[i, j] = _ssim(v0[i], v1[j])
+    return values
