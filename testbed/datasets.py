@@ -23,6 +23,8 @@ FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = tuple(f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k")
                    for kind in ("images-idx3", "labels-idx1"))
 
+_SYNTHETIC_SEPARATION = 0.7
+_SYNTHETIC_NOISE = 0.2
 _IDX_DTYPES: dict[int, np.dtype[Any]] = {code: np.dtype(spec) for code, spec in (
     (0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8"))}
 
@@ -175,8 +177,10 @@ def _synthetic(train_samples: int, shape: tuple[int, int, int], num_classes: int
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Balanced Gaussian classes around per-class mean images, clipped to [0, 1].
 
-    Class means are drawn uniformly from [0.2, 0.8] per pixel, samples add N(0, 0.15^2) noise. The
-    first ``train_samples`` rows are the training set, the rest (``test_fraction`` of the total) test.
+    A shared base image is drawn from U(0.25, 0.75) per pixel; class k's mean adds an offset drawn
+    from N(0, (0.7 / sqrt(D))^2) per pixel (D = C*H*W), so two class means lie about 1.0 apart in L2
+    whatever the shape; samples add N(0, 0.2^2) pixel noise. The first ``train_samples`` rows are the
+    training set, the rest (``test_fraction`` of the total) the test set.
     """
     if num_classes < 2:
         raise ValueError(f"dataset num_classes: synthetic needs at least 2 classes, got {num_classes}")
@@ -186,10 +190,12 @@ def _synthetic(train_samples: int, shape: tuple[int, int, int], num_classes: int
         raise ValueError(f"dataset synthetic_samples: must be at least num_classes={num_classes}, "
                          f"got {train_samples}")
     test_samples = max(num_classes, math.ceil(train_samples * test_fraction / (1.0 - test_fraction)))
-    means = rng.uniform(0.2, 0.8, size=(num_classes, *shape))
+    base = rng.uniform(0.25, 0.75, size=shape)
+    means = base + rng.normal(0.0, _SYNTHETIC_SEPARATION / math.sqrt(math.prod(shape)),
+                              size=(num_classes, *shape))
     labels = np.concatenate([rng.permutation(np.arange(n) % num_classes)
                              for n in (train_samples, test_samples)]).astype(np.int64)
-    noise = rng.normal(0.0, 0.15, size=(len(labels), *shape))
+    noise = rng.normal(0.0, _SYNTHETIC_NOISE, size=(len(labels), *shape))
     images = np.clip(means[labels] + noise, 0.0, 1.0).astype(np.float32)
     return images, labels
 
