@@ -98,9 +98,9 @@ def load_dataset(name: str, *, root: str | None = None, download: bool = False, 
 def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A seeded permutation of ``range(len(labels))`` whose every prefix keeps the class proportions.
 
-    Each sample gets the key ``(rank within its class, shuffled, + 0.5) / class size``; sorting by the
-    key (random tie-break) interleaves the classes so that the first m entries hold about
-    ``m * n_k / N`` samples of class k (within one).
+    Within each class the samples are shuffled and ranked r = 0 .. n_k - 1; sorting all samples by
+    ``(r + 0.5) / n_k`` (random tie-break) interleaves the classes so that the first m entries hold
+    ``m * n_k / N`` samples of class k, give or take one.
     """
     n = len(labels)
     shuffled = rng.permutation(n)
