@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    commands.add_parser("schema", help="print the JSON Schema of topology files")
+    schema = commands.add_parser("schema", help="print the JSON Schema of topology files")
+    schema.add_argument("--markdown", action="store_true", help="print the configuration reference instead")
 
     ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for a tracking store")
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
@@ -66,10 +67,11 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schema(_: argparse.Namespace) -> int:
+def _schema(args: argparse.Namespace) -> int:
     from testbed.config import Experiment
+    from testbed.schema_docs import markdown
 
-    print(json.dumps(Experiment.model_json_schema(), indent=2))
+    print(markdown() if args.markdown else json.dumps(Experiment.model_json_schema(), indent=2))
     return 0
 
 
@@ -90,6 +92,7 @@ COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "ui": _ui}
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``testbed`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -58,9 +58,9 @@ class DatasetConfig(Strict):
 class ModelConfig(Strict):
     """The architecture every client trains."""
 
-    name: Literal["softmax", "mlp", "lenet", "cnn"] = "mlp"
+    name: Literal["softmax", "mlp", "lenet", "cnn"] = Field("mlp", description="architecture")
     hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths (mlp)")
-    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+    activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation (mlp)")
 
     @field_validator("hidden")
     @classmethod
@@ -73,7 +73,7 @@ class ModelConfig(Strict):
 class AlgorithmConfig(Strict):
     """FedSGD (one gradient per client) or FedAvg (local SGD, the client sends its weight delta)."""
 
-    name: Literal["fedsgd", "fedavg"] = "fedsgd"
+    name: Literal["fedsgd", "fedavg"] = Field("fedsgd", description="federated algorithm")
     lr: float = Field(0.1, gt=0, description="client learning rate (FedSGD: step applied to the mean gradient)")
     server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
     local_epochs: int | None = Field(None, ge=1, description="FedAvg: local epochs over the client's data")
@@ -120,7 +120,7 @@ class SamplingConfig(Strict):
 class AuditConfig(Strict):
     """Which updates the curious aggregator attacks."""
 
-    clients_per_round: int = Field(4, ge=1)
+    clients_per_round: int = Field(4, ge=1, description="updates attacked per audited round")
     every: int = Field(1, ge=1, description="audit every k-th round")
     groups: list[str] | None = Field(None, description="groups to audit (default: all)")
 
@@ -128,8 +128,8 @@ class AuditConfig(Strict):
 class AttackConfig(Strict):
     """The gradient-inversion attack the aggregator runs on audited updates."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="attack name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
     aggregator: str = Field("root", description="which aggregator runs it")
     labels_known: bool = Field(False, description="threat model: labels are public")
     audit: AuditConfig = Field(default_factory=AuditConfig)
@@ -138,8 +138,8 @@ class AttackConfig(Strict):
 class ActorResources(Strict):
     """Ray resources of one actor."""
 
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
 
 
 class ResourcesConfig(Strict):
@@ -166,21 +166,21 @@ class EvaluationConfig(Strict):
     """Server-side evaluation on the held-out split."""
 
     every: int = Field(1, ge=1, description="evaluate every k-th round (and after the last)")
-    batch_size: int = Field(1000, ge=1)
+    batch_size: int = Field(1000, ge=1, description="evaluation batch size")
 
 
 class Experiment(Strict):
     """A whole experiment: the root of a topology YAML file."""
 
-    name: str = Field(min_length=1)
-    seed: int = Field(0, ge=0)
-    rounds: int = Field(ge=1)
+    name: str = Field(min_length=1, description="experiment name (MLflow run name)")
+    seed: int = Field(0, ge=0, description="seeds data split, partition, model init and every client")
+    rounds: int = Field(ge=1, description="communication rounds")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
-    clients: list[ClientGroupConfig] = Field(min_length=1)
+    clients: list[ClientGroupConfig] = Field(min_length=1, description="client groups (at least one)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    attack: AttackConfig | None = None
+    attack: AttackConfig | None = Field(None, description="gradient-inversion audit (null: none)")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,10 @@ class SimulationContext:
             hidden=experiment.model.hidden,
             activation=experiment.model.activation,
         ).to(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(train_x).to(device)
+            y = torch.as_tensor(train_y).to(device)
         groups = []
         first = 0
         for group in experiment.clients:
@@ -80,8 +85,8 @@ class SimulationContext:
         return cls(
             experiment=experiment,
             model=model,
-            train_x=torch.as_tensor(train_x).to(device),
-            train_y=torch.as_tensor(train_y).to(device),
+            train_x=x,
+            train_y=y,
             labels=np.asarray(train_y),
             partition=partition,
             groups=groups,
