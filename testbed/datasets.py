@@ -68,12 +68,12 @@ def load_dataset(name: str, *, root: str | None = None, download: bool = False, 
     stratified subset; ``synthetic_*`` and ``num_classes`` shape the ``synthetic`` dataset only.
     """
     if name not in DATASETS:
-        raise ValueError(f"dataset name: unknown {name!r}; allowed: {', '.join(DATASETS)}")
+        raise ValueError(f"dataset.name: unknown {name!r}; allowed: {', '.join(DATASETS)}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"dataset test_fraction: must be in (0, 1), got {test_fraction}")
+        raise ValueError(f"dataset.test_fraction: must be in (0, 1), got {test_fraction}")
     for field, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 1:
-            raise ValueError(f"dataset {field}: must be a positive integer or null, got {value}")
+            raise ValueError(f"dataset.{field}: must be a positive integer or null, got {value}")
     data_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(split_seed)
     if name == "synthetic":
@@ -183,11 +183,11 @@ def _synthetic(train_samples: int, shape: tuple[int, int, int], num_classes: int
     training set, the rest (``test_fraction`` of the total) the test set.
     """
     if num_classes < 2:
-        raise ValueError(f"dataset num_classes: synthetic needs at least 2 classes, got {num_classes}")
+        raise ValueError(f"dataset.num_classes: synthetic needs at least 2 classes, got {num_classes}")
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"dataset synthetic_shape: must be three positive ints (C, H, W), got {shape}")
+        raise ValueError(f"dataset.synthetic_shape: must be three positive ints (C, H, W), got {shape}")
     if train_samples < num_classes:
-        raise ValueError(f"dataset synthetic_samples: must be at least num_classes={num_classes}, "
+        raise ValueError(f"dataset.synthetic_samples: must be at least num_classes={num_classes}, "
                          f"got {train_samples}")
     test_samples = max(num_classes, math.ceil(train_samples * test_fraction / (1.0 - test_fraction)))
     base = rng.uniform(0.25, 0.75, size=shape)

@@ -27,7 +27,7 @@ class Partition:
     def __post_init__(self) -> None:
         if (self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0
                 or self.offsets[-1] != len(self.indices) or np.any(np.diff(self.offsets) < 0)):
-            raise PartitionError("partition offsets: must start at 0, never decrease and end at len(indices)")
+            raise PartitionError("partition.offsets: must start at 0, never decrease and end at len(indices)")
 
     @property
     def num_clients(self) -> int:
@@ -37,7 +37,7 @@ class Partition:
     def client(self, c: int) -> np.ndarray:
         """The sample indices client ``c`` owns (a view, not a copy)."""
         if not 0 <= c < self.num_clients:
-            raise IndexError(f"partition client: {c} is out of range [0, {self.num_clients})")
+            raise IndexError(f"partition.client: {c} is out of range [0, {self.num_clients})")
         return self.indices[self.offsets[c]:self.offsets[c + 1]]
 
     def sizes(self) -> np.ndarray:
@@ -76,8 +76,8 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, seed: int, a
         owner = _shard_owners(labels, num_clients, shards_per_client, rng)
         smallest = int(np.bincount(owner, minlength=num_clients).min())
         if smallest < min_samples:
-            raise PartitionError(f"partition: shards leave a client only {smallest} samples, below "
-                                 f"min_samples={min_samples}; lower shards_per_client or min_samples")
+            raise PartitionError(f"partition.min_samples: shards leave a client only {smallest} samples, "
+                                 f"below min_samples={min_samples}; lower shards_per_client or min_samples")
     return _from_owners(owner, num_clients, rng)
 
 
@@ -86,21 +86,21 @@ def _check(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, shar
     """Validate the request, returning the labels as an int64 vector."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-        raise PartitionError("partition labels: must be a 1-D array of non-negative integer class ids")
+        raise PartitionError("partition.labels: must be a 1-D array of non-negative integer class ids")
     n = len(labels)
     if scheme not in PARTITIONS:
-        raise PartitionError(f"partition scheme: unknown {scheme!r}; allowed: {', '.join(PARTITIONS)}")
+        raise PartitionError(f"partition.scheme: unknown {scheme!r}; allowed: {', '.join(PARTITIONS)}")
     if num_clients < 1:
-        raise PartitionError(f"partition num_clients: must be >= 1, got {num_clients}")
+        raise PartitionError(f"partition.num_clients: must be >= 1, got {num_clients}")
     if num_clients > n:
         raise PartitionError(f"partition: {num_clients} clients but only {n} training samples")
     if min_samples < 0 or num_clients * min_samples > n:
-        raise PartitionError(f"partition min_samples: must be in [0, {n // num_clients}] for {num_clients} "
+        raise PartitionError(f"partition.min_samples: must be in [0, {n // num_clients}] for {num_clients} "
                              f"clients over {n} samples, got {min_samples}")
     if scheme == "dirichlet" and not alpha > 0:
-        raise PartitionError(f"partition alpha: must be > 0, got {alpha}")
+        raise PartitionError(f"partition.alpha: must be > 0, got {alpha}")
     if scheme == "shards" and not 1 <= shards_per_client <= n // num_clients:
-        raise PartitionError(f"partition shards_per_client: must be in [1, {n // num_clients}] so that "
+        raise PartitionError(f"partition.shards_per_client: must be in [1, {n // num_clients}] so that "
                              f"{num_clients} clients' shards fit {n} samples, got {shards_per_client}")
     return labels.astype(np.int64, copy=False)
 
