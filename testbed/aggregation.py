@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,15 +62,35 @@ def server_step(params: Params, mean_update: Params, algorithm: AlgorithmConfig)
 
 
 class Aggregator:
-    """The (honest-but-curious) aggregator actor: combines the round's payloads into new parameters."""
+    """The (honest-but-curious) aggregator actor: combines the round's payloads into new parameters.
 
-    def __init__(self, algorithm: AlgorithmConfig) -> None:
+    When it has attack actors, it hands the audited raw updates to them and returns the references
+    of their outcomes at once, so audits never hold up aggregation.
+    """
+
+    def __init__(self, algorithm: AlgorithmConfig, attack_workers: Sequence[Any] = (), name: str = "root") -> None:
         torch.set_num_threads(1)
         self.algorithm = algorithm
+        self.attack_workers = list(attack_workers)
+        self.name = name
+        self._next = 0
 
-    def aggregate(self, params: Params, *payloads: ChunkPayload) -> tuple[Params, float, list[ClientUpdate]]:
-        """New global parameters, the total weight, and the audited raw updates it received."""
+    def aggregate(self, params: Params, *payloads: ChunkPayload) -> tuple[Params, float, list[Any]]:
+        """New global parameters, the total weight, and references to pending audit outcomes."""
         total = combine(payloads)
         mean = total.mean()
         new_params = params if mean is None else server_step(params, mean, self.algorithm)
-        return new_params, total.weight, total.audited
+        return new_params, total.weight, self._audit(params, total.audited)
+
+    def _audit(self, params: Params, updates: list[ClientUpdate]) -> list[Any]:
+        if not updates or not self.attack_workers:
+            return []
+        count = len(self.attack_workers)
+        shares = [updates[start::count] for start in range(count)]
+        refs = []
+        for share in shares:
+            if share:
+                worker = self.attack_workers[self._next % count]
+                self._next += 1
+                refs.append(worker.audit.remote(params, share))
+        return refs

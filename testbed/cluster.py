@@ -56,10 +56,21 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
         ray.shutdown()
 
 
-def check_resources(resources: ResourcesConfig, available: dict[str, Any]) -> int:
-    """Number of client workers to start; a clear error if the cluster cannot host one of them."""
+def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, auditing: bool = False) -> int:
+    """Number of client workers to start; a clear error if the cluster cannot host one of them.
+
+    When audits run, the attack actors' CPUs and GPUs are set aside first so they can be placed.
+    """
     cpus = float(available.get("CPU", 0))
     gpus = float(available.get("GPU", 0))
+    if auditing:
+        attack = resources.attack
+        if attack.num_gpus > 0 and gpus == 0:
+            raise UserError(
+                f"resources.attack.num_gpus: {attack.num_gpus} GPU per attack actor requested, but the cluster has no GPU"
+            )
+        cpus = max(cpus - attack.workers * attack.num_cpus, resources.client.num_cpus)
+        gpus = max(gpus - attack.workers * attack.num_gpus, 0.0)
     wanted = resources.client
     if wanted.num_gpus > 0 and gpus == 0:
         raise UserError(

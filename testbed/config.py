@@ -134,12 +134,25 @@ class AttackConfig(Strict):
     labels_known: bool = Field(False, description="threat model: labels are public")
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
+    @model_validator(mode="after")
+    def _known_attack(self) -> AttackConfig:
+        from attacks import build_attack
+
+        build_attack(self.name, self.params)
+        return self
+
 
 class ActorResources(Strict):
     """Ray resources of one actor."""
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+
+
+class AttackResources(ActorResources):
+    """Ray resources of the attack actors that run audits beside the aggregator."""
+
+    workers: int = Field(1, ge=1, description="attack actors (audits are spread over them)")
 
 
 class ResourcesConfig(Strict):
@@ -150,6 +163,7 @@ class ResourcesConfig(Strict):
     workers: int | None = Field(None, ge=1, description="client workers (default: what the CPUs allow)")
     client: ActorResources = Field(default_factory=ActorResources)
     aggregator: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0))
+    attack: AttackResources = Field(default_factory=AttackResources)
     chunk_size: int = Field(64, ge=1, description="clients simulated together in one task")
 
 

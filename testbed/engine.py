@@ -50,6 +50,7 @@ class RunResult:
     run_id: str
     params: Params
     history: list[dict[str, float]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)
 
     @property
     def final_accuracy(self) -> float:
@@ -146,7 +147,9 @@ def run_experiment(
     import ray
 
     from testbed.aggregation import Aggregator
+    from testbed.audit import AttackWorker
     from testbed.cluster import check_resources, ray_session
+    from testbed.leakage import LeakageMeter
     from testbed.workers import WorkerPool
 
     data = prepare_data(experiment)
@@ -159,15 +162,26 @@ def run_experiment(
         state = load_checkpoint(checkpoint_path(experiment.tracking.checkpoints, resume_run_id))
         start_round, params, history = int(state["round"]), state["params"], list(state["history"])
     with ray_session(experiment.resources) as available:
-        size = check_resources(experiment.resources, available)
+        size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
         dataset = data.dataset
         data_ref = ray.put({"x": dataset.train_x, "y": dataset.train_y})
         partition_ref = ray.put(data.partition)
         pool = WorkerPool(experiment, data_ref, partition_ref, dataset.num_classes, size)
+        worker_nodes = pool.nodes()
+        attack_workers = []
+        if experiment.attack is not None:
+            attack_resources = experiment.resources.attack
+            attack_class = ray.remote(num_cpus=attack_resources.num_cpus, num_gpus=attack_resources.num_gpus)(
+                AttackWorker
+            )
+            attack_workers = [
+                attack_class.remote(experiment, dataset.input_shape, dataset.num_classes, "root")
+                for _ in range(attack_resources.workers)
+            ]
         aggregator_resources = experiment.resources.aggregator
         aggregator = ray.remote(
             num_cpus=aggregator_resources.num_cpus, num_gpus=aggregator_resources.num_gpus, max_restarts=-1
-        )(Aggregator).remote(experiment.algorithm)
+        )(Aggregator).remote(experiment.algorithm, attack_workers, "root")
         eval_model = build_model(
             experiment.model.name,
             dataset.input_shape,
@@ -185,6 +199,7 @@ def run_experiment(
             tracker.log_text(run_id, resolved_yaml(experiment), "config.yaml")
         else:
             run_id = resume_run_id
+        meter = LeakageMeter(dataset, tracker, run_id)
         progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         progress.start_at(start_round)
         status = "FAILED"
@@ -196,7 +211,8 @@ def run_experiment(
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
                 summaries, payload_refs = pool.run_round(params_ref, tasks)
-                new_params, weight, _audited = ray.get(aggregator.aggregate.remote(params_ref, *payload_refs))
+                new_params, _weight, audit_refs = ray.get(aggregator.aggregate.remote(params_ref, *payload_refs))
+                meter.expect(round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs)
                 metrics = _round_metrics(summaries, experiment)
                 if metrics["accepted"] < experiment.sampling.min_clients:
                     raise RunAborted(
@@ -215,6 +231,7 @@ def run_experiment(
                     metrics.update(test_loss=loss, test_accuracy=accuracy)
                     metrics["eval_seconds"] = time.perf_counter() - eval_started
                 tracker.log_metrics(run_id, metrics, step=round_index + 1)
+                meter.collect(wait=False)
                 history.append({"round": round_index + 1, **metrics})
                 save_checkpoint(
                     checkpoint_path(experiment.tracking.checkpoints, run_id),
@@ -222,6 +239,7 @@ def run_experiment(
                 )
                 shown = {"acc": metrics["test_accuracy"]} if "test_accuracy" in metrics else {}
                 progress.update(round_index + 1, {**shown, "s/round": seconds})
+            meter.finish()
             _log_final(tracker, run_id, experiment, params, history)
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -231,7 +249,7 @@ def run_experiment(
             progress.close()
             pool.shutdown()
             tracker.end_run(run_id, status)
-    return RunResult(run_id, params, history)
+    return RunResult(run_id, params, history, worker_nodes)
 
 
 def _log_final(tracker: Tracker, run_id: str, experiment: Experiment, params: Params, history: list[dict[str, float]]) -> None:

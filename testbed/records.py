@@ -25,7 +25,7 @@ class ChunkTask:
 
 @dataclass
 class ClientUpdate:
-    """One client's raw update as the aggregator receives it, plus the simulator-only ground truth."""
+    """One client's raw update as the aggregator receives it (no ground truth: that stays with the simulator)."""
 
     client: int
     group: str
@@ -34,7 +34,7 @@ class ClientUpdate:
     num_samples: int
     batch_size: int
     local_steps: int
-    sample_indices: np.ndarray  # training-set indices the client used, in order (never shown to attacks)
+    labels: np.ndarray | None  # the batch labels, only when the threat model declares them public
 
 
 @dataclass
@@ -52,6 +52,7 @@ class ChunkSummary:
     weight: float = 0.0
     seconds: float = 0.0
     max_delay_s: float = 0.0
+    ground_truth: dict[int, np.ndarray] = field(default_factory=dict)  # audited client -> sample indices used
 
 
 @dataclass

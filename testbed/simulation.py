@@ -231,10 +231,12 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         payload.weight = float(kept.sum())
         summary.weight = payload.weight
     audited = {int(c) for c in task.audited}
+    public_labels = experiment.attack is not None and experiment.attack.labels_known
     for row, client in enumerate(clients):
         if int(client) not in audited:
             continue
         rows = index[row][index[row] >= 0]
+        summary.ground_truth[int(client)] = rows
         payload.audited.append(
             ClientUpdate(
                 client=int(client),
@@ -244,7 +246,7 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
                 num_samples=len(rows),
                 batch_size=group.config.batch_size,
                 local_steps=int((used[row] > 0).sum()),
-                sample_indices=rows,
+                labels=context.labels[rows] if public_labels else None,
             )
         )
     summary.seconds = time.perf_counter() - started

@@ -1,0 +1,73 @@
+"""Runs on a real two-node Ray cluster, and clean-up of the Ray a run starts itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from testbed.engine import run_experiment
+from testbed.topology import validate
+from tests.conftest import small_experiment
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def two_node_cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+def test_client_work_runs_on_both_nodes(two_node_cluster: Any, tracking: dict[str, Any]) -> None:
+    data = small_experiment(tracking, rounds=2)
+    data["resources"] = {"address": two_node_cluster.address, "workers": 2, "chunk_size": 4}
+    result = run_experiment(validate(data), show_progress=False)
+    assert len(result.worker_nodes) == 2
+    assert len(set(result.worker_nodes)) == 2, result.worker_nodes
+    assert result.history[-1]["accepted"] == 40
+    assert result.final_accuracy > 0.3
+
+
+def _raylets() -> set[int]:
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any("raylet" in part for part in cmdline[:1]):
+            found.add(process.pid)
+    return found
+
+
+def test_cli_run_shuts_down_the_ray_it_started(tmp_path: Path, tracking: dict[str, Any]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    before = _raylets()
+    data = small_experiment(tracking, rounds=1)
+    data["resources"] = {"num_cpus": 2, "chunk_size": 8}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(path), "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"run_id"' in done.stdout
+    assert _raylets() <= before
