@@ -1,0 +1,34 @@
+"""Gradient-inversion attacks on federated-learning updates (pure torch: no Ray, no MLflow, no testbed).
+
+An attack receives an :class:`AttackerView` of one client's update and returns a
+:class:`Reconstruction`; ``build_attack(name, params)`` makes one from the registry ``ATTACKS``.
+"""
+
+from attacks.base import Attack
+from attacks.ce_demix import CrossEntropyDemix
+from attacks.dense_ratio import DenseRatio
+from attacks.dlg import DeepLeakage
+from attacks.inverting_gradients import InvertingGradients
+from attacks.label_inference import LabelInference, infer_labels
+from attacks.losses import LOSSES
+from attacks.params import Param
+from attacks.registry import ATTACKS, build_attack
+from attacks.view import AttackConfigError, AttackerView, AttackNotApplicable, Reconstruction
+
+__all__ = [
+    "ATTACKS",
+    "LOSSES",
+    "Attack",
+    "AttackConfigError",
+    "AttackNotApplicable",
+    "AttackerView",
+    "CrossEntropyDemix",
+    "DeepLeakage",
+    "DenseRatio",
+    "InvertingGradients",
+    "LabelInference",
+    "Param",
+    "Reconstruction",
+    "build_attack",
+    "infer_labels",
+]

@@ -1,0 +1,51 @@
+"""The attack interface: parameters checked at construction, applicability checked per view."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from attacks.params import Param, resolve_params
+from attacks.view import AttackConfigError, AttackerView, Reconstruction
+
+
+class Attack(abc.ABC):
+    """A gradient-inversion attack: turns one client's update (an AttackerView) into a Reconstruction.
+
+    Subclasses declare ``name`` and ``parameters`` and implement ``check`` and ``_reconstruct``.
+    Attacks never mutate the view's model; they work on copies or through functional calls.
+    """
+
+    name: ClassVar[str]
+    parameters: ClassVar[Mapping[str, Param]] = {}
+
+    def __init__(self, device: str | torch.device = "cpu", **params: Any) -> None:
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise AttackConfigError(f"device: not a torch device: {device!r}") from error
+        self.params: dict[str, Any] = resolve_params(self.name, self.parameters, params)
+
+    @abc.abstractmethod
+    def check(self, view: AttackerView) -> None:
+        """Raise AttackNotApplicable with a one-line reason when this attack cannot run on ``view``."""
+
+    @abc.abstractmethod
+    def _reconstruct(self, view: AttackerView) -> Reconstruction:
+        """Run the attack on a view that passed ``check``."""
+
+    def reconstruct(self, view: AttackerView) -> Reconstruction:
+        """Check the view, run the attack and record the wall-clock seconds in the diagnostics."""
+        self.check(view)
+        start = time.perf_counter()
+        result = self._reconstruct(view)
+        result.diagnostics["seconds"] = time.perf_counter() - start
+        return result
+
+    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Reconstruct several clients' updates; the default runs them one after another."""
+        return [self.reconstruct(view) for view in views]

@@ -1,0 +1,64 @@
+"""What the optimisation attacks prepare from a view: parameters, the target update, label targets."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from attacks.label_inference import infer_labels
+from attacks.losses import LOSSES, SoftTargetLoss, soft_target_loss
+from attacks.simulate import Params
+from attacks.view import AttackerView, AttackNotApplicable
+
+
+def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
+    """The view's loss as a function once the update is known to be re-creatable; else AttackNotApplicable."""
+    loss = soft_target_loss(view.loss)
+    if loss is None:
+        raise AttackNotApplicable(
+            f"{attack}: cannot re-create loss {view.loss!r}; known losses: {', '.join(LOSSES)}"
+        )
+    names = [name for name, _ in view.model.named_parameters()]
+    missing = [name for name in names if name not in view.update or name not in view.global_params]
+    if missing:
+        raise AttackNotApplicable(f"{attack}: the update lacks model parameter {missing[0]!r}")
+    if view.kind == "delta" and view.num_samples != view.local_steps * view.batch_size:
+        raise AttackNotApplicable(
+            f"{attack}: num_samples {view.num_samples} is not local_steps x batch_size "
+            f"({view.local_steps} x {view.batch_size})"
+        )
+    return loss
+
+
+def working_model(view: AttackerView, device: torch.device) -> nn.Module:
+    """A private copy of the view's model on ``device`` (its buffers are used; its parameters are not)."""
+    return copy.deepcopy(view.model).to(device)
+
+
+def global_params(view: AttackerView, device: torch.device) -> Params:
+    """The round's global parameters in model order, float32 on ``device``, detached."""
+    names = [name for name, _ in view.model.named_parameters()]
+    return {name: view.global_params[name].detach().to(device=device, dtype=torch.float32) for name in names}
+
+
+def target_update(view: AttackerView, device: torch.device) -> Params:
+    """The client's update in model order, float32 on ``device``."""
+    names = [name for name, _ in view.model.named_parameters()]
+    return {name: view.update[name].detach().to(device=device, dtype=torch.float32) for name in names}
+
+
+def label_targets(view: AttackerView, attack: str) -> tuple[Tensor, Tensor]:
+    """The labels behind the update (public ones, else inferred) and their one-hot targets (N, C)."""
+    labels = view.labels.detach().cpu().long() if view.labels is not None else infer_labels(view, attack)
+    return labels, torch.nn.functional.one_hot(labels, view.num_classes).to(torch.float32)
+
+
+def initial_images(shape: tuple[int, ...], init: str, generator: torch.Generator) -> Tensor:
+    """A dummy batch drawn on the CPU from ``generator``: uniform in [0, 1], normal (0.5, 0.25) or 0.5."""
+    if init == "uniform":
+        return torch.rand(shape, generator=generator)
+    if init == "normal":
+        return 0.5 + 0.25 * torch.randn(shape, generator=generator)
+    return torch.full(shape, 0.5)
