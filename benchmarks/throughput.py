@@ -1,0 +1,193 @@
+"""Clients per second of the federation engine against a plain single-process PyTorch loop.
+
+Usage:
+    python benchmarks/throughput.py                       # N = 10, 100, 1000, 10000; fedsgd and fedavg
+    python benchmarks/throughput.py --clients 1000 --algorithms fedsgd --write docs/benchmarks.md
+
+Every figure of one invocation is measured on the same machine in the same process tree, so ratios
+between engines are meaningful even on a noisy machine. Per configuration: the median of rounds 2-4
+(round 1 warms up), evaluation excluded; the fraction of the machine's fp32 matmul ceiling uses the
+3 x forward FLOPs rule for a forward plus backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import yaml
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testbed.datasets import load_dataset  # noqa: E402
+from testbed.engine import run_experiment  # noqa: E402
+from testbed.topology import apply_overrides, validate  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROUNDS = 4
+
+
+def matmul_ceiling(threads: int) -> float:
+    """Best fp32 GFLOP/s of a large square matmul with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def flops_per_client(algorithm: str, batch: int, samples: int) -> float:
+    """Forward + backward FLOPs of one client's local work on the MLP 784-256-10."""
+    per_sample = 2 * (784 * 256 + 256 * 10)
+    used = batch if algorithm == "fedsgd" else samples
+    return 3 * per_sample * used
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and its Ray worker processes; keeps the peak sum."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = me.memory_info().rss
+            for process in psutil.process_iter(["cmdline", "memory_info"]):
+                cmdline = " ".join(process.info.get("cmdline") or [])
+                if "ray::" in cmdline and process.info.get("memory_info") is not None:
+                    total += process.info["memory_info"].rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch: int, lr: float) -> float:
+    """Seconds per round of the same arithmetic in one process: one client after another, plain autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    data_x, data_y = torch.as_tensor(x), torch.as_tensor(y)
+    shards = np.array_split(np.random.default_rng(0).permutation(len(y)), clients)
+    timings = []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for shard in shards:
+            local = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+            steps = [shard[:batch]] if algorithm == "fedsgd" else np.array_split(shard, math.ceil(len(shard) / batch))
+            for step in steps:
+                out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], local, strict=True)), (data_x[step],))
+                loss = nn.functional.cross_entropy(out, data_y[step])
+                grads = torch.autograd.grad(loss, local)
+                if algorithm == "fedsgd":
+                    local = list(grads)
+                    break
+                local = [(p - lr * g).detach().requires_grad_(True) for p, g in zip(local, grads, strict=True)]
+            for t, value in zip(total, local, strict=True):
+                t += value.detach()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings[1:])
+
+
+def engine(base: dict[str, Any], clients: int, algorithm: str, workdir: Path) -> tuple[float, float]:
+    """Median seconds per round (rounds 2-4) of the Ray engine, and peak resident memory in MiB."""
+    overrides = [f"clients.all.count={clients}", f"algorithm.name={algorithm}"]
+    if algorithm == "fedavg":
+        overrides.append("algorithm.local_epochs=1")
+    data = apply_overrides(base, overrides)
+    data["tracking"] = {
+        "uri": f"sqlite:///{workdir / 'bench.db'}",
+        "artifact_location": str(workdir / "artifacts"),
+        "checkpoints": str(workdir / "checkpoints"),
+    }
+    with PeakMemory() as memory:
+        result = run_experiment(validate(data), show_progress=False)
+    seconds = statistics.median(row["round_seconds"] for row in result.history[1:])
+    return seconds, memory.peak / 2**20
+
+
+def main() -> None:
+    """Run the grid and print (optionally write) the markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--algorithms", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop")
+    parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+    base = yaml.safe_load((HERE / "workload.yaml").read_text(encoding="utf-8"))
+    try:
+        dataset = load_dataset("fashion-mnist")
+        data_note = "Fashion-MNIST train set (60,000 images)"
+    except Exception:
+        base["dataset"]["name"] = "mnist-5k"
+        dataset = load_dataset("mnist-5k")
+        data_note = "Fashion-MNIST not installed: MNIST subset (4,000 training images) instead"
+    x = dataset.train_x.reshape(len(dataset.train_y), -1)
+    threads = os.cpu_count() or 1
+    ceiling = matmul_ceiling(threads)
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"testbed-bench-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for algorithm in args.algorithms:
+        for clients in args.clients:
+            batch = int(base["clients"][0]["batch_size"])
+            samples = len(dataset.train_y) // clients
+            if samples < 1:
+                continue
+            flops = flops_per_client(algorithm, batch, samples)
+            runs = [("engine (Ray)", engine(base, clients, algorithm, workdir))]
+            if not args.no_baseline:
+                torch.set_num_threads(threads)
+                runs.append(("plain loop", (plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05), float("nan"))))
+            baseline = runs[-1][1][0]
+            for name, (seconds, memory) in runs:
+                rate = clients / seconds
+                rows.append(
+                    f"| {clients:,} | {algorithm} | {name} | {seconds:.3f} | {rate:,.0f} | "
+                    f"{rate * (batch if algorithm == 'fedsgd' else samples):,.0f} | "
+                    f"{rate * flops / 1e9 / ceiling:.0%} | {baseline / seconds:.2f}x | "
+                    f"{'' if math.isnan(memory) else f'{memory:,.0f}'} |"
+                )
+                print(rows[-1], flush=True)
+    header = [
+        f"Machine: {platform.machine()}, {threads} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+        f"torch {torch.__version__}; fp32 matmul ceiling {ceiling:.0f} GFLOP/s. Data: {data_note}.",
+        "",
+        "| N | algorithm | engine | s/round | clients/s | samples/s | of ceiling | vs plain loop | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    table = "\n".join(header + rows)
+    print(table)
+    if args.write:
+        args.write.write_text(table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
