@@ -31,9 +31,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.datasets import load_dataset  # noqa: E402
-from testbed.engine import run_experiment  # noqa: E402
-from testbed.topology import apply_overrides, validate  # noqa: E402
+from testbed.datasets import load_dataset
+from testbed.engine import run_experiment
+from testbed.topology import apply_overrides, validate
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = 4
@@ -98,15 +98,25 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
         total = [torch.zeros_like(p) for p in model.parameters()]
         for shard in shards:
             local = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-            steps = [shard[:batch]] if algorithm == "fedsgd" else np.array_split(shard, math.ceil(len(shard) / batch))
+            steps = (
+                [shard[:batch]]
+                if algorithm == "fedsgd"
+                else np.array_split(shard, math.ceil(len(shard) / batch))
+            )
             for step in steps:
-                out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], local, strict=True)), (data_x[step],))
+                out = torch.func.functional_call(
+                    model,
+                    dict(zip([n for n, _ in model.named_parameters()], local, strict=True)),
+                    (data_x[step],),
+                )
                 loss = nn.functional.cross_entropy(out, data_y[step])
                 grads = torch.autograd.grad(loss, local)
                 if algorithm == "fedsgd":
                     local = list(grads)
                     break
-                local = [(p - lr * g).detach().requires_grad_(True) for p, g in zip(local, grads, strict=True)]
+                local = [
+                    (p - lr * g).detach().requires_grad_(True) for p, g in zip(local, grads, strict=True)
+                ]
             for t, value in zip(total, local, strict=True):
                 t += value.detach()
         timings.append(time.perf_counter() - started)
@@ -132,7 +142,9 @@ def engine(base: dict[str, Any], clients: int, algorithm: str, workdir: Path) ->
 
 def main() -> None:
     """Run the grid and print (optionally write) the markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--algorithms", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop")
@@ -165,7 +177,12 @@ def main() -> None:
             runs = [("engine (Ray)", engine(base, clients, algorithm, workdir))]
             if not args.no_baseline:
                 torch.set_num_threads(threads)
-                runs.append(("plain loop", (plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05), float("nan"))))
+                runs.append(
+                    (
+                        "plain loop",
+                        (plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05), float("nan")),
+                    )
+                )
             baseline = runs[-1][1][0]
             for name, (seconds, memory) in runs:
                 rate = clients / seconds

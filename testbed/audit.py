@@ -34,7 +34,11 @@ class AuditOutcome:
 
 
 def attacker_view(
-    update: ClientUpdate, global_params: Params, model: nn.Module, experiment: Experiment, input_shape: tuple[int, ...],
+    update: ClientUpdate,
+    global_params: Params,
+    model: nn.Module,
+    experiment: Experiment,
+    input_shape: tuple[int, ...],
     num_classes: int,
 ) -> AttackerView:
     """What the threat model lets the server know about one client's update."""
@@ -62,7 +66,9 @@ def attacker_view(
 class AttackWorker:
     """An actor that runs the configured attack on batches of attacker views (on its GPU when it has one)."""
 
-    def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int, aggregator: str) -> None:
+    def __init__(
+        self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int, aggregator: str
+    ) -> None:
         assert experiment.attack is not None
         torch.set_num_threads(max(1, int(experiment.resources.attack.num_cpus)))
         device = "cuda" if experiment.resources.attack.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -71,8 +77,11 @@ class AttackWorker:
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.model = build_model(
-            experiment.model.name, input_shape, num_classes,
-            hidden=experiment.model.hidden, activation=experiment.model.activation,
+            experiment.model.name,
+            input_shape,
+            num_classes,
+            hidden=experiment.model.hidden,
+            activation=experiment.model.activation,
         )
         self.attack = build_attack(experiment.attack.name, experiment.attack.params, device=device)
 
@@ -82,7 +91,9 @@ class AttackWorker:
         views: list[AttackerView] = []
         kept: list[ClientUpdate] = []
         for update in updates:
-            view = attacker_view(update, global_params, self.model, self.experiment, self.input_shape, self.num_classes)
+            view = attacker_view(
+                update, global_params, self.model, self.experiment, self.input_shape, self.num_classes
+            )
             try:
                 self.attack.check(view)
             except AttackNotApplicable as exc:
@@ -98,6 +109,8 @@ class AttackWorker:
             seconds = (time.perf_counter() - started) / len(views)
             for update, result in zip(kept, results, strict=True):
                 outcomes.append(
-                    AuditOutcome(update.client, update.group, update.round, self.aggregator, result, seconds=seconds)
+                    AuditOutcome(
+                        update.client, update.group, update.round, self.aggregator, result, seconds=seconds
+                    )
                 )
         return outcomes

@@ -20,15 +20,24 @@ DEFAULT_UI_PORT = 5000
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="testbed", description="Federated-learning privacy testbed: run topologies, attack updates, track leakage."
+        prog="testbed",
+        description="Federated-learning privacy testbed: run topologies, attack updates, track leakage.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a topology YAML file")
     run.add_argument("file", help="topology YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field, e.g. --set rounds=5 --set clients.mixed.batch_size=4")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set rounds=5 --set clients.mixed.batch_size=4",
+    )
+    run.add_argument(
+        "--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology file and print OK or its errors")
@@ -77,8 +86,20 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.uri,
-               "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        args.uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     try:
         return subprocess.call(command, env=env)

@@ -49,7 +49,9 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}") from None
+        raise UserError(
+            f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}"
+        ) from None
     try:
         yield dict(ray.cluster_resources())
     finally:
@@ -67,7 +69,8 @@ def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, au
         attack = resources.attack
         if attack.num_gpus > 0 and gpus == 0:
             raise UserError(
-                f"resources.attack.num_gpus: {attack.num_gpus} GPU per attack actor requested, but the cluster has no GPU"
+                f"resources.attack.num_gpus: {attack.num_gpus} GPU per attack actor requested, "
+                "but the cluster has no GPU"
             )
         cpus = max(cpus - attack.workers * attack.num_cpus, resources.client.num_cpus)
         gpus = max(gpus - attack.workers * attack.num_gpus, 0.0)
@@ -77,7 +80,9 @@ def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, au
             f"resources.client.num_gpus: {wanted.num_gpus} GPU per worker requested, but the cluster has no GPU"
         )
     if wanted.num_cpus > cpus:
-        raise UserError(f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs")
+        raise UserError(
+            f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs"
+        )
     if resources.workers is not None:
         return resources.workers
     fits = [cpus / wanted.num_cpus if wanted.num_cpus > 0 else float("inf")]

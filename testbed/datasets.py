@@ -20,16 +20,19 @@ import numpy as np
 DATASETS: tuple[str, ...] = ("mnist-5k", "fashion-mnist", "mnist", "cifar10", "digits", "synthetic")
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_FILES = tuple(f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k")
-                   for kind in ("images-idx3", "labels-idx1"))
+_IDX_FILES = tuple(
+    f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
+)
 
 _SYNTHETIC_SEPARATION = 0.7
 _SYNTHETIC_NOISE = 0.2
-_IDX_DTYPES: dict[int, np.dtype[Any]] = {code: np.dtype(spec) for code, spec in (
-    (0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8"))}
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    code: np.dtype(spec)
+    for code, spec in ((0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8"))
+}
 
 
-class DatasetUnavailable(Exception):  # noqa: N818 (the name reads as the condition it reports)
+class DatasetUnavailable(Exception):
     """A dataset is not present offline; the message says how to obtain it."""
 
 
@@ -47,8 +50,10 @@ class Dataset:
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if x.ndim != 4 or x.dtype != np.float32 or y.dtype != np.int64 or len(x) != len(y):
-                raise ValueError(f"Dataset {self.name!r}: {split} split must be float32 (N, C, H, W) images "
-                                 f"with N int64 labels, got {x.dtype}{x.shape} and {y.dtype}{y.shape}")
+                raise ValueError(
+                    f"Dataset {self.name!r}: {split} split must be float32 (N, C, H, W) images "
+                    f"with N int64 labels, got {x.dtype}{x.shape} and {y.dtype}{y.shape}"
+                )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -57,10 +62,19 @@ class Dataset:
         return int(c), int(h), int(w)
 
 
-def load_dataset(name: str, *, root: str | None = None, download: bool = False, test_fraction: float = 0.2,
-                 seed: int = 0, max_train: int | None = None, max_test: int | None = None,
-                 synthetic_samples: int = 2000, synthetic_shape: tuple[int, int, int] = (1, 8, 8),
-                 num_classes: int = 10) -> Dataset:
+def load_dataset(
+    name: str,
+    *,
+    root: str | None = None,
+    download: bool = False,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    synthetic_samples: int = 2000,
+    synthetic_shape: tuple[int, int, int] = (1, 8, 8),
+    num_classes: int = 10,
+) -> Dataset:
     """Load dataset ``name`` as float32 images in [0, 1] and int64 labels.
 
     ``root``/``download`` locate the torchvision datasets; ``test_fraction`` and ``seed`` drive the
@@ -77,8 +91,9 @@ def load_dataset(name: str, *, root: str | None = None, download: bool = False, 
     data_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(split_seed)
     if name == "synthetic":
-        x, y = _synthetic(synthetic_samples, synthetic_shape, num_classes, test_fraction,
-                          np.random.default_rng(data_seed))
+        x, y = _synthetic(
+            synthetic_samples, synthetic_shape, num_classes, test_fraction, np.random.default_rng(data_seed)
+        )
         train, test = np.arange(synthetic_samples), np.arange(synthetic_samples, len(y))
         k = num_classes
     elif name in ("mnist-5k", "digits"):
@@ -113,8 +128,9 @@ def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return by_class[np.lexsort((rng.random(n), key))]
 
 
-def _truncate(index: np.ndarray, labels: np.ndarray, limit: int | None,
-              rng: np.random.Generator) -> np.ndarray:
+def _truncate(
+    index: np.ndarray, labels: np.ndarray, limit: int | None, rng: np.random.Generator
+) -> np.ndarray:
     """Keep a stratified, seeded subset of at most ``limit`` entries of ``index``."""
     if limit is None or limit >= len(index):
         return index
@@ -122,8 +138,9 @@ def _truncate(index: np.ndarray, labels: np.ndarray, limit: int | None,
     return index[keep[rng.permutation(limit)]]
 
 
-def _subset(x: np.ndarray, y: np.ndarray, limit: int | None,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _subset(
+    x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Float images and int64 labels of a stratified subset of at most ``limit`` samples (all if None)."""
     if limit is not None and limit < len(y):
         keep = _truncate(np.arange(len(y)), y, limit, rng)
@@ -131,8 +148,13 @@ def _subset(x: np.ndarray, y: np.ndarray, limit: int | None,
     return _as_float(x), np.array(y, dtype=np.int64)
 
 
-def _fixed_split(name: str, arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                 rng: np.random.Generator, max_train: int | None, max_test: int | None) -> Dataset:
+def _fixed_split(
+    name: str,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    max_train: int | None,
+    max_test: int | None,
+) -> Dataset:
     """Build a Dataset from a published train/test split of uint8 images, truncating if asked."""
     train_x, train_y = _subset(arrays[0], arrays[1], max_train, rng)
     test_x, test_y = _subset(arrays[2], arrays[3], max_test, rng)
@@ -173,8 +195,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
-def _synthetic(train_samples: int, shape: tuple[int, int, int], num_classes: int, test_fraction: float,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic(
+    train_samples: int,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    test_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced Gaussian classes around per-class mean images, clipped to [0, 1].
 
     A shared base image is drawn from U(0.25, 0.75) per pixel; class k's mean adds an offset drawn
@@ -187,14 +214,17 @@ def _synthetic(train_samples: int, shape: tuple[int, int, int], num_classes: int
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"dataset.synthetic_shape: must be three positive ints (C, H, W), got {shape}")
     if train_samples < num_classes:
-        raise ValueError(f"dataset.synthetic_samples: must be at least num_classes={num_classes}, "
-                         f"got {train_samples}")
+        raise ValueError(
+            f"dataset.synthetic_samples: must be at least num_classes={num_classes}, got {train_samples}"
+        )
     test_samples = max(num_classes, math.ceil(train_samples * test_fraction / (1.0 - test_fraction)))
     base = rng.uniform(0.25, 0.75, size=shape)
-    means = base + rng.normal(0.0, _SYNTHETIC_SEPARATION / math.sqrt(math.prod(shape)),
-                              size=(num_classes, *shape))
-    labels = np.concatenate([rng.permutation(np.arange(n) % num_classes)
-                             for n in (train_samples, test_samples)]).astype(np.int64)
+    means = base + rng.normal(
+        0.0, _SYNTHETIC_SEPARATION / math.sqrt(math.prod(shape)), size=(num_classes, *shape)
+    )
+    labels = np.concatenate(
+        [rng.permutation(np.arange(n) % num_classes) for n in (train_samples, test_samples)]
+    ).astype(np.int64)
     noise = rng.normal(0.0, _SYNTHETIC_NOISE, size=(len(labels), *shape))
     images = np.clip(means[labels] + noise, 0.0, 1.0).astype(np.float32)
     return images, labels
@@ -233,16 +263,20 @@ def _fashion_mnist(root: str | None, download: bool) -> tuple[np.ndarray, np.nda
     if root is None:
         raise DatasetUnavailable(
             f"dataset 'fashion-mnist' not found: apt-get install dataset-fashion-mnist (files in "
-            f"{FASHION_MNIST_DEBIAN_DIR}) or set root to a folder and download: true (torchvision)")
+            f"{FASHION_MNIST_DEBIAN_DIR}) or set root to a folder and download: true (torchvision)"
+        )
     return _torchvision("fashion-mnist", "FashionMNIST", root, download)
 
 
-def _torchvision(name: str, class_name: str, root: str | None,
-                 download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _torchvision(
+    name: str, class_name: str, root: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load a torchvision dataset's train and test splits as uint8 (N, C, H, W) images and labels."""
     if root is None:
-        raise DatasetUnavailable(f"dataset {name!r} needs a local copy: set root to a folder and "
-                                 f"download: true to fetch it with torchvision")
+        raise DatasetUnavailable(
+            f"dataset {name!r} needs a local copy: set root to a folder and "
+            f"download: true to fetch it with torchvision"
+        )
     import torchvision.datasets
 
     factory = getattr(torchvision.datasets, class_name)
@@ -255,8 +289,10 @@ def _torchvision(name: str, class_name: str, root: str | None,
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 message = f"dataset {name!r}: download into root {root!r} failed ({reason})"
             else:
-                message = (f"dataset {name!r} not found under root {root!r}: set download: true "
-                           f"to fetch it there with torchvision")
+                message = (
+                    f"dataset {name!r} not found under root {root!r}: set download: true "
+                    f"to fetch it there with torchvision"
+                )
             raise DatasetUnavailable(message) from err
         images = np.asarray(ds.data)
         images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
@@ -264,8 +300,9 @@ def _torchvision(name: str, class_name: str, root: str | None,
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
 
-_FIXED_SPLIT_LOADERS: dict[str, Callable[[str | None, bool],
-                                         tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {
+_FIXED_SPLIT_LOADERS: dict[
+    str, Callable[[str | None, bool], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+] = {
     "fashion-mnist": _fashion_mnist,
     "mnist": lambda root, download: _torchvision("mnist", "MNIST", root, download),
     "cifar10": lambda root, download: _torchvision("cifar10", "CIFAR10", root, download),

@@ -85,7 +85,9 @@ def prepare_data(experiment: Experiment) -> PreparedData:
             min_samples=spec.partition.min_samples,
         )
     except PartitionError as exc:
-        raise UserError(f"dataset.{exc}" if str(exc).startswith("partition") else f"dataset.partition: {exc}") from None
+        raise UserError(
+            f"dataset.{exc}" if str(exc).startswith("partition") else f"dataset.partition: {exc}"
+        ) from None
     sizes = split.sizes()
     bounds = group_bounds(experiment)
     for g, group in enumerate(experiment.clients):
@@ -168,7 +170,7 @@ def run_experiment(
         partition_ref = ray.put(data.partition)
         pool = WorkerPool(experiment, data_ref, partition_ref, dataset.num_classes, size)
         worker_nodes = pool.nodes()
-        attack_workers = []
+        attack_workers: list[Any] = []
         if experiment.attack is not None:
             attack_resources = experiment.resources.attack
             attack_class = ray.remote(num_cpus=attack_resources.num_cpus, num_gpus=attack_resources.num_gpus)(
@@ -179,7 +181,7 @@ def run_experiment(
                 for _ in range(attack_resources.workers)
             ]
         aggregator_resources = experiment.resources.aggregator
-        aggregator = ray.remote(
+        aggregator: Any = ray.remote(
             num_cpus=aggregator_resources.num_cpus, num_gpus=aggregator_resources.num_gpus, max_restarts=-1
         )(Aggregator).remote(experiment.algorithm, attack_workers, "root")
         eval_model = build_model(
@@ -211,8 +213,12 @@ def run_experiment(
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
                 summaries, payload_refs = pool.run_round(params_ref, tasks)
-                new_params, _weight, audit_refs = ray.get(aggregator.aggregate.remote(params_ref, *payload_refs))
-                meter.expect(round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs)
+                new_params, _weight, audit_refs = ray.get(
+                    aggregator.aggregate.remote(params_ref, *payload_refs)
+                )
+                meter.expect(
+                    round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs
+                )
                 metrics = _round_metrics(summaries, experiment)
                 if metrics["accepted"] < experiment.sampling.min_clients:
                     raise RunAborted(
@@ -227,7 +233,9 @@ def run_experiment(
                 last = round_index + 1 == experiment.rounds
                 if (round_index + 1) % experiment.evaluation.every == 0 or last:
                     eval_started = time.perf_counter()
-                    loss, accuracy = evaluate(eval_model, params, test_x, test_y, experiment.evaluation.batch_size)
+                    loss, accuracy = evaluate(
+                        eval_model, params, test_x, test_y, experiment.evaluation.batch_size
+                    )
                     metrics.update(test_loss=loss, test_accuracy=accuracy)
                     metrics["eval_seconds"] = time.perf_counter() - eval_started
                 tracker.log_metrics(run_id, metrics, step=round_index + 1)
@@ -252,7 +260,9 @@ def run_experiment(
     return RunResult(run_id, params, history, worker_nodes)
 
 
-def _log_final(tracker: Tracker, run_id: str, experiment: Experiment, params: Params, history: list[dict[str, float]]) -> None:
+def _log_final(
+    tracker: Tracker, run_id: str, experiment: Experiment, params: Params, history: list[dict[str, float]]
+) -> None:
     """Artifacts of a finished run: the final model and a summary."""
     with tracker.staging() as folder:
         model_file = Path(folder) / "model_state_dict.pt"
@@ -263,7 +273,9 @@ def _log_final(tracker: Tracker, run_id: str, experiment: Experiment, params: Pa
         "name": experiment.name,
         "rounds": experiment.rounds,
         "final": final,
-        "best_test_accuracy": max((row.get("test_accuracy", float("nan")) for row in history), default=float("nan")),
+        "best_test_accuracy": max(
+            (row.get("test_accuracy", float("nan")) for row in history), default=float("nan")
+        ),
         "total_seconds": sum(row.get("round_seconds", 0.0) for row in history),
     }
     tracker.log_json(run_id, summary, "summary.json")

@@ -25,8 +25,13 @@ class Partition:
     offsets: np.ndarray
 
     def __post_init__(self) -> None:
-        if (self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0
-                or self.offsets[-1] != len(self.indices) or np.any(np.diff(self.offsets) < 0)):
+        if (
+            self.offsets.ndim != 1
+            or len(self.offsets) < 2
+            or self.offsets[0] != 0
+            or self.offsets[-1] != len(self.indices)
+            or np.any(np.diff(self.offsets) < 0)
+        ):
             raise PartitionError("partition.offsets: must start at 0, never decrease and end at len(indices)")
 
     @property
@@ -38,7 +43,7 @@ class Partition:
         """The sample indices client ``c`` owns (a view, not a copy)."""
         if not 0 <= c < self.num_clients:
             raise IndexError(f"partition.client: {c} is out of range [0, {self.num_clients})")
-        return self.indices[self.offsets[c]:self.offsets[c + 1]]
+        return self.indices[self.offsets[c] : self.offsets[c + 1]]
 
     def sizes(self) -> np.ndarray:
         """The number of samples of every client, shape ``(num_clients,)``."""
@@ -55,8 +60,16 @@ class Partition:
         return counts.reshape(self.num_clients, num_classes)
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str, *, seed: int, alpha: float = 0.5,
-              shards_per_client: int = 2, min_samples: int = 1) -> Partition:
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    *,
+    seed: int,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    min_samples: int = 1,
+) -> Partition:
     """Split the samples with class ``labels`` among ``num_clients`` clients with ``scheme``.
 
     ``iid``: an even split of a random permutation. ``dirichlet``: per-class client shares drawn from
@@ -76,13 +89,16 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, seed: int, a
         owner = _shard_owners(labels, num_clients, shards_per_client, rng)
         smallest = int(np.bincount(owner, minlength=num_clients).min())
         if smallest < min_samples:
-            raise PartitionError(f"partition.min_samples: shards leave a client only {smallest} samples, "
-                                 f"below min_samples={min_samples}; lower shards_per_client or min_samples")
+            raise PartitionError(
+                f"partition.min_samples: shards leave a client only {smallest} samples, "
+                f"below min_samples={min_samples}; lower shards_per_client or min_samples"
+            )
     return _from_owners(owner, num_clients, rng)
 
 
-def _check(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, shards_per_client: int,
-           min_samples: int) -> np.ndarray:
+def _check(
+    labels: np.ndarray, num_clients: int, scheme: str, alpha: float, shards_per_client: int, min_samples: int
+) -> np.ndarray:
     """Validate the request, returning the labels as an int64 vector."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
@@ -95,18 +111,23 @@ def _check(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, shar
     if num_clients > n:
         raise PartitionError(f"partition: {num_clients} clients but only {n} training samples")
     if min_samples < 0 or num_clients * min_samples > n:
-        raise PartitionError(f"partition.min_samples: must be in [0, {n // num_clients}] for {num_clients} "
-                             f"clients over {n} samples, got {min_samples}")
+        raise PartitionError(
+            f"partition.min_samples: must be in [0, {n // num_clients}] for {num_clients} "
+            f"clients over {n} samples, got {min_samples}"
+        )
     if scheme == "dirichlet" and not alpha > 0:
         raise PartitionError(f"partition.alpha: must be > 0, got {alpha}")
     if scheme == "shards" and not 1 <= shards_per_client <= n // num_clients:
-        raise PartitionError(f"partition.shards_per_client: must be in [1, {n // num_clients}] so that "
-                             f"{num_clients} clients' shards fit {n} samples, got {shards_per_client}")
+        raise PartitionError(
+            f"partition.shards_per_client: must be in [1, {n // num_clients}] so that "
+            f"{num_clients} clients' shards fit {n} samples, got {shards_per_client}"
+        )
     return labels.astype(np.int64, copy=False)
 
 
-def _dirichlet_owners(labels: np.ndarray, num_clients: int, alpha: float,
-                      rng: np.random.Generator) -> np.ndarray:
+def _dirichlet_owners(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> np.ndarray:
     """Owner of every sample: class k is cut among clients by shares p_k ~ Dir(alpha * 1).
 
     Within class k (n_k samples, shuffled) client c receives positions
@@ -156,8 +177,9 @@ def _top_up(owner: np.ndarray, num_clients: int, min_samples: int, rng: np.rando
     return owner
 
 
-def _shard_owners(labels: np.ndarray, num_clients: int, shards_per_client: int,
-                  rng: np.random.Generator) -> np.ndarray:
+def _shard_owners(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> np.ndarray:
     """Owner of every sample: sort by label, cut into even shards, deal shards to clients at random."""
     n = len(labels)
     num_shards = num_clients * shards_per_client

@@ -38,7 +38,11 @@ class Progress:
             return
         elapsed = time.monotonic() - self.started
         fields = " ".join(f"{key}={value}" for key, value in shown.items())
-        print(f"[{self.label}] round {step}/{self.total} {fields} elapsed={elapsed:.1f}s", file=self.stream, flush=True)
+        print(
+            f"[{self.label}] round {step}/{self.total} {fields} elapsed={elapsed:.1f}s",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         """Finish the bar."""

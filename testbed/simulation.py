@@ -177,7 +177,9 @@ def _validate(update: Params, params: Params, max_norm: float | None) -> tuple[T
     return accept, reasons
 
 
-def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
+def simulate_chunk(
+    context: SimulationContext, params: Params, task: ChunkTask
+) -> tuple[ChunkSummary, ChunkPayload]:
     """Run one chunk of clients for one round and return its counts and its weighted update sum."""
     started = time.perf_counter()
     group = context.groups[task.group]
@@ -206,20 +208,28 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
     else:
         update = stacked_deltas(context.model, loss, params, batches, algorithm.lr)
     generators = [
-        torch.Generator().manual_seed(int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62)))
+        torch.Generator().manual_seed(
+            int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62))
+        )
         for c in clients
     ]
     update = group.policy.transform(update, generators)
     inject = torch.from_numpy(faulty[active]).to(context.device)
     if bool(inject.any()):
-        update = {key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()}
+        update = {
+            key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()
+        }
     accept, reasons = _validate(update, params, algorithm.max_update_norm)
     for reason, mask in reasons.items():
         summary.rejected[reason] = int(mask.sum())
     summary.accepted = int(accept.sum())
     used = batches.w.sum(dim=2)
-    samples = used[:, 0] if algorithm.name == "fedsgd" else torch.tensor(
-        [len(context.partition.client(int(c))) for c in clients], dtype=used.dtype, device=used.device
+    samples = (
+        used[:, 0]
+        if algorithm.name == "fedsgd"
+        else torch.tensor(
+            [len(context.partition.client(int(c))) for c in clients], dtype=used.dtype, device=used.device
+        )
     )
     weights = samples * accept.to(samples.dtype)
     if summary.accepted:

@@ -27,7 +27,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, Mapping):
         for key, value in data.items():
             items.update(flatten(value, f"{prefix}{key}."))
-    elif isinstance(data, list) and data and all(isinstance(item, Mapping) and "group" in item for item in data):
+    elif (
+        isinstance(data, list)
+        and data
+        and all(isinstance(item, Mapping) and "group" in item for item in data)
+    ):
         for item in data:
             rest = {key: value for key, value in item.items() if key != "group"}
             items.update(flatten(rest, f"{prefix}{item['group']}."))
@@ -61,7 +65,10 @@ class Tracker:
 
     def check(self) -> None:
         """Fail fast, in one line, when the tracking store cannot be reached or opened."""
-        previous = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        previous = {
+            key: os.environ.get(key)
+            for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+        }
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         try:

@@ -30,7 +30,9 @@ IN_FLIGHT_PER_WORKER = 2
 class ClientWorker:
     """Hosts the model, the data and the defence policies; simulates chunks of clients on request."""
 
-    def __init__(self, experiment: Experiment, data: dict[str, Any], partition: Partition, num_classes: int) -> None:
+    def __init__(
+        self, experiment: Experiment, data: dict[str, Any], partition: Partition, num_classes: int
+    ) -> None:
         threads = max(1, int(experiment.resources.client.num_cpus))
         torch.set_num_threads(threads)
         device = "cpu"
@@ -59,7 +61,11 @@ class WorkerPool:
     """A fixed number of ClientWorker actors with dynamic dispatch and replacement of dead workers."""
 
     def __init__(
-        self, experiment: Experiment, data_ref: ray.ObjectRef, partition_ref: ray.ObjectRef, num_classes: int,
+        self,
+        experiment: Experiment,
+        data_ref: ray.ObjectRef,
+        partition_ref: ray.ObjectRef,
+        num_classes: int,
         size: int,
     ) -> None:
         client = experiment.resources.client
@@ -69,7 +75,7 @@ class WorkerPool:
         self._make: Callable[[], Any] = lambda: self._actor_class.remote(
             experiment, data_ref, partition_ref, num_classes
         )
-        self.workers = [self._make() for _ in range(size)]
+        self.workers: list[Any] = [self._make() for _ in range(size)]
         self.replaced = 0
         ray.get([worker.pid.remote() for worker in self.workers])
 
@@ -82,7 +88,10 @@ class WorkerPool:
         return [str(node) for node in ray.get([worker.node.remote() for worker in self.workers])]
 
     def run_round(
-        self, params_ref: ray.ObjectRef, tasks: Sequence[ChunkTask], on_done: Callable[[ChunkSummary], None] | None = None
+        self,
+        params_ref: ray.ObjectRef,
+        tasks: Sequence[ChunkTask],
+        on_done: Callable[[ChunkSummary], None] | None = None,
     ) -> tuple[list[ChunkSummary], list[ray.ObjectRef]]:
         """Run every task; return the summaries and payload references, both in task index order."""
         pending = deque(tasks)
@@ -123,8 +132,11 @@ class WorkerPool:
         return [summaries[i] for i in order], [payloads[i] for i in order]
 
     def _replace(
-        self, slot: int, running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]],
-        pending: deque[ChunkTask], load: list[int],
+        self,
+        slot: int,
+        running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]],
+        pending: deque[ChunkTask],
+        load: list[int],
     ) -> None:
         """Start a new worker in ``slot``; the dead worker's other in-flight tasks go back to the queue."""
         for ref, (other_slot, task, _) in list(running.items()):

@@ -66,7 +66,10 @@ def test_cli_run_shuts_down_the_ray_it_started(tmp_path: Path, tracking: dict[st
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-m", "testbed", "run", str(path), "--quiet"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"run_id"' in done.stdout

@@ -53,12 +53,20 @@ CASES = [
     ("typo field", _with([("roundz", 3)]), "roundz: unknown field"),
     ("missing rounds", _with([("rounds", DELETE)]), "rounds: required field is missing"),
     ("wrong type", _with([("seed", "abc")]), "seed: Input should be a valid integer"),
-    ("duplicate groups", _with([("clients", [GOOD["clients"][0], GOOD["clients"][0]])]), "duplicate group names"),
+    (
+        "duplicate groups",
+        _with([("clients", [GOOD["clients"][0], GOOD["clients"][0]])]),
+        "duplicate group names",
+    ),
     ("too many per round", _with([("sampling", {"clients_per_round": 10})]), "sampling.clients_per_round"),
     ("unknown partition", _with([("dataset.partition", {"scheme": "zipf"})]), "allowed: iid"),
     ("bad alpha", _with([("dataset.partition", {"scheme": "dirichlet", "alpha": 0})]), "alpha"),
     ("fedsgd with epochs", _with([("algorithm", {"name": "fedsgd", "local_epochs": 2})]), "fedsgd takes no"),
-    ("unknown audit group", _with([("attack", {"name": "dense-ratio", "audit": {"groups": ["zz"]}})]), "unknown groups"),
+    (
+        "unknown audit group",
+        _with([("attack", {"name": "dense-ratio", "audit": {"groups": ["zz"]}})]),
+        "unknown groups",
+    ),
     ("negative lr", _with([("algorithm", {"name": "fedsgd", "lr": -1})]), "algorithm.lr"),
 ]
 
@@ -117,7 +125,11 @@ def test_schema_lists_the_fields(capsys: pytest.CaptureFixture[str]) -> None:
 def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
     path = _write(tmp_path, _with([("rounds", 0)]))
     done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [sys.executable, "-m", "testbed", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
