@@ -73,11 +73,16 @@ class RandomBatching(Batching):
 
 
 def _label_plan(
-    labels: np.ndarray, batch_size: int, num_batches: int, labels_per_batch: int, rng: np.random.Generator
+    labels: np.ndarray,
+    batch_size: int,
+    num_batches: int,
+    labels_per_batch: int,
+    rng: np.random.Generator,
+    per_label_cap: int | None = None,
 ) -> BatchPlan:
     """A plan whose batches each hold ``labels_per_batch`` different labels (see ``plan_label_groups``)."""
     _check_plan_arguments(labels, batch_size, num_batches)
-    batches, short = plan_label_groups(labels, batch_size, num_batches, labels_per_batch, rng)
+    batches, short = plan_label_groups(labels, batch_size, num_batches, labels_per_batch, rng, per_label_cap)
     return BatchPlan(batches, int(short.sum()))
 
 
@@ -114,7 +119,7 @@ class DistinctLabels(Batching):
         self, labels: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
     ) -> BatchPlan:
         """Plan batches with one sample per label."""
-        return _label_plan(labels, batch_size, num_batches, batch_size, rng)
+        return _label_plan(labels, batch_size, num_batches, batch_size, rng, per_label_cap=1)
 
 
 @BATCHINGS.add

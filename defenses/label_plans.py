@@ -72,14 +72,20 @@ def _capped_shares(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
 
 
 def plan_label_groups(
-    labels: np.ndarray, batch_size: int, num_batches: int, labels_per_batch: int, rng: np.random.Generator
+    labels: np.ndarray,
+    batch_size: int,
+    num_batches: int,
+    labels_per_batch: int,
+    rng: np.random.Generator,
+    per_label_cap: int | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Batches that each draw ``labels_per_batch`` different labels; returns (batches, short mask).
 
     1. Every batch gets ``min(labels_per_batch, batch_size, classes present)`` different labels. How many
        batches a label joins is proportional to its sample count (at most one appearance per batch),
        rounded at random (:func:`apportion`).
-    2. The batch's ``batch_size`` slots are shared as evenly as possible between its labels.
+    2. The batch's ``batch_size`` slots are shared as evenly as possible between its labels, at most
+       ``per_label_cap`` each when given.
     3. Each label's slots are filled from a stream of random permutations of that label's samples, so
        over many batches every sample of a label is used about equally often; where a batch straddles
        two permutations the new one starts with samples not in that batch, so a batch never holds a
@@ -98,6 +104,8 @@ def plan_label_groups(
     batch_labels = _deal_labels(counts, num_batches, per_batch, rng)
     base, extra = divmod(batch_size, per_batch)
     slots = base + (rng.random(batch_labels.shape).argsort(axis=1) < extra)
+    if per_label_cap is not None:
+        slots = np.minimum(slots, per_label_cap)
     take = np.minimum(slots, counts[batch_labels]).ravel()
     label_of = batch_labels.ravel()
     batch_of = np.repeat(np.arange(num_batches), per_batch)
