@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import Tensor
 
 from defenses import (
@@ -76,6 +77,25 @@ def test_inline_main_parameters_and_alternative_spellings() -> None:
         Prune(0.5),
     )
     assert isinstance(policy.transforms[0].norm, float)
+
+
+def test_a_yaml_block_with_a_user_part_and_exponent_numbers_builds() -> None:
+    text = """
+    batching: {distinct_labels: null}
+    loss: sigmoid-bce
+    update:
+      - tests.unit.defence_plugins:MyTransform: 0.5
+      - {gaussian_noise: 1e-3}
+    """
+    policy = build_policy(yaml.safe_load(text))
+    assert policy.describe() == {
+        "batching": {"name": "distinct-labels"},
+        "loss": {"name": "sigmoid-bce"},
+        "update": [
+            {"name": "tests.unit.defence_plugins:MyTransform", "factor": 0.5},
+            {"name": "gaussian-noise", "sigma": 0.001, "noise_multiplier": None, "clip_norm": None},
+        ],
+    }
 
 
 def test_describe_is_plain_data_with_names_and_parameters() -> None:
