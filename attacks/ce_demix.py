@@ -43,9 +43,7 @@ class CrossEntropyDemix(Attack):
     def check(self, view: AttackerView) -> None:
         """Cross-entropy, one gradient step, and a dense network whose first layer reads the image."""
         if view.loss != "cross-entropy":
-            raise AttackNotApplicable(
-                f"{self.name}: needs the cross-entropy loss, the client declared {view.loss!r}"
-            )
+            raise AttackNotApplicable(f"{self.name}: needs the cross-entropy loss, the client declared {view.loss!r}")
         if view.kind == "delta" and view.local_steps != 1:
             raise AttackNotApplicable(
                 f"{self.name}: needs one gradient step; the delta spans {view.local_steps} local steps"
@@ -54,9 +52,7 @@ class CrossEntropyDemix(Attack):
         if layers[0].module.in_features != prod(view.input_shape):
             raise AttackNotApplicable(f"{self.name}: the first dense layer does not read the flattened image")
         if layers[-1].module.out_features != view.num_classes:
-            raise AttackNotApplicable(
-                f"{self.name}: the final dense layer does not produce {view.num_classes} logits"
-            )
+            raise AttackNotApplicable(f"{self.name}: the final dense layer does not produce {view.num_classes} logits")
 
     def _labels(self, view: AttackerView) -> Tensor:
         if view.labels is not None:

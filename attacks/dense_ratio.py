@@ -13,31 +13,43 @@ from attacks.params import Param
 from attacks.view import AttackerView, Reconstruction
 
 
-def _distinct_rows(candidates: Tensor, limit: int, threshold: float) -> list[int]:
-    """Indices of up to ``limit`` candidates (already ranked) whose cosine similarity to every kept one
-    stays at or below ``threshold``."""
+def _ranked_distinct_rows(
+    candidates: Tensor, magnitude: Tensor, limit: int, copy_cosine: float, dedup_cosine: float
+) -> tuple[list[int], Tensor]:
+    """Up to ``limit`` candidate indices, most-copied first, pairwise no closer than ``dedup_cosine``.
+
+    A candidate's support is how many candidates equal it up to ``copy_cosine``: a sample that alone
+    drives many rows shows up many times, while each mixture row is unique. Ties go to larger |gb|.
+    """
     unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    similarity = unit @ unit.T
+    support = (similarity >= copy_cosine).sum(dim=1)
+    order = sorted(range(candidates.shape[0]), key=lambda i: (-int(support[i]), -float(magnitude[i])))
     kept: list[int] = []
-    for index in range(candidates.shape[0]):
-        if kept and float((unit[kept] @ unit[index]).max()) > threshold:
+    for index in order:
+        if kept and float(similarity[index, kept].max()) > dedup_cosine:
             continue
         kept.append(index)
         if len(kept) == limit:
             break
-    return kept
+    return kept, support[kept]
 
 
 class DenseRatio(Attack):
     """x_hat_j = gW_j / gb_j on the first dense layer, whose input must be the flattened image.
 
-    One sample: every usable row equals the image; the row of largest |gb_j| is returned. Batches:
-    rows are mixtures of samples; distinct rows (by cosine similarity) are returned, ranked by |gb_j|,
-    at most ``num_samples`` of them.
+    One sample: every usable row equals the image; one row (the largest |gb_j|) is returned. Batches:
+    each row is a mixture of samples; candidates are ranked by how many rows repeat them (a sample
+    that alone drives several units repeats, mixtures do not), then by |gb_j|, and near-duplicates are
+    merged; at most ``num_samples`` are returned.
     """
 
     name: ClassVar[str] = "dense-ratio"
     parameters: ClassVar[dict[str, Param]] = {
         "tol": Param(1e-6, float, minimum=0.0, help="rows with |gb_j| <= tol * max|gb| are skipped"),
+        "copy_cosine": Param(
+            1 - 1e-6, float, minimum=-1.0, maximum=1.0, help="rows at least this similar count as copies"
+        ),
         "dedup_cosine": Param(
             0.99,
             float,
@@ -64,13 +76,21 @@ class DenseRatio(Attack):
                 labels=None,
                 diagnostics={"rows_used": 0.0, "candidates": 0.0},
             )
-        usable = usable[torch.argsort(magnitude[usable], descending=True)]
         candidates = weight[usable] / bias[usable, None]
-        limit = 1 if view.num_samples == 1 else view.num_samples
-        kept = _distinct_rows(candidates, limit, self.params["dedup_cosine"])
+        kept, support = _ranked_distinct_rows(
+            candidates,
+            magnitude[usable],
+            view.num_samples,
+            self.params["copy_cosine"],
+            self.params["dedup_cosine"],
+        )
         images = candidates[kept].to(torch.float32).reshape(len(kept), *view.input_shape)
         return Reconstruction(
             images=images,
             labels=None,
-            diagnostics={"rows_used": float(usable.numel()), "candidates": float(len(kept))},
+            diagnostics={
+                "rows_used": float(usable.numel()),
+                "candidates": float(len(kept)),
+                "top_support": float(support[0]),
+            },
         )

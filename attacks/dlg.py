@@ -40,7 +40,7 @@ class DeepLeakage(Attack):
 
     ``label_mode="soft"`` is DLG's joint optimisation of label logits; ``"infer"`` fixes the labels by
     label inference first (iDLG). Public labels in the view are always used. Delta views unroll the
-    declared local SGD steps. The best (lowest) objective seen is kept; images come back clipped to [0, 1].
+    declared local SGD steps and are compared in gradient units (divided by the learning rate). The best (lowest) objective seen is kept; images come back clipped to [0, 1].
     """
 
     name: ClassVar[str] = "dlg"
@@ -49,9 +49,7 @@ class DeepLeakage(Attack):
         "lr": Param(1.0, float, minimum=0.0, strictly_above=True, help="L-BFGS step length"),
         "seed": Param(0, int, minimum=0, help="seed of the dummy images and label logits"),
         "init": Param("uniform", str, choices=INITS, help="dummy image initialisation"),
-        "label_mode": Param(
-            "soft", str, choices=("soft", "infer"), help="soft (DLG) or inferred (iDLG) labels"
-        ),
+        "label_mode": Param("soft", str, choices=("soft", "infer"), help="soft (DLG) or inferred (iDLG) labels"),
     }
 
     def check(self, view: AttackerView) -> None:
@@ -75,6 +73,7 @@ class DeepLeakage(Attack):
         known_labels, one_hot = (None, None) if soft else label_targets(view, self.name)
         best = _Best(math.inf, images.detach().clone(), label_logits.detach().clone())
         evaluations = 0
+        scale = 1.0 if view.kind == "gradient" else 1.0 / view.lr**2
 
         def closure() -> Tensor:
             nonlocal evaluations
@@ -91,7 +90,7 @@ class DeepLeakage(Attack):
                 lr=view.lr,
                 differentiate=autograd_gradient,
             )
-            objective = squared_distance(simulated, target)
+            objective = squared_distance(simulated, target) * scale
             value = float(objective.detach())
             if value < best.objective:
                 best.objective = value

@@ -68,7 +68,7 @@ class InvertingGradients(Attack):
     parameters: ClassVar[dict[str, Param]] = {
         "iterations": Param(1000, int, minimum=1, help="Adam steps per restart"),
         "lr": Param(0.1, float, minimum=0.0, strictly_above=True, help="initial Adam step size"),
-        "tv_weight": Param(1e-2, float, minimum=0.0, help="weight of the total-variation prior"),
+        "tv_weight": Param(1e-7, float, minimum=0.0, help="weight of the total-variation prior"),
         "restarts": Param(1, int, minimum=1, help="independent initialisations; the best objective is kept"),
         "seed": Param(0, int, minimum=0, help="seed of the initialisations"),
         "init": Param("uniform", str, choices=INITS, help="dummy image initialisation"),

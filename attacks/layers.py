@@ -47,9 +47,7 @@ def first_dense_on_image(model: nn.Module, input_shape: tuple[int, ...], attack:
                 )
             return _dense(name, module, attack)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise AttackNotApplicable(
-                f"{attack}: first dense layer follows convolutions; its input is not the image"
-            )
+            raise AttackNotApplicable(f"{attack}: first dense layer follows convolutions; its input is not the image")
         if not isinstance(module, SHAPE_ONLY):
             raise AttackNotApplicable(
                 f"{attack}: first dense layer follows {type(module).__name__}; its input is not the image"
@@ -77,12 +75,12 @@ def dense_chain(model: nn.Module, attack: str) -> tuple[list[DenseLayer], list[n
     Raises AttackNotApplicable for anything else (convolutions, pooling, normalisation, dropout).
     """
     leaves = leaf_modules(model)
-    if not leaves or not isinstance(leaves[0][1], nn.Flatten):
-        raise AttackNotApplicable(f"{attack}: needs a dense network that starts with Flatten")
     layers: list[DenseLayer] = []
     activations: list[nn.Module] = []
-    for name, module in leaves[1:]:
-        if isinstance(module, nn.Linear):
+    for position, (name, module) in enumerate(leaves):
+        if position == 0 and isinstance(module, nn.Flatten):
+            continue
+        if position > 0 and isinstance(module, nn.Linear):
             if len(layers) > len(activations):
                 activations.append(nn.Identity())
             layers.append(_dense(name, module, attack))

@@ -3,7 +3,9 @@
 Names follow what a client declares in its view: "cross-entropy", "label-smoothing" (cross-entropy
 against targets smoothed by 0.1, as ``torch.nn.CrossEntropyLoss(label_smoothing=0.1)``) and "mse"
 (mean squared error between softmax probabilities and the one-hot targets, averaged over batch and
-classes, as ``torch.nn.functional.mse_loss``). Each returns the batch-mean loss.
+classes, as ``torch.nn.functional.mse_loss``) and "sigmoid-bce" (one-vs-rest binary cross-entropy on
+per-class sigmoids, summed over classes). Each returns the batch-mean loss; they match the client
+losses of ``defenses`` (label smoothing at its default epsilon).
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ def _softmax_mse(logits: Tensor, targets: Tensor) -> Tensor:
     return ((torch.softmax(logits, dim=-1) - targets) ** 2).mean()
 
 
+def _sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    per_class = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_class.sum(dim=-1).mean()
+
+
 LOSSES: dict[str, SoftTargetLoss] = {
     "cross-entropy": _cross_entropy,
     "label-smoothing": _label_smoothing,
     "mse": _softmax_mse,
+    "sigmoid-bce": _sigmoid_bce,
 }
 
 

@@ -14,8 +14,7 @@ from attacks.label_inference import LabelInference
 from attacks.view import AttackConfigError
 
 ATTACKS: dict[str, type[Attack]] = {
-    attack.name: attack
-    for attack in (DenseRatio, CrossEntropyDemix, LabelInference, DeepLeakage, InvertingGradients)
+    attack.name: attack for attack in (DenseRatio, CrossEntropyDemix, LabelInference, DeepLeakage, InvertingGradients)
 }
 
 

@@ -17,9 +17,7 @@ def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
     """The view's loss as a function once the update is known to be re-creatable; else AttackNotApplicable."""
     loss = soft_target_loss(view.loss)
     if loss is None:
-        raise AttackNotApplicable(
-            f"{attack}: cannot re-create loss {view.loss!r}; known losses: {', '.join(LOSSES)}"
-        )
+        raise AttackNotApplicable(f"{attack}: cannot re-create loss {view.loss!r}; known losses: {', '.join(LOSSES)}")
     names = [name for name, _ in view.model.named_parameters()]
     missing = [name for name in names if name not in view.update or name not in view.global_params]
     if missing:

@@ -57,9 +57,7 @@ class AttackerView:
         if missing:
             raise ValueError(f"update: missing parameters {', '.join(missing)}")
         if self.labels is not None and self.labels.shape[0] != self.num_samples:
-            raise ValueError(
-                f"labels: expected {self.num_samples} labels (num_samples), got {self.labels.shape[0]}"
-            )
+            raise ValueError(f"labels: expected {self.num_samples} labels (num_samples), got {self.labels.shape[0]}")
 
 
 @dataclass
