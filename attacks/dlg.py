@@ -40,7 +40,8 @@ class DeepLeakage(Attack):
 
     ``label_mode="soft"`` is DLG's joint optimisation of label logits; ``"infer"`` fixes the labels by
     label inference first (iDLG). Public labels in the view are always used. Delta views unroll the
-    declared local SGD steps and are compared in gradient units (divided by the learning rate). The best (lowest) objective seen is kept; images come back clipped to [0, 1].
+    declared local SGD steps and are compared in gradient units (divided by the learning rate). The
+    best (lowest) objective seen is kept; images come back clipped to [0, 1].
     """
 
     name: ClassVar[str] = "dlg"

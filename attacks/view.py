@@ -15,7 +15,7 @@ from torch import Tensor
 UPDATE_KINDS = ("gradient", "delta")
 
 
-class AttackNotApplicable(Exception):  # noqa: N818 (the engine's name for it)
+class AttackNotApplicable(Exception):
     """One-line reason an attack does not apply to a model/view."""
 
 

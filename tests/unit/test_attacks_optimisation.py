@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import metrics
 import pytest
 import torch
 
+import metrics
 from attacks import AttackerView, build_attack
 from testbed.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
