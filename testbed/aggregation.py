@@ -68,9 +68,7 @@ class Aggregator:
     of their outcomes at once, so audits never hold up aggregation.
     """
 
-    def __init__(
-        self, algorithm: AlgorithmConfig, attack_workers: Sequence[Any] = (), name: str = "root"
-    ) -> None:
+    def __init__(self, algorithm: AlgorithmConfig, attack_workers: Sequence[Any] = (), name: str = "root") -> None:
         torch.set_num_threads(1)
         self.algorithm = algorithm
         self.attack_workers = list(attack_workers)

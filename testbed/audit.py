@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack
+from defenses import build_policy
 from testbed.config import Experiment
 from testbed.models import build_model
 from testbed.records import ClientUpdate, Params
@@ -40,11 +41,9 @@ def attacker_view(
     experiment: Experiment,
     input_shape: tuple[int, ...],
     num_classes: int,
+    loss_name: str,
 ) -> AttackerView:
-    """What the threat model lets the server know about one client's update."""
-    group = next(g for g in experiment.clients if g.group == update.group)
-    loss = group.defence.get("loss", "cross-entropy")
-    loss_name = loss if isinstance(loss, str) else str(loss.get("name", "cross-entropy"))
+    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss)."""
     labels = torch.as_tensor(update.labels) if update.labels is not None else None
     algorithm = experiment.algorithm
     return AttackerView(
@@ -66,9 +65,7 @@ def attacker_view(
 class AttackWorker:
     """An actor that runs the configured attack on batches of attacker views (on its GPU when it has one)."""
 
-    def __init__(
-        self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int, aggregator: str
-    ) -> None:
+    def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int, aggregator: str) -> None:
         assert experiment.attack is not None
         torch.set_num_threads(max(1, int(experiment.resources.attack.num_cpus)))
         device = "cuda" if experiment.resources.attack.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -84,6 +81,7 @@ class AttackWorker:
             activation=experiment.model.activation,
         )
         self.attack = build_attack(experiment.attack.name, experiment.attack.params, device=device)
+        self.losses = {group.group: build_policy(group.defence).loss.name for group in experiment.clients}
 
     def audit(self, global_params: Params, updates: Sequence[ClientUpdate]) -> list[AuditOutcome]:
         """Attack every update; updates the attack does not apply to get a one-line reason instead."""
@@ -91,9 +89,7 @@ class AttackWorker:
         views: list[AttackerView] = []
         kept: list[ClientUpdate] = []
         for update in updates:
-            view = attacker_view(
-                update, global_params, self.model, self.experiment, self.input_shape, self.num_classes
-            )
+            view = attacker_view(update, global_params, self.model, self.experiment, self.input_shape, self.num_classes)
             try:
                 self.attack.check(view)
             except AttackNotApplicable as exc:
@@ -109,8 +105,6 @@ class AttackWorker:
             seconds = (time.perf_counter() - started) / len(views)
             for update, result in zip(kept, results, strict=True):
                 outcomes.append(
-                    AuditOutcome(
-                        update.client, update.group, update.round, self.aggregator, result, seconds=seconds
-                    )
+                    AuditOutcome(update.client, update.group, update.round, self.aggregator, result, seconds=seconds)
                 )
         return outcomes

@@ -31,8 +31,6 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (tensors and plain data only)."""
     if not path.is_file():
-        raise UserError(
-            f"--resume: no checkpoint at {path} (is the run id right, and the checkpoints folder?)"
-        )
+        raise UserError(f"--resume: no checkpoint at {path} (is the run id right, and the checkpoints folder?)")
     state: dict[str, Any] = torch.load(path, weights_only=True)
     return state

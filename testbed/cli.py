@@ -35,9 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a field, e.g. --set rounds=5 --set clients.mixed.batch_size=4",
     )
-    run.add_argument(
-        "--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint"
-    )
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology file and print OK or its errors")
@@ -56,10 +54,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from testbed.engine import RunAborted, run_experiment
+    from testbed.sweep import run_sweep
     from testbed.topology import load_experiment
 
     experiment = load_experiment(args.file, args.overrides)
     try:
+        if experiment.sweep is not None:
+            sweep = run_sweep(experiment, show_progress=not args.quiet, resume_parent_id=args.resume)
+            runs = [{"combination": c.values, "run_id": run_id} for c, run_id in sweep.runs]
+            print(json.dumps({"parent_run_id": sweep.parent_run_id, "skipped": sweep.skipped, "runs": runs}))
+            return 0
         result = run_experiment(experiment, show_progress=not args.quiet, resume_run_id=args.resume)
     except RunAborted as exc:
         print(f"testbed: run stopped: {exc}", file=sys.stderr)

@@ -49,9 +49,7 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}"
-        ) from None
+        raise UserError(f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}") from None
     try:
         yield dict(ray.cluster_resources())
     finally:
@@ -80,9 +78,7 @@ def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, au
             f"resources.client.num_gpus: {wanted.num_gpus} GPU per worker requested, but the cluster has no GPU"
         )
     if wanted.num_cpus > cpus:
-        raise UserError(
-            f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs"
-        )
+        raise UserError(f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs")
     if resources.workers is not None:
         return resources.workers
     fits = [cpus / wanted.num_cpus if wanted.num_cpus > 0 else float("inf")]

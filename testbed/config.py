@@ -74,9 +74,7 @@ class AlgorithmConfig(Strict):
     """FedSGD (one gradient per client) or FedAvg (local SGD, the client sends its weight delta)."""
 
     name: Literal["fedsgd", "fedavg"] = Field("fedsgd", description="federated algorithm")
-    lr: float = Field(
-        0.1, gt=0, description="client learning rate (FedSGD: step applied to the mean gradient)"
-    )
+    lr: float = Field(0.1, gt=0, description="client learning rate (FedSGD: step applied to the mean gradient)")
     server_lr: float = Field(1.0, gt=0, description="server step on the aggregated update")
     local_epochs: int | None = Field(None, ge=1, description="FedAvg: local epochs over the client's data")
     local_steps: int | None = Field(None, ge=1, description="FedAvg: local SGD steps (instead of epochs)")
@@ -100,9 +98,7 @@ class ClientGroupConfig(Strict):
     defence: dict[str, Any] = Field(default_factory=dict, description="batching, loss, update transforms")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client sends nothing")
     straggler_delay_s: float = Field(0.0, ge=0, description="mean simulated delay (exponential)")
-    faulty: float = Field(
-        0.0, ge=0, le=1, description="fault injection: share of clients sending NaN updates"
-    )
+    faulty: float = Field(0.0, ge=0, le=1, description="fault injection: share of clients sending NaN updates")
 
     @field_validator("defence")
     @classmethod
@@ -117,9 +113,7 @@ class SamplingConfig(Strict):
     """Which clients take part in a round."""
 
     clients_per_round: int | None = Field(None, ge=1, description="None: every client, every round")
-    round_timeout_s: float | None = Field(
-        None, gt=0, description="simulated deadline; later clients are late"
-    )
+    round_timeout_s: float | None = Field(None, gt=0, description="simulated deadline; later clients are late")
     min_clients: int = Field(1, ge=1, description="fewest accepted updates for a round to count")
 
 
@@ -164,9 +158,7 @@ class AttackResources(ActorResources):
 class ResourcesConfig(Strict):
     """Where the run executes and how big the worker pool is."""
 
-    address: str | None = Field(
-        None, description="null: start a local Ray; auto or host:port: join a cluster"
-    )
+    address: str | None = Field(None, description="null: start a local Ray; auto or host:port: join a cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray started for the run")
     workers: int | None = Field(None, ge=1, description="client workers (default: what the CPUs allow)")
     client: ActorResources = Field(default_factory=ActorResources)
@@ -206,9 +198,7 @@ class Experiment(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    sweep: dict[str, list[Any]] | None = Field(
-        None, description="grid over dotted fields; each cell a child run"
-    )
+    sweep: dict[str, list[Any]] | None = Field(None, description="grid over dotted fields; each cell a child run")
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
@@ -219,9 +209,7 @@ class Experiment(Strict):
         total = self.total_clients
         per_round = self.sampling.clients_per_round
         if per_round is not None and per_round > total:
-            raise ValueError(
-                f"sampling.clients_per_round: {per_round} exceeds the {total} clients configured"
-            )
+            raise ValueError(f"sampling.clients_per_round: {per_round} exceeds the {total} clients configured")
         if self.sampling.min_clients > (per_round or total):
             raise ValueError(
                 f"sampling.min_clients: {self.sampling.min_clients} exceeds the {per_round or total} "

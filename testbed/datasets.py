@@ -20,9 +20,7 @@ import numpy as np
 DATASETS: tuple[str, ...] = ("mnist-5k", "fashion-mnist", "mnist", "cifar10", "digits", "synthetic")
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_FILES = tuple(
-    f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
-)
+_IDX_FILES = tuple(f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
 
 _SYNTHETIC_SEPARATION = 0.7
 _SYNTHETIC_NOISE = 0.2
@@ -128,9 +126,7 @@ def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return by_class[np.lexsort((rng.random(n), key))]
 
 
-def _truncate(
-    index: np.ndarray, labels: np.ndarray, limit: int | None, rng: np.random.Generator
-) -> np.ndarray:
+def _truncate(index: np.ndarray, labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
     """Keep a stratified, seeded subset of at most ``limit`` entries of ``index``."""
     if limit is None or limit >= len(index):
         return index
@@ -138,9 +134,7 @@ def _truncate(
     return index[keep[rng.permutation(limit)]]
 
 
-def _subset(
-    x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Float images and int64 labels of a stratified subset of at most ``limit`` samples (all if None)."""
     if limit is not None and limit < len(y):
         keep = _truncate(np.arange(len(y)), y, limit, rng)
@@ -214,14 +208,10 @@ def _synthetic(
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"dataset.synthetic_shape: must be three positive ints (C, H, W), got {shape}")
     if train_samples < num_classes:
-        raise ValueError(
-            f"dataset.synthetic_samples: must be at least num_classes={num_classes}, got {train_samples}"
-        )
+        raise ValueError(f"dataset.synthetic_samples: must be at least num_classes={num_classes}, got {train_samples}")
     test_samples = max(num_classes, math.ceil(train_samples * test_fraction / (1.0 - test_fraction)))
     base = rng.uniform(0.25, 0.75, size=shape)
-    means = base + rng.normal(
-        0.0, _SYNTHETIC_SEPARATION / math.sqrt(math.prod(shape)), size=(num_classes, *shape)
-    )
+    means = base + rng.normal(0.0, _SYNTHETIC_SEPARATION / math.sqrt(math.prod(shape)), size=(num_classes, *shape))
     labels = np.concatenate(
         [rng.permutation(np.arange(n) % num_classes) for n in (train_samples, test_samples)]
     ).astype(np.int64)
@@ -274,8 +264,7 @@ def _torchvision(
     """Load a torchvision dataset's train and test splits as uint8 (N, C, H, W) images and labels."""
     if root is None:
         raise DatasetUnavailable(
-            f"dataset {name!r} needs a local copy: set root to a folder and "
-            f"download: true to fetch it with torchvision"
+            f"dataset {name!r} needs a local copy: set root to a folder and download: true to fetch it with torchvision"
         )
     import torchvision.datasets
 
@@ -300,9 +289,7 @@ def _torchvision(
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
 
-_FIXED_SPLIT_LOADERS: dict[
-    str, Callable[[str | None, bool], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-] = {
+_FIXED_SPLIT_LOADERS: dict[str, Callable[[str | None, bool], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {
     "fashion-mnist": _fashion_mnist,
     "mnist": lambda root, download: _torchvision("mnist", "MNIST", root, download),
     "cifar10": lambda root, download: _torchvision("cifar10", "CIFAR10", root, download),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,7 @@ def prepare_data(experiment: Experiment) -> PreparedData:
             min_samples=spec.partition.min_samples,
         )
     except PartitionError as exc:
-        raise UserError(
-            f"dataset.{exc}" if str(exc).startswith("partition") else f"dataset.partition: {exc}"
-        ) from None
+        raise UserError(f"dataset.{exc}" if str(exc).startswith("partition") else f"dataset.partition: {exc}") from None
     sizes = split.sizes()
     bounds = group_bounds(experiment)
     for g, group in enumerate(experiment.clients):
@@ -144,6 +143,7 @@ def run_experiment(
     resume_run_id: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run every round of an experiment on Ray and track it in MLflow; return the final state."""
     import ray
@@ -197,6 +197,7 @@ def run_experiment(
                 run_name or experiment.name,
                 flatten(experiment.model_dump(mode="json")),
                 parent_run_id=parent_run_id,
+                tags=tags,
             )
             tracker.log_text(run_id, resolved_yaml(experiment), "config.yaml")
         else:
@@ -213,12 +214,8 @@ def run_experiment(
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
                 summaries, payload_refs = pool.run_round(params_ref, tasks)
-                new_params, _weight, audit_refs = ray.get(
-                    aggregator.aggregate.remote(params_ref, *payload_refs)
-                )
-                meter.expect(
-                    round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs
-                )
+                new_params, _weight, audit_refs = ray.get(aggregator.aggregate.remote(params_ref, *payload_refs))
+                meter.expect(round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs)
                 metrics = _round_metrics(summaries, experiment)
                 if metrics["accepted"] < experiment.sampling.min_clients:
                     raise RunAborted(
@@ -233,9 +230,7 @@ def run_experiment(
                 last = round_index + 1 == experiment.rounds
                 if (round_index + 1) % experiment.evaluation.every == 0 or last:
                     eval_started = time.perf_counter()
-                    loss, accuracy = evaluate(
-                        eval_model, params, test_x, test_y, experiment.evaluation.batch_size
-                    )
+                    loss, accuracy = evaluate(eval_model, params, test_x, test_y, experiment.evaluation.batch_size)
                     metrics.update(test_loss=loss, test_accuracy=accuracy)
                     metrics["eval_seconds"] = time.perf_counter() - eval_started
                 tracker.log_metrics(run_id, metrics, step=round_index + 1)
@@ -273,9 +268,7 @@ def _log_final(
         "name": experiment.name,
         "rounds": experiment.rounds,
         "final": final,
-        "best_test_accuracy": max(
-            (row.get("test_accuracy", float("nan")) for row in history), default=float("nan")
-        ),
+        "best_test_accuracy": max((row.get("test_accuracy", float("nan")) for row in history), default=float("nan")),
         "total_seconds": sum(row.get("round_seconds", 0.0) for row in history),
     }
     tracker.log_json(run_id, summary, "summary.json")

@@ -66,9 +66,7 @@ class LeakageMeter:
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
 
-    def expect(
-        self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]
-    ) -> None:
+    def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
         """Register a round's ground truth (client -> sample indices) and its pending outcome references."""
         for client, indices in ground_truth.items():
             self.ground_truth[(round_index, client)] = indices
@@ -80,9 +78,7 @@ class LeakageMeter:
 
         if not self.pending:
             return
-        ready, self.pending = ray.wait(
-            self.pending, num_returns=len(self.pending), timeout=None if wait else 0
-        )
+        ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=None if wait else 0)
         by_round: dict[int, list[AuditOutcome]] = defaultdict(list)
         for outcomes in ray.get(ready):
             for outcome in outcomes:
@@ -154,30 +150,20 @@ class LeakageMeter:
             2 * len(shown), columns, figsize=(1.3 * columns + 1, 2.7 * len(shown)), squeeze=False
         )
         for block, item in enumerate(shown):
-            images = (
-                item.outcome.reconstruction.images.detach().cpu().numpy()
-                if item.outcome.reconstruction
-                else None
-            )
+            images = item.outcome.reconstruction.images.detach().cpu().numpy() if item.outcome.reconstruction else None
             for column in range(columns):
                 top, bottom = axes[2 * block, column], axes[2 * block + 1, column]
                 top.axis("off")
                 bottom.axis("off")
                 if column >= min(len(item.sample_indices), GRID_MAX_IMAGES):
                     continue
-                top.imshow(
-                    _display(self.dataset.train_x[item.sample_indices[column]]), cmap="gray", vmin=0, vmax=1
-                )
+                top.imshow(_display(self.dataset.train_x[item.sample_indices[column]]), cmap="gray", vmin=0, vmax=1)
                 matched = int(item.result.assignment[column])
                 if images is not None and matched >= 0:
                     bottom.imshow(_display(images[matched]), cmap="gray", vmin=0, vmax=1)
                 bottom.set_title(f"AVD {item.result.scores['avd'][column]:.3f}", fontsize=7, y=-0.28)
-            axes[2 * block, 0].set_title(
-                f"client {item.outcome.client} ({item.outcome.group})", fontsize=8, loc="left"
-            )
-        figure.suptitle(
-            f"Round {round_index + 1}: originals (upper) and matched reconstructions (lower)", fontsize=9
-        )
+            axes[2 * block, 0].set_title(f"client {item.outcome.client} ({item.outcome.group})", fontsize=8, loc="left")
+        figure.suptitle(f"Round {round_index + 1}: originals (upper) and matched reconstructions (lower)", fontsize=9)
         figure.tight_layout()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=90)

@@ -58,16 +58,11 @@ def stacked_gradients(model: nn.Module, loss: Loss, params: Params, batches: Sta
     return result
 
 
-def stacked_deltas(
-    model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float
-) -> Params:
+def stacked_deltas(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float) -> Params:
     """FedAvg: each client's weight delta after its local SGD steps, stacked by client."""
     batch_loss = weighted_loss_fn(model, loss)
     per_client = vmap(grad(batch_loss), in_dims=(0, 0, 0, 0))
-    local = {
-        name: value.unsqueeze(0).expand(batches.clients, *value.shape).clone()
-        for name, value in params.items()
-    }
+    local = {name: value.unsqueeze(0).expand(batches.clients, *value.shape).clone() for name, value in params.items()}
     for step in range(batches.steps):
         grads = per_client(local, batches.x[:, step], batches.y[:, step], batches.w[:, step])
         local = {name: local[name] - lr * grads[name] for name in local}
@@ -92,10 +87,7 @@ def reference_update(
         if kind == "gradient":
             return {name: g.detach() for name, g in zip(local, grads, strict=True)}
         with torch.no_grad():
-            local = {
-                name: (local[name] - lr * g).requires_grad_(True)
-                for name, g in zip(local, grads, strict=True)
-            }
+            local = {name: (local[name] - lr * g).requires_grad_(True) for name, g in zip(local, grads, strict=True)}
     return {name: (local[name] - params[name]).detach() for name in local}
 
 

@@ -125,9 +125,7 @@ def _check(
     return labels.astype(np.int64, copy=False)
 
 
-def _dirichlet_owners(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> np.ndarray:
+def _dirichlet_owners(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
     """Owner of every sample: class k is cut among clients by shares p_k ~ Dir(alpha * 1).
 
     Within class k (n_k samples, shuffled) client c receives positions
@@ -177,9 +175,7 @@ def _top_up(owner: np.ndarray, num_clients: int, min_samples: int, rng: np.rando
     return owner
 
 
-def _shard_owners(
-    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
-) -> np.ndarray:
+def _shard_owners(labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator) -> np.ndarray:
     """Owner of every sample: sort by label, cut into even shards, deal shards to clients at random."""
     n = len(labels)
     num_shards = num_clients * shards_per_client

@@ -49,9 +49,7 @@ def audited_clients(experiment: Experiment, round_index: int, sampled: np.ndarra
     return np.sort(rng.choice(eligible, size=count, replace=False)).astype(np.int64)
 
 
-def make_tasks(
-    experiment: Experiment, round_index: int, sampled: np.ndarray, audited: np.ndarray
-) -> list[ChunkTask]:
+def make_tasks(experiment: Experiment, round_index: int, sampled: np.ndarray, audited: np.ndarray) -> list[ChunkTask]:
     """Cut each group's sampled clients into chunks of ``resources.chunk_size``, in a fixed order."""
     bounds = group_bounds(experiment)
     size = experiment.resources.chunk_size

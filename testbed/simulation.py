@@ -147,9 +147,9 @@ def _behaviour(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per client: (dropped, delay seconds, sends a faulty update), all drawn from its own stream."""
     seed = context.experiment.seed
-    draws = np.array(
-        [client_rng(seed, round_index, int(c), STREAM_BEHAVIOUR).random(3) for c in clients]
-    ).reshape(len(clients), 3)
+    draws = np.array([client_rng(seed, round_index, int(c), STREAM_BEHAVIOUR).random(3) for c in clients]).reshape(
+        len(clients), 3
+    )
     dropped = draws[:, 0] < group.config.dropout
     mean_delay = group.config.straggler_delay_s
     delay = -mean_delay * np.log1p(-draws[:, 1]) if mean_delay > 0 else np.zeros(len(clients))
@@ -177,9 +177,7 @@ def _validate(update: Params, params: Params, max_norm: float | None) -> tuple[T
     return accept, reasons
 
 
-def simulate_chunk(
-    context: SimulationContext, params: Params, task: ChunkTask
-) -> tuple[ChunkSummary, ChunkPayload]:
+def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
     """Run one chunk of clients for one round and return its counts and its weighted update sum."""
     started = time.perf_counter()
     group = context.groups[task.group]
@@ -216,9 +214,7 @@ def simulate_chunk(
     update = group.policy.transform(update, generators)
     inject = torch.from_numpy(faulty[active]).to(context.device)
     if bool(inject.any()):
-        update = {
-            key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()
-        }
+        update = {key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()}
     accept, reasons = _validate(update, params, algorithm.max_update_norm)
     for reason, mask in reasons.items():
         summary.rejected[reason] = int(mask.sum())

@@ -94,9 +94,7 @@ def _describe(error: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     return f"{field}: {message}"
 
 
-def validate(
-    data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None
-) -> Experiment:
+def validate(data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None) -> Experiment:
     """Validate a mapping as an Experiment; raise UserError with one line per problem."""
     try:
         return Experiment.model_validate(data)
@@ -174,4 +172,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     data, node = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
-    return validate(data, source=str(path), node=node)
+    experiment = validate(data, source=str(path), node=node)
+    if experiment.sweep is not None:
+        from testbed.sweep import plan
+
+        plan(experiment)
+    return experiment

@@ -27,11 +27,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, Mapping):
         for key, value in data.items():
             items.update(flatten(value, f"{prefix}{key}."))
-    elif (
-        isinstance(data, list)
-        and data
-        and all(isinstance(item, Mapping) and "group" in item for item in data)
-    ):
+    elif isinstance(data, list) and data and all(isinstance(item, Mapping) and "group" in item for item in data):
         for item in data:
             rest = {key: value for key, value in item.items() if key != "group"}
             items.update(flatten(rest, f"{prefix}{item['group']}."))
@@ -66,8 +62,7 @@ class Tracker:
     def check(self) -> None:
         """Fail fast, in one line, when the tracking store cannot be reached or opened."""
         previous = {
-            key: os.environ.get(key)
-            for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+            key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
         }
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
@@ -95,14 +90,20 @@ class Tracker:
                 self.experiment_id = found.experiment_id
         return self.experiment_id
 
-    def start_run(self, name: str, params: Mapping[str, str], parent_run_id: str | None = None) -> str:
+    def start_run(
+        self,
+        name: str,
+        params: Mapping[str, str],
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
         """Create a run (a child of ``parent_run_id`` when given) with its parameters; return its id."""
         from mlflow.entities import Param
 
-        tags = {"mlflow.runName": name}
+        all_tags = {"mlflow.runName": name, **(tags or {})}
         if parent_run_id is not None:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.ensure_experiment(), tags=tags, run_name=name)
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.ensure_experiment(), tags=all_tags, run_name=name)
         run_id = str(run.info.run_id)
         entries = [Param(key, value) for key, value in params.items()]
         for start in range(0, len(entries), 100):

@@ -30,9 +30,7 @@ IN_FLIGHT_PER_WORKER = 2
 class ClientWorker:
     """Hosts the model, the data and the defence policies; simulates chunks of clients on request."""
 
-    def __init__(
-        self, experiment: Experiment, data: dict[str, Any], partition: Partition, num_classes: int
-    ) -> None:
+    def __init__(self, experiment: Experiment, data: dict[str, Any], partition: Partition, num_classes: int) -> None:
         threads = max(1, int(experiment.resources.client.num_cpus))
         torch.set_num_threads(threads)
         device = "cpu"
@@ -40,9 +38,7 @@ class ClientWorker:
             if not torch.cuda.is_available():
                 raise RuntimeError("resources.client.num_gpus > 0 but this worker sees no CUDA device")
             device = "cuda"
-        self.context = SimulationContext.build(
-            experiment, data["x"], data["y"], partition, num_classes, device=device
-        )
+        self.context = SimulationContext.build(experiment, data["x"], data["y"], partition, num_classes, device=device)
 
     def pid(self) -> int:
         """The worker's process id (for diagnostics and fault-injection tests)."""
@@ -69,9 +65,7 @@ class WorkerPool:
         size: int,
     ) -> None:
         client = experiment.resources.client
-        self._actor_class = ray.remote(num_cpus=client.num_cpus, num_gpus=client.num_gpus, max_restarts=0)(
-            ClientWorker
-        )
+        self._actor_class = ray.remote(num_cpus=client.num_cpus, num_gpus=client.num_gpus, max_restarts=0)(ClientWorker)
         self._make: Callable[[], Any] = lambda: self._actor_class.remote(
             experiment, data_ref, partition_ref, num_classes
         )
