@@ -27,7 +27,17 @@ COMBINATION_TAG = "testbed.combination"
 PARENT_TAG = "mlflow.parentRunId"
 SAMPLES_ARTIFACT = "audits/samples.csv"
 NOT_APPLICABLE_ARTIFACT = "audits/not_applicable.json"
-NOT_IN_SETTING = ("name", "seed", "sweep", "tracking.", "resources.", "evaluation.", "model.", "attack.name", "attack.labels_known")
+NOT_IN_SETTING = (
+    "name",
+    "seed",
+    "sweep",
+    "tracking.",
+    "resources.",
+    "evaluation.",
+    "model.",
+    "attack.name",
+    "attack.labels_known",
+)
 _WORDS: dict[str, Any] = {"None": None, "True": True, "False": False}
 
 
@@ -198,9 +208,7 @@ def param_value(text: str) -> Any:
 def groups_of(params: Mapping[str, str]) -> list[str]:
     """The client group names of a run, read from its ``clients.<group>.count`` parameters."""
     names = [
-        key[len("clients.") : -len(".count")]
-        for key in params
-        if key.startswith("clients.") and key.endswith(".count")
+        key[len("clients.") : -len(".count")] for key in params if key.startswith("clients.") and key.endswith(".count")
     ]
     return [name for name in names if f"clients.{name}.batch_size" in params]
 
@@ -239,7 +247,13 @@ def defence_spec(params: Mapping[str, str], group: str) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return (
+        f"{value:g}"
+        if isinstance(value, float)
+        else json.dumps(value)
+        if isinstance(value, list | dict)
+        else str(value)
+    )
 
 
 def _part(described: Mapping[str, Any]) -> str:
@@ -323,7 +337,9 @@ def read_results(client: Any, runs: list[Any]) -> tuple[list[GroupResult], list[
             if skipped is not None:
                 reasons = json.loads(skipped.read_text(encoding="utf-8"))
                 for reason, count in sorted(reasons.items()):
-                    notes.append(f"run `{run.info.run_name}`: attack not applicable to {count} audited updates ({reason})")
+                    notes.append(
+                        f"run `{run.info.run_name}`: attack not applicable to {count} audited updates ({reason})"
+                    )
             accuracy = run.data.metrics.get("test_accuracy", math.nan)
             model, attack = describe_model(params), describe_attack(params)
             for group in groups_of(params):

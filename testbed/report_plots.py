@@ -81,7 +81,8 @@ def plot_leakage_vs_batch(rows: list[LeakageRow], folder: Path) -> list[Path]:
     return paths
 
 
-def _group_means(result: GroupResult) -> tuple[float, float]:
+def _leakage_of(result: GroupResult) -> tuple[float, float]:
+    """A group's mean AVD (over finite values) and recovered fraction in one run."""
     finite = result.avd[np.isfinite(result.avd)]
     avd = float(finite.mean()) if finite.size else math.nan
     recovered = float(result.recovered.mean()) if result.recovered.size else math.nan
@@ -97,29 +98,26 @@ def plot_privacy_utility(results: list[GroupResult], folder: Path) -> Path | Non
 
     Returns None when no run has both an accuracy and audited samples.
     """
-    points = [
-        (result, *_group_means(result))
-        for result in results
-        if result.avd.size and math.isfinite(result.accuracy)
-    ]
-    if not points:
+    shown = [result for result in results if result.avd.size and math.isfinite(result.accuracy)]
+    if not shown:
         return None
     plt = _pyplot()
-    several = len({(result.policy.model, result.policy.attack) for result, _, _ in points}) > 1
-    names = sorted({_legend_name(result.policy, several) for result, _, _ in points})
+    several = len({(result.policy.model, result.policy.attack) for result in shown}) > 1
+    names = sorted({_legend_name(result.policy, several) for result in shown})
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for index, name in enumerate(names):
-        mine = [point for point in points if _legend_name(point[0].policy, several) == name]
         colour = colours(index % colours.N)
-        for axis, position in ((axes[0], 1), (axes[1], 2)):
-            xs = [item[position] for item in mine]
-            ys = [item[0].accuracy for item in mine]
+        mine = [result for result in shown if _legend_name(result.policy, several) == name]
+        for position, axis in enumerate(axes):
+            xs = [_leakage_of(result)[position] for result in mine]
+            ys = [result.accuracy for result in mine]
             axis.scatter(xs, ys, color=colour, label=name, s=40, edgecolors="black", linewidths=0.5)
-            for item, x, y in zip(mine, xs, ys, strict=True):
+            for result, x, y in zip(mine, xs, ys, strict=True):
                 if math.isfinite(x):
-                    axis.annotate(f"B={item[0].policy.batch_size}", (x, y), textcoords="offset points",
-                                  xytext=(4, 4), fontsize=7)
+                    axis.annotate(
+                        f"B={result.policy.batch_size}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    )
     axes[0].set_xlabel(AVD_AXIS)
     axes[0].set_ylabel("final test accuracy of the run")
     axes[0].set_title("Privacy (right = less leakage) vs utility", fontsize=10)
