@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -27,17 +28,10 @@ COMBINATION_TAG = "testbed.combination"
 PARENT_TAG = "mlflow.parentRunId"
 SAMPLES_ARTIFACT = "audits/samples.csv"
 NOT_APPLICABLE_ARTIFACT = "audits/not_applicable.json"
-NOT_IN_SETTING = (
-    "name",
-    "seed",
-    "sweep",
-    "tracking.",
-    "resources.",
-    "evaluation.",
-    "model.",
-    "attack.name",
-    "attack.labels_known",
+NOT_IN_SETTING = tuple(
+    "name seed sweep tracking. resources. evaluation. model. attack.name attack.labels_known".split()
 )
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _WORDS: dict[str, Any] = {"None": None, "True": True, "False": False}
 
 
@@ -174,7 +168,7 @@ def select_runs(client: Any, target: str, uri: str) -> Selection:
         plain = [run for run in candidates if PARENT_TAG not in run.data.tags]
         owners = parents + plain
         log_run_id = owners[0].info.run_id if len(owners) == 1 else None
-        description = f"experiment `{target}` ({len(parents)} sweeps, {len(plain)} single runs)"
+        description = f"experiment `{target}` (sweeps: {len(parents)}, single runs: {len(plain)})"
         return _finished(target, description, candidates, log_run_id)
     run = _find_run(client, target)
     if run is None:
@@ -247,13 +241,7 @@ def defence_spec(params: Mapping[str, str], group: str) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    return (
-        f"{value:g}"
-        if isinstance(value, float)
-        else json.dumps(value)
-        if isinstance(value, list | dict)
-        else str(value)
-    )
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def _part(described: Mapping[str, Any]) -> str:
@@ -302,7 +290,15 @@ def _download(client: Any, run_id: str, artifact: str, folder: str) -> Path | No
     parent = artifact.rsplit("/", 1)[0]
     if artifact not in {item.path for item in client.list_artifacts(run_id, parent)}:
         return None
-    return Path(client.download_artifacts(run_id, artifact, folder))
+    quiet = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        return Path(client.download_artifacts(run_id, artifact, folder))
+    finally:
+        if quiet is None:
+            os.environ.pop(PROGRESS_BAR)
+        else:
+            os.environ[PROGRESS_BAR] = quiet
 
 
 def _weighted_label_accuracy(client: Any, run_id: str, group: str) -> float:

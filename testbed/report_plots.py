@@ -43,6 +43,11 @@ def _batch_axis(axis: Any, sizes: list[int]) -> None:
     axis.grid(True, alpha=0.3)
 
 
+def _legend_below(figure: Any, axis: Any, title: str) -> None:
+    handles, labels = axis.get_legend_handles_labels()
+    figure.legend(handles, labels, title=title, loc="outside lower center", ncols=2, fontsize=8, title_fontsize=8)
+
+
 def plot_leakage_vs_batch(rows: list[LeakageRow], folder: Path) -> list[Path]:
     """One figure per (model, attack) with audited samples: mean AVD and recovered fraction per batch size."""
     plt = _pyplot()
@@ -52,7 +57,7 @@ def plot_leakage_vs_batch(rows: list[LeakageRow], folder: Path) -> list[Path]:
             panels[(row.policy.model, row.policy.attack)].append(row)
     paths = []
     for (model, attack), members in sorted(panels.items()):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 5.5), layout="constrained")
         lines: dict[str, list[LeakageRow]] = defaultdict(list)
         for row in members:
             lines[row.policy.label].append(row)
@@ -71,9 +76,8 @@ def plot_leakage_vs_batch(rows: list[LeakageRow], folder: Path) -> list[Path]:
         right.set_ylabel(RECOVERED_AXIS)
         right.set_ylim(-0.05, 1.05)
         right.set_title("Share of samples the attack recovered", fontsize=10)
-        right.legend(title="client defence", fontsize=8, title_fontsize=8, loc="best")
+        _legend_below(figure, left, "client defence")
         figure.suptitle(f"Leakage against batch size: model {model}, attack {attack}")
-        figure.tight_layout()
         path = folder / f"leakage_vs_batch_{slug(model)}_{slug(attack)}.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)
@@ -105,7 +109,7 @@ def plot_privacy_utility(results: list[GroupResult], folder: Path) -> Path | Non
     several = len({(result.policy.model, result.policy.attack) for result in shown}) > 1
     names = sorted({_legend_name(result.policy, several) for result in shown})
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5.5), sharey=True, layout="constrained")
     for index, name in enumerate(names):
         colour = colours(index % colours.N)
         mine = [result for result in shown if _legend_name(result.policy, several) == name]
@@ -125,9 +129,8 @@ def plot_privacy_utility(results: list[GroupResult], folder: Path) -> Path | Non
     axes[1].set_title("Privacy (left = less leakage) vs utility", fontsize=10)
     for axis in axes:
         axis.grid(True, alpha=0.3)
-    axes[1].legend(title="client defence (B = batch size)", fontsize=8, title_fontsize=8, loc="best")
+    _legend_below(figure, axes[0], "client defence (points labelled with the batch size B)")
     figure.suptitle("Privacy/utility trade-off: one point per client group of each run")
-    figure.tight_layout()
     path = folder / "privacy_utility.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
