@@ -89,7 +89,15 @@ class AttackWorker:
         views: list[AttackerView] = []
         kept: list[ClientUpdate] = []
         for update in updates:
-            view = attacker_view(update, global_params, self.model, self.experiment, self.input_shape, self.num_classes)
+            view = attacker_view(
+                update,
+                global_params,
+                self.model,
+                self.experiment,
+                self.input_shape,
+                self.num_classes,
+                self.losses[update.group],
+            )
             try:
                 self.attack.check(view)
             except AttackNotApplicable as exc:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from testbed.errors import UserError
+
+if TYPE_CHECKING:
+    from testbed.config import Experiment
 
 FILE_NAME = "state.pt"
 
@@ -34,3 +38,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"--resume: no checkpoint at {path} (is the run id right, and the checkpoints folder?)")
     state: dict[str, Any] = torch.load(path, weights_only=True)
     return state
+
+
+def experiment_from_checkpoint(folder: str | Path, run_id: str, overrides: Sequence[str] = ()) -> Experiment:
+    """The configuration a checkpointed run was started with (``--set`` may still change ``rounds``)."""
+    from testbed.topology import apply_overrides, validate
+
+    state = load_checkpoint(checkpoint_path(folder, run_id))
+    data = apply_overrides(dict(state["config"]), overrides)
+    return validate(data, source=f"checkpoint of run {run_id}")

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a topology YAML file")
-    run.add_argument("file", help="topology YAML file")
+    run.add_argument("file", nargs="?", help="topology YAML file (optional with --resume)")
     run.add_argument(
         "--set",
         dest="overrides",
@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a field, e.g. --set rounds=5 --set clients.mixed.batch_size=4",
     )
-    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (or sweep) from its checkpoint")
+    run.add_argument(
+        "--checkpoints",
+        default="checkpoints",
+        help="checkpoint folder for --resume without FILE (default: %(default)s)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology file and print OK or its errors")
@@ -53,11 +58,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from testbed.checkpoint import experiment_from_checkpoint
     from testbed.engine import RunAborted, run_experiment
     from testbed.sweep import run_sweep
     from testbed.topology import load_experiment
 
-    experiment = load_experiment(args.file, args.overrides)
+    if args.file is None:
+        if args.resume is None:
+            raise UserError("run: give a topology FILE, or --resume RUN_ID to continue a run")
+        experiment = experiment_from_checkpoint(args.checkpoints, args.resume, args.overrides)
+    else:
+        experiment = load_experiment(args.file, args.overrides)
     try:
         if experiment.sweep is not None:
             sweep = run_sweep(experiment, show_progress=not args.quiet, resume_parent_id=args.resume)

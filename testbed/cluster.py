@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,21 @@ def _project_modules() -> list[str]:
     return [str(Path(importlib.import_module(name).__file__ or "").parent) for name in PROJECT_PACKAGES]
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"resources.address: expected null, auto or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"resources.address: cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}"
+        ) from None
+
+
 @contextmanager
 def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     """Start a local Ray (address null) or join a cluster (auto / host:port); shut down what was started.
@@ -44,6 +60,8 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     if resources.address is None:
         kwargs.update(num_cpus=resources.num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1")
     else:
+        if resources.address != "auto":
+            _check_reachable(resources.address)
         kwargs.update(address=resources.address, runtime_env={"py_modules": _project_modules()})
     try:
         ray.init(**kwargs)

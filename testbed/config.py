@@ -89,6 +89,15 @@ class AlgorithmConfig(Strict):
         return self
 
 
+class FaultConfig(Strict):
+    """Fault injection: a share of a group's clients send an invalid update (for testing validation)."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of sampled clients sending a bad update")
+    kind: Literal["nan", "inf", "norm", "shape", "dtype"] = Field(
+        "nan", description="nan | inf values, a huge norm (x1e6), a truncated tensor, or float64 values"
+    )
+
+
 class ClientGroupConfig(Strict):
     """A group of clients sharing a batch size, a defence policy and a simulated behaviour."""
 
@@ -98,7 +107,7 @@ class ClientGroupConfig(Strict):
     defence: dict[str, Any] = Field(default_factory=dict, description="batching, loss, update transforms")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client sends nothing")
     straggler_delay_s: float = Field(0.0, ge=0, description="mean simulated delay (exponential)")
-    faulty: float = Field(0.0, ge=0, le=1, description="fault injection: share of clients sending NaN updates")
+    faults: FaultConfig = Field(default_factory=lambda: FaultConfig(), description="fault injection")
 
     @field_validator("defence")
     @classmethod
@@ -174,6 +183,7 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="MLflow experiment (default: the topology name)")
     artifact_location: str = Field("mlartifacts", description="artifact folder for new experiments")
     checkpoints: str = Field("checkpoints", description="folder of per-run checkpoints (for --resume)")
+    outage_s: float = Field(300.0, gt=0, description="stop (after a checkpoint) if MLflow is down this long")
 
 
 class EvaluationConfig(Strict):

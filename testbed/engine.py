@@ -27,7 +27,7 @@ from testbed.partition import Partition, PartitionError, partition
 from testbed.progress import Progress
 from testbed.records import ChunkSummary, Params
 from testbed.scheduling import audited_clients, group_bounds, make_tasks, sample_clients
-from testbed.tracking import Tracker, flatten
+from testbed.tracking import Tracker, TrackingUnavailable, flatten
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,12 @@ def run_experiment(
     start_round = 0
     history: list[dict[str, float]] = []
     params = initial_params(experiment, data.dataset)
+    state: dict[str, Any] = {}
     if resume_run_id is not None:
         state = load_checkpoint(checkpoint_path(experiment.tracking.checkpoints, resume_run_id))
+        _check_same_experiment(experiment, state)
         start_round, params, history = int(state["round"]), state["params"], list(state["history"])
+        tracker.pending = [(str(r), int(s), dict(m)) for r, s, m in state.get("pending_metrics", [])]
     with ray_session(experiment.resources) as available:
         size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
         dataset = data.dataset
@@ -182,7 +185,10 @@ def run_experiment(
             ]
         aggregator_resources = experiment.resources.aggregator
         aggregator: Any = ray.remote(
-            num_cpus=aggregator_resources.num_cpus, num_gpus=aggregator_resources.num_gpus, max_restarts=-1
+            num_cpus=aggregator_resources.num_cpus,
+            num_gpus=aggregator_resources.num_gpus,
+            max_restarts=-1,
+            max_task_retries=-1,
         )(Aggregator).remote(experiment.algorithm, attack_workers, "root")
         eval_model = build_model(
             experiment.model.name,
@@ -203,6 +209,7 @@ def run_experiment(
         else:
             run_id = resume_run_id
         meter = LeakageMeter(dataset, tracker, run_id)
+        meter.restore(state.get("audits", {}))
         progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         progress.start_at(start_round)
         status = "FAILED"
@@ -233,13 +240,25 @@ def run_experiment(
                     loss, accuracy = evaluate(eval_model, params, test_x, test_y, experiment.evaluation.batch_size)
                     metrics.update(test_loss=loss, test_accuracy=accuracy)
                     metrics["eval_seconds"] = time.perf_counter() - eval_started
-                tracker.log_metrics(run_id, metrics, step=round_index + 1)
+                tracker.queue(run_id, metrics, step=round_index + 1)
                 meter.collect(wait=False)
                 history.append({"round": round_index + 1, **metrics})
                 save_checkpoint(
                     checkpoint_path(experiment.tracking.checkpoints, run_id),
-                    {"round": round_index + 1, "params": params, "history": history},
+                    {
+                        "round": round_index + 1,
+                        "params": params,
+                        "history": history,
+                        "config": experiment.model_dump(mode="json"),
+                        "pending_metrics": list(tracker.pending),
+                        "audits": meter.state(),
+                    },
                 )
+                try:
+                    tracker.flush()
+                except TrackingUnavailable as exc:
+                    status = "UNREACHABLE"
+                    raise RunAborted(f"{exc}; resume with: testbed run --resume {run_id}") from None
                 shown = {"acc": metrics["test_accuracy"]} if "test_accuracy" in metrics else {}
                 progress.update(round_index + 1, {**shown, "s/round": seconds})
             meter.finish()
@@ -251,8 +270,22 @@ def run_experiment(
         finally:
             progress.close()
             pool.shutdown()
-            tracker.end_run(run_id, status)
+            if status != "UNREACHABLE":
+                tracker.end_run(run_id, status)
     return RunResult(run_id, params, history, worker_nodes)
+
+
+def _check_same_experiment(experiment: Experiment, state: Mapping[str, Any]) -> None:
+    """A resumed run must use the configuration that wrote its checkpoint (only ``rounds`` may grow)."""
+    saved = dict(state.get("config", {}))
+    current = experiment.model_dump(mode="json")
+    saved.pop("rounds", None)
+    current.pop("rounds", None)
+    if saved and saved != current:
+        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        raise UserError(
+            f"--resume: the checkpoint was written with a different configuration (differs in: {', '.join(changed)})"
+        )
 
 
 def _log_final(

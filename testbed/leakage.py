@@ -66,6 +66,18 @@ class LeakageMeter:
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the audits: the scored rows so far and the not-applicable counts.
+
+        Audits still running when a run is interrupted are not kept; their rounds have no leakage rows.
+        """
+        return {"rows": list(self.rows), "not_applicable": dict(self.not_applicable)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's audit state."""
+        self.rows = list(state.get("rows", []))
+        self.not_applicable.update(state.get("not_applicable", {}))
+
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
         """Register a round's ground truth (client -> sample indices) and its pending outcome references."""
         for client, indices in ground_truth.items():

@@ -9,7 +9,7 @@ from torch import Tensor
 
 Params = dict[str, Tensor]
 
-REJECT_REASONS = ("non_finite", "shape", "norm")
+REJECT_REASONS = ("non_finite", "shape", "dtype", "norm")
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
-from testbed.local_update import StackedBatches, flat_norms, stacked_deltas, stacked_gradients
+from testbed.faults import corrupt_values, malformed
+from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients
 from testbed.models import build_model
 from testbed.partition import Partition
 from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
+from testbed.validation import structure_problem, validate_stack
 
 STREAM_BATCHES = 0
 STREAM_BEHAVIOUR = 1
@@ -153,28 +155,8 @@ def _behaviour(
     dropped = draws[:, 0] < group.config.dropout
     mean_delay = group.config.straggler_delay_s
     delay = -mean_delay * np.log1p(-draws[:, 1]) if mean_delay > 0 else np.zeros(len(clients))
-    faulty = draws[:, 2] < group.config.faulty
+    faulty = draws[:, 2] < group.config.faults.fraction
     return dropped, delay, faulty
-
-
-def _validate(update: Params, params: Params, max_norm: float | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Accept mask per client and the boolean mask of each rejection reason."""
-    clients = next(iter(update.values())).shape[0]
-    shape_ok = all(
-        name in update and update[name].shape == (clients, *value.shape) and update[name].dtype == value.dtype
-        for name, value in params.items()
-    ) and set(update) == set(params)
-    if not shape_ok:
-        reject = torch.ones(clients, dtype=torch.bool)
-        return ~reject, {"shape": reject}
-    finite = torch.stack([torch.isfinite(v.reshape(clients, -1)).all(dim=1) for v in update.values()]).all(0)
-    reasons = {"non_finite": ~finite}
-    accept = finite.clone()
-    if max_norm is not None:
-        too_big = finite & (flat_norms(update) > max_norm)
-        reasons["norm"] = too_big
-        accept &= ~too_big
-    return accept, reasons
 
 
 def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
@@ -212,12 +194,17 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         for c in clients
     ]
     update = group.policy.transform(update, generators)
+    fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
-    if bool(inject.any()):
-        update = {key: torch.where(inject.view(-1, *[1] * (v.dim() - 1)), torch.nan, v) for key, v in update.items()}
-    accept, reasons = _validate(update, params, algorithm.max_update_norm)
+    update = corrupt_values(update, inject, fault)
+    accept, reasons = validate_stack(update, params, algorithm.max_update_norm)
+    for row in inject.nonzero().flatten().tolist() if fault in ("shape", "dtype") else []:
+        problem = structure_problem(malformed(update, row, fault), params)
+        if problem is not None and bool(accept[row]):
+            accept[row] = False
+            summary.rejected[problem] += 1
     for reason, mask in reasons.items():
-        summary.rejected[reason] = int(mask.sum())
+        summary.rejected[reason] += int(mask.sum())
     summary.accepted = int(accept.sum())
     used = batches.w.sum(dim=2)
     samples = (
@@ -239,7 +226,7 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
     audited = {int(c) for c in task.audited}
     public_labels = experiment.attack is not None and experiment.attack.labels_known
     for row, client in enumerate(clients):
-        if int(client) not in audited:
+        if int(client) not in audited or (fault in ("shape", "dtype") and bool(inject[row])):
             continue
         rows = index[row][index[row] >= 0]
         summary.ground_truth[int(client)] = rows

@@ -19,6 +19,11 @@ from testbed.config import Experiment
 from testbed.errors import UserError
 
 MAX_PARAM_LENGTH = 6000
+RETRY_DELAYS_S = (0.5, 2.0)
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable longer than the configured outage allowance."""
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -44,9 +49,14 @@ def _artifact_uri(location: str) -> str:
 class Tracker:
     """One MLflow tracking store and experiment; opens runs and logs into them."""
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_location: str, outage_s: float = 300.0) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
+        self.outage_s = outage_s
+        self.pending: list[tuple[str, int, dict[str, float]]] = []
+        self.down_since: float | None = None
         self.uri = uri
         self.experiment_name = experiment
         self.artifact_location = artifact_location
@@ -57,7 +67,7 @@ class Tracker:
     def for_experiment(cls, experiment: Experiment) -> Tracker:
         """The tracker an experiment's ``tracking`` block describes."""
         tracking = experiment.tracking
-        return cls(tracking.uri, experiment.experiment_name, tracking.artifact_location)
+        return cls(tracking.uri, experiment.experiment_name, tracking.artifact_location, tracking.outage_s)
 
     def check(self) -> None:
         """Fail fast, in one line, when the tracking store cannot be reached or opened."""
@@ -111,17 +121,46 @@ class Tracker:
         return run_id
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at ``step`` (non-finite values are skipped)."""
+        """Queue numeric metrics at ``step`` (non-finite values are skipped) and flush the queue.
+
+        While MLflow is unreachable the metrics stay queued (``pending``) and are sent with the next
+        successful flush; past ``outage_s`` of continuous failure, TrackingUnavailable is raised.
+        """
+        self.queue(run_id, metrics, step)
+        self.flush()
+
+    def queue(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Add metrics to the queue without sending them (non-finite values are skipped)."""
+        finite = {
+            key: float(value) for key, value in metrics.items() if value == value and abs(float(value)) != float("inf")
+        }
+        self.pending.append((run_id, step, finite))
+
+    def flush(self) -> None:
+        """Send queued metrics, retrying with back-off; raise TrackingUnavailable after a long outage."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        entries = [
-            Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if value == value and abs(float(value)) != float("inf")
-        ]
-        for start in range(0, len(entries), 500):
-            self.client.log_batch(run_id, metrics=entries[start : start + 500])
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+            time.sleep(delay)
+            try:
+                while self.pending:
+                    run_id, step, values = self.pending[0]
+                    now = int(time.time() * 1000)
+                    entries = [Metric(key, value, now, step) for key, value in values.items()]
+                    for start in range(0, len(entries), 500):
+                        self.client.log_batch(run_id, metrics=entries[start : start + 500])
+                    self.pending.pop(0)
+                self.down_since = None
+                return
+            except Exception:  # an unreachable store shows up as many exception types
+                if attempt == len(RETRY_DELAYS_S):
+                    break
+        self.down_since = self.down_since or time.monotonic()
+        if time.monotonic() - self.down_since > self.outage_s:
+            raise TrackingUnavailable(
+                f"MLflow at {self.uri} unreachable for over {self.outage_s:g} s; {len(self.pending)} rounds of "
+                "metrics are kept in the checkpoint"
+            )
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         """Store ``text`` as an artifact file ``name``."""
