@@ -228,6 +228,7 @@ def test_unknown_target_and_missing_store_are_user_errors(store: Store, tmp_path
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_report_on_a_real_sweep(local_ray: None, tracking: dict[str, Any], tmp_path: Path) -> None:
     from testbed.sweep import run_sweep
 
