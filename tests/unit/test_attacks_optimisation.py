@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -11,6 +13,16 @@ from testbed.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Small models run as fast on one thread, and OpenMP threads that spin on a shared, busy machine
+    made these tests 15-30 times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
