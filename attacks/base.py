@@ -39,10 +39,11 @@ class Attack(abc.ABC):
         """Run the attack on a view that passed ``check``."""
 
     def reconstruct(self, view: AttackerView) -> Reconstruction:
-        """Check the view, run the attack and record the wall-clock seconds in the diagnostics."""
+        """Check the view, run the attack (gradients on, even inside ``torch.no_grad``) and record its seconds."""
         self.check(view)
         start = time.perf_counter()
-        result = self._reconstruct(view)
+        with torch.enable_grad():
+            result = self._reconstruct(view)
         result.diagnostics["seconds"] = time.perf_counter() - start
         return result
 

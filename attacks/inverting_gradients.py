@@ -7,6 +7,7 @@ so a GPU stays busy; the two paths compute the same thing.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ class InvertingGradients(Attack):
 
     Adam steps on the sign of the gradient, pixels projected to [0, 1] after each step, the step size
     divided by 10 at 3/8, 5/8 and 7/8 of the iterations; of ``restarts`` runs the lowest final objective
-    wins. Labels are the public ones or inferred. Delta views unroll the declared local SGD steps.
+    wins (a NaN objective counts as +inf). Labels are the public ones or inferred. Delta views unroll
+    the declared local SGD steps.
     """
 
     name: ClassVar[str] = "inverting-gradients"
@@ -146,9 +148,8 @@ class InvertingGradients(Attack):
         for start in self._initial(view):
             images = start.to(self.device).requires_grad_(True)
             self._optimise(images, signed_gradient)
-            with torch.enable_grad():
-                final = float(objective(images.detach(), setup.one_hot, params, setup.target).detach())
-            finals.append((final, images.detach()))
+            final = float(objective(images.detach(), setup.one_hot, params, setup.target).detach())
+            finals.append((math.inf if math.isnan(final) else final, images.detach()))
         best = min(range(len(finals)), key=lambda index: finals[index][0])
         return self._result(setup, finals[best][1], finals[best][0], best)
 
@@ -177,7 +178,9 @@ class InvertingGradients(Attack):
             if len(members) == 1:
                 results[members[0]] = self.reconstruct(views[members[0]])
                 continue
-            for index, result in zip(members, self._batched([views[i] for i in members]), strict=True):
+            with torch.enable_grad():
+                batch = self._batched([views[i] for i in members])
+            for index, result in zip(members, batch, strict=True):
                 results[index] = result
         return [results[index] for index in range(len(views))]
 
@@ -210,6 +213,7 @@ class InvertingGradients(Attack):
         images = lane_images.requires_grad_(True)
         self._optimise(images, signed_gradient)
         finals = lane_value(images.detach(), lane_one_hot, params, lane_target).detach().cpu()
+        finals = torch.nan_to_num(finals, nan=math.inf)
         seconds = (time.perf_counter() - start) / len(views)
         results = []
         for index, setup in enumerate(setups):

@@ -112,3 +112,12 @@ def test_optimisation_attacks_leave_the_model_untouched(lenet: torch.nn.Module) 
     build_attack("inverting-gradients", {"iterations": 2}).reconstruct_many([view, view])
     assert all(torch.equal(before[name], value) for name, value in lenet.state_dict().items())
     assert all(not p.requires_grad or p.grad is None for p in lenet.parameters())
+
+
+def test_attacks_run_inside_no_grad(lenet: torch.nn.Module) -> None:
+    view = make_view(lenet, *mnist_digits([5]))
+    with torch.no_grad():
+        single = build_attack("dlg", {"iterations": 3}).reconstruct(view)
+        many = build_attack("inverting-gradients", {"iterations": 3}).reconstruct_many([view, view])
+    assert single.images.shape == (1, *SHAPE) and torch.isfinite(single.images).all()
+    assert torch.equal(many[0].images, many[1].images) and many[0].diagnostics["objective"] < 1

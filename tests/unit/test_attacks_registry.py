@@ -16,6 +16,7 @@ from attacks import (
     build_attack,
 )
 from testbed.models import build_model
+from tests.conftest import REPO
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
@@ -130,3 +131,20 @@ def test_the_package_imports_no_engine_defence_ray_or_mlflow() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def _documented_defaults(attack: str) -> dict[str, str]:
+    text = (REPO / "docs" / "attacks.md").read_text(encoding="utf-8")
+    section = next(part for part in text.split("\n## ") if part.startswith(attack))
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[1].strip().strip("`"): cells[2].strip().strip("`") for cells in rows}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docs_list_every_parameter_with_its_default(name: str) -> None:
+    documented = _documented_defaults(name)
+    declared = ATTACKS[name].parameters
+    assert sorted(documented) == sorted(declared)
+    for parameter, spec in declared.items():
+        value = documented[parameter]
+        assert (float(value) == pytest.approx(spec.default)) if spec.kind in (int, float) else value == spec.default
