@@ -98,11 +98,7 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
         total = [torch.zeros_like(p) for p in model.parameters()]
         for shard in shards:
             local = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-            steps = (
-                [shard[:batch]]
-                if algorithm == "fedsgd"
-                else np.array_split(shard, math.ceil(len(shard) / batch))
-            )
+            steps = [shard[:batch]] if algorithm == "fedsgd" else np.array_split(shard, math.ceil(len(shard) / batch))
             for step in steps:
                 out = torch.func.functional_call(
                     model,
@@ -114,9 +110,7 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
                 if algorithm == "fedsgd":
                     local = list(grads)
                     break
-                local = [
-                    (p - lr * g).detach().requires_grad_(True) for p, g in zip(local, grads, strict=True)
-                ]
+                local = [(p - lr * g).detach().requires_grad_(True) for p, g in zip(local, grads, strict=True)]
             for t, value in zip(total, local, strict=True):
                 t += value.detach()
         timings.append(time.perf_counter() - started)
@@ -142,9 +136,7 @@ def engine(base: dict[str, Any], clients: int, algorithm: str, workdir: Path) ->
 
 def main() -> None:
     """Run the grid and print (optionally write) the markdown table."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--algorithms", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop")
@@ -166,33 +158,37 @@ def main() -> None:
     ceiling = matmul_ceiling(threads)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"testbed-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
+    cells = [
+        (algorithm, clients)
+        for algorithm in args.algorithms
+        for clients in args.clients
+        if len(dataset.train_y) // clients >= 1
+    ]
+    batch = int(base["clients"][0]["batch_size"])
+    baselines: dict[tuple[str, int], float] = {}
+    if not args.no_baseline:
+        # every plain loop runs before the first Ray session: after one, this process's torch threads slow down
+        torch.set_num_threads(threads)
+        for algorithm, clients in cells:
+            baselines[(algorithm, clients)] = plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05)
     rows = []
-    for algorithm in args.algorithms:
-        for clients in args.clients:
-            batch = int(base["clients"][0]["batch_size"])
-            samples = len(dataset.train_y) // clients
-            if samples < 1:
-                continue
-            flops = flops_per_client(algorithm, batch, samples)
-            runs = [("engine (Ray)", engine(base, clients, algorithm, workdir))]
-            if not args.no_baseline:
-                torch.set_num_threads(threads)
-                runs.append(
-                    (
-                        "plain loop",
-                        (plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05), float("nan")),
-                    )
-                )
-            baseline = runs[-1][1][0]
-            for name, (seconds, memory) in runs:
-                rate = clients / seconds
-                rows.append(
-                    f"| {clients:,} | {algorithm} | {name} | {seconds:.3f} | {rate:,.0f} | "
-                    f"{rate * (batch if algorithm == 'fedsgd' else samples):,.0f} | "
-                    f"{rate * flops / 1e9 / ceiling:.0%} | {baseline / seconds:.2f}x | "
-                    f"{'' if math.isnan(memory) else f'{memory:,.0f}'} |"
-                )
-                print(rows[-1], flush=True)
+    for algorithm, clients in cells:
+        samples = len(dataset.train_y) // clients
+        flops = flops_per_client(algorithm, batch, samples)
+        runs = []
+        if (algorithm, clients) in baselines:
+            runs.append(("plain loop", (baselines[(algorithm, clients)], float("nan"))))
+        runs.append(("engine (Ray)", engine(base, clients, algorithm, workdir)))
+        baseline = runs[0][1][0]
+        for name, (seconds, memory) in runs:
+            rate = clients / seconds
+            rows.append(
+                f"| {clients:,} | {algorithm} | {name} | {seconds:.3f} | {rate:,.0f} | "
+                f"{rate * (batch if algorithm == 'fedsgd' else samples):,.0f} | "
+                f"{rate * flops / 1e9 / ceiling:.0%} | {baseline / seconds:.2f}x | "
+                f"{'' if math.isnan(memory) else f'{memory:,.0f}'} |"
+            )
+            print(rows[-1], flush=True)
     header = [
         f"Machine: {platform.machine()}, {threads} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
         f"torch {torch.__version__}; fp32 matmul ceiling {ceiling:.0f} GFLOP/s. Data: {data_note}.",

@@ -92,9 +92,20 @@ def reference_update(
 
 
 def flat_norms(update: Params) -> Tensor:
-    """Per-client global L2 norm of a stacked update (leading client dimension)."""
-    squares = [value.reshape(value.shape[0], -1).pow(2).sum(dim=1) for value in update.values()]
-    return torch.stack(squares, dim=0).sum(dim=0).sqrt()
+    """Per-client global L2 norm of a stacked update (leading client dimension); one pass per tensor."""
+    clients = next(iter(update.values())).shape[0]
+    norms = [torch.linalg.vector_norm(value.reshape(clients, -1), dim=1) for value in update.values()]
+    return torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+
+
+def weighted_sum(update: Params, weights: Tensor) -> Params:
+    """sum_c weights[c] * update[c] for every tensor of a stacked update (one matrix-vector product each)."""
+    return {
+        name: torch.tensordot(weights.to(value.dtype), value.reshape(value.shape[0], -1), dims=1).reshape(
+            value.shape[1:]
+        )
+        for name, value in update.items()
+    }
 
 
 @torch.no_grad()

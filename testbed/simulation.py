@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
 from testbed.faults import corrupt_values, malformed
-from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients
+from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
 from testbed.models import build_model
 from testbed.partition import Partition
 from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
@@ -217,10 +217,8 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
     weights = samples * accept.to(samples.dtype)
     if summary.accepted:
         kept = weights[accept]
-        payload.weighted_sum = {
-            key: (value[accept] * kept.view(-1, *[1] * (value.dim() - 1))).sum(dim=0).cpu()
-            for key, value in update.items()
-        }
+        accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}
+        payload.weighted_sum = {key: value.cpu() for key, value in weighted_sum(accepted, kept).items()}
         payload.weight = float(kept.sum())
         summary.weight = payload.weight
     audited = {int(c) for c in task.audited}

@@ -38,11 +38,17 @@ def validate_stack(update: Params, params: Params, max_norm: float | None) -> tu
     if problem is not None:
         reject = torch.ones(clients, dtype=torch.bool)
         return ~reject, {problem: reject}
-    finite = torch.stack([torch.isfinite(v.reshape(clients, -1)).all(dim=1) for v in update.values()]).all(0)
+    norms = flat_norms(update)
+    finite = torch.isfinite(norms)
+    for row in (~finite).nonzero().flatten().tolist():
+        finite[row] = all(bool(torch.isfinite(value[row]).all()) for value in update.values())
+    overflow = finite & ~torch.isfinite(norms)
     reasons = {"non_finite": ~finite}
-    accept = finite.clone()
+    accept = finite & ~overflow
     if max_norm is not None:
-        too_big = finite & (flat_norms(update) > max_norm)
-        reasons["norm"] = too_big
+        too_big = accept & (norms > max_norm)
         accept &= ~too_big
+        reasons["norm"] = too_big | overflow
+    elif bool(overflow.any()):
+        reasons["norm"] = overflow
     return accept, reasons
