@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from testbed.errors import UserError
 
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schema of topology files")
     schema.add_argument("--markdown", action="store_true", help="print the configuration reference instead")
+
+    report = commands.add_parser("report", help="leakage table, plots and summary of runs read back from MLflow")
+    report.add_argument("target", help="an MLflow run id (a sweep parent or a single run) or an experiment name")
+    report.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
+    report.add_argument("--out", type=Path, help="output folder (default: reports/TARGET)")
 
     ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for a tracking store")
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
@@ -99,6 +105,15 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from testbed.report import report_command
+
+    out = args.out or Path("reports") / args.target
+    path = report_command(args.target, uri=args.uri, out=out)
+    print(path)
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [
@@ -122,7 +137,7 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "ui": _ui}
+COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "report": _report, "ui": _ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

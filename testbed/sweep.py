@@ -113,9 +113,9 @@ def run_sweep(
     tracker.check()
     done: set[str] = set()
     if resume_parent_id is None:
-        parent = tracker.start_run(
-            experiment.name, flatten(experiment.model_dump(mode="json")), tags={PARENT_TAG: "parent"}
-        )
+        params = flatten(experiment.model_dump(mode="json", exclude={"sweep"}))
+        params["sweep"] = json.dumps(experiment.sweep)[:6000]
+        parent = tracker.start_run(experiment.name, params, tags={PARENT_TAG: "parent"})
     else:
         try:
             tracker.client.get_run(resume_parent_id)

@@ -36,13 +36,15 @@ def test_an_invalid_cell_is_reported_before_anything_runs(tracking: dict[str, An
 
 
 def test_sweep_runs_children_and_resume_skips_finished(local_ray: None, tracking: dict[str, Any]) -> None:
-    data = small_experiment(tracking, rounds=2, sweep={"clients.a.batch_size": [4, 8], "algorithm.lr": [0.1, 0.5]})
+    sweep = {"clients.a.batch_size,clients.b.batch_size": [[4, 4], [8, 8]], "algorithm.lr": [0.1, 0.5]}
+    data = small_experiment(tracking, rounds=2, sweep=sweep)
     experiment = validate(data)
     result = run_sweep(experiment, show_progress=False)
     assert len(result.runs) == 4
     client = MlflowClient(tracking_uri=tracking["uri"])
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["testbed.sweep"] == "parent" and parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["sweep"]) == sweep
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
@@ -52,6 +54,7 @@ def test_sweep_runs_children_and_resume_skips_finished(local_ray: None, tracking
     for child in children:
         combination = json.loads(child.data.tags[COMBINATION_TAG])
         assert child.data.params["clients.a.batch_size"] == str(combination["clients.a.batch_size"])
+        assert child.data.params["clients.b.batch_size"] == str(combination["clients.b.batch_size"])
         assert child.data.params["algorithm.lr"] == str(combination["algorithm.lr"])
         cell = (combination["clients.a.batch_size"], combination["algorithm.lr"])
         seen.add(cell)
