@@ -208,7 +208,11 @@ class Experiment(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    sweep: dict[str, list[Any]] | None = Field(None, description="grid over dotted fields; each cell a child run")
+    sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = Field(
+        None,
+        description="grid {field.path: [values]} ('a,b' keys change together) or a list of combinations; "
+        "each a child run",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:

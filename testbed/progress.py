@@ -10,8 +10,11 @@ from typing import Any, TextIO
 class Progress:
     """Reports rounds done, time left and the last accuracy; quiet when ``enabled`` is False."""
 
-    def __init__(self, total: int, label: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, label: str, *, enabled: bool = True, stream: TextIO | None = None, unit: str = "round"
+    ) -> None:
         self.total = total
+        self.unit = unit
         self.label = label
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -20,7 +23,7 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=label, unit="round", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def start_at(self, done: int) -> None:
         """Mark ``done`` steps as already complete (a resumed run)."""

@@ -124,7 +124,7 @@ def run_sweep(
         parent = resume_parent_id
         done = _finished(tracker, parent)
     result = SweepResult(parent)
-    progress = Progress(len(cells), f"{experiment.name} sweep", enabled=show_progress)
+    progress = Progress(len(cells), f"{experiment.name} sweep", enabled=show_progress, unit="combination")
     status = "FAILED"
     try:
         with ray_session(experiment.resources):
