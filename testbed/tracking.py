@@ -20,6 +20,7 @@ from testbed.errors import UserError
 
 MAX_PARAM_LENGTH = 6000
 RETRY_DELAYS_S = (0.5, 2.0)
+QUEUED_AT_KEY = "__queued_at_ms__"  # in a queued entry: its MLflow timestamp, fixed when it was queued
 
 
 class TrackingUnavailable(RuntimeError):
@@ -130,10 +131,16 @@ class Tracker:
         self.flush()
 
     def queue(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        """Add metrics to the queue without sending them (non-finite values are skipped)."""
+        """Add metrics to the queue without sending them (non-finite values are skipped).
+
+        The entry records when it was queued, so a second delivery of it (after a resume from a
+        checkpoint taken before the first one, or when a reply was lost) is the same MLflow record,
+        which the SQL stores keep once.
+        """
         finite = {
             key: float(value) for key, value in metrics.items() if value == value and abs(float(value)) != float("inf")
         }
+        finite[QUEUED_AT_KEY] = float(int(time.time() * 1000))
         self.pending.append((run_id, step, finite))
 
     def flush(self) -> None:
@@ -145,8 +152,8 @@ class Tracker:
             try:
                 while self.pending:
                     run_id, step, values = self.pending[0]
-                    now = int(time.time() * 1000)
-                    entries = [Metric(key, value, now, step) for key, value in values.items()]
+                    stamp = int(values.get(QUEUED_AT_KEY, time.time() * 1000))
+                    entries = [Metric(key, value, stamp, step) for key, value in values.items() if key != QUEUED_AT_KEY]
                     for start in range(0, len(entries), 500):
                         self.client.log_batch(run_id, metrics=entries[start : start + 500])
                     self.pending.pop(0)
