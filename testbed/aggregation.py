@@ -61,36 +61,80 @@ def server_step(params: Params, mean_update: Params, algorithm: AlgorithmConfig)
         return {key: params[key] + step * mean_update[key] for key in params}
 
 
-class Aggregator:
-    """The (honest-but-curious) aggregator actor: combines the round's payloads into new parameters.
+def edge_update(total: Aggregate, edge_id: int, name: str) -> ClientUpdate | None:
+    """An edge's mean update as the root sees it, for a round in which the edge had audited clients."""
+    mean = total.mean()
+    if mean is None or not total.audited:
+        return None
+    first = total.audited[0]
+    return ClientUpdate(
+        client=-(edge_id + 1),
+        group=f"{name}-aggregate",
+        round=first.round,
+        update=mean,
+        num_samples=max(1, int(total.weight)),
+        batch_size=first.batch_size,
+        local_steps=max(update.local_steps for update in total.audited),
+        labels=None,
+    )
 
-    When it has attack actors, it hands the audited raw updates to them and returns the references
-    of their outcomes at once, so audits never hold up aggregation.
+
+class Aggregator:
+    """An (honest-but-curious) aggregator actor: the root, or an edge between some groups and the root.
+
+    The root combines what it receives into new global parameters. An edge combines its groups' chunk
+    payloads into one payload for the root; when the root attacks, that payload carries the edge's mean
+    update for the root's attacker to see. An aggregator with attack actors hands the raw updates it
+    receives to them and returns the references of their outcomes at once, so audits never hold it up.
     """
 
-    def __init__(self, algorithm: AlgorithmConfig, attack_workers: Sequence[Any] = (), name: str = "root") -> None:
+    def __init__(
+        self,
+        algorithm: AlgorithmConfig,
+        attack_workers: Sequence[Any] = (),
+        name: str = "root",
+        *,
+        edge_id: int = -1,
+        expose_mean: bool = False,
+    ) -> None:
         torch.set_num_threads(1)
         self.algorithm = algorithm
         self.attack_workers = list(attack_workers)
         self.name = name
+        self.edge_id = edge_id
+        self.expose_mean = expose_mean
         self._next = 0
 
     def aggregate(self, params: Params, *payloads: ChunkPayload) -> tuple[Params, float, list[Any]]:
-        """New global parameters, the total weight, and references to pending audit outcomes."""
+        """Root: new global parameters, the total weight, and references to pending audit outcomes."""
         total = combine(payloads)
         mean = total.mean()
         new_params = params if mean is None else server_step(params, mean, self.algorithm)
         return new_params, total.weight, self._audit(params, total.audited)
 
+    def forward(self, params: Params, *payloads: ChunkPayload) -> tuple[ChunkPayload, list[Any]]:
+        """Edge: one payload for the root (its weighted sum), and references to pending audit outcomes."""
+        total = combine(payloads)
+        refs = self._audit(params, total.audited)
+        exposed = edge_update(total, self.edge_id, self.name) if self.expose_mean else None
+        payload = ChunkPayload(
+            index=self.edge_id,
+            group=self.name,
+            weighted_sum=total.weighted_sum,
+            weight=total.weight,
+            audited=[exposed] if exposed is not None else [],
+        )
+        return payload, refs
+
     def _audit(self, params: Params, updates: list[ClientUpdate]) -> list[Any]:
         if not updates or not self.attack_workers:
             return []
         count = len(self.attack_workers)
-        shares = [updates[start::count] for start in range(count)]
         refs = []
-        for share in shares:
+        for start in range(count):
+            share = updates[start::count]
             if share:
                 worker = self.attack_workers[self._next % count]
                 self._next += 1
-                refs.append(worker.audit.remote(params, share))
+                refs.append(worker.audit.remote(params, share, self.name))
         return refs

@@ -65,12 +65,11 @@ def attacker_view(
 class AttackWorker:
     """An actor that runs the configured attack on batches of attacker views (on its GPU when it has one)."""
 
-    def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int, aggregator: str) -> None:
+    def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> None:
         assert experiment.attack is not None
         torch.set_num_threads(max(1, int(experiment.resources.attack.num_cpus)))
         device = "cuda" if experiment.resources.attack.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.experiment = experiment
-        self.aggregator = aggregator
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.model = build_model(
@@ -82,9 +81,11 @@ class AttackWorker:
         )
         self.attack = build_attack(experiment.attack.name, experiment.attack.params, device=device)
         self.losses = {group.group: build_policy(group.defence).loss.name for group in experiment.clients}
+        for edge in experiment.aggregators:
+            self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
 
-    def audit(self, global_params: Params, updates: Sequence[ClientUpdate]) -> list[AuditOutcome]:
-        """Attack every update; updates the attack does not apply to get a one-line reason instead."""
+    def audit(self, global_params: Params, updates: Sequence[ClientUpdate], aggregator: str) -> list[AuditOutcome]:
+        """Attack every update ``aggregator`` received; where the attack does not apply, a one-line reason."""
         outcomes: list[AuditOutcome] = []
         views: list[AttackerView] = []
         kept: list[ClientUpdate] = []
@@ -101,9 +102,7 @@ class AttackWorker:
             try:
                 self.attack.check(view)
             except AttackNotApplicable as exc:
-                outcomes.append(
-                    AuditOutcome(update.client, update.group, update.round, self.aggregator, None, str(exc))
-                )
+                outcomes.append(AuditOutcome(update.client, update.group, update.round, aggregator, None, str(exc)))
                 continue
             views.append(view)
             kept.append(update)
@@ -113,6 +112,6 @@ class AttackWorker:
             seconds = (time.perf_counter() - started) / len(views)
             for update, result in zip(kept, results, strict=True):
                 outcomes.append(
-                    AuditOutcome(update.client, update.group, update.round, self.aggregator, result, seconds=seconds)
+                    AuditOutcome(update.client, update.group, update.round, aggregator, result, seconds=seconds)
                 )
         return outcomes

@@ -139,7 +139,13 @@ class AttackConfig(Strict):
 
     name: str = Field(description="attack name")
     params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
-    aggregator: str = Field("root", description="which aggregator runs it")
+    aggregator: str | list[str] = Field("root", description="which aggregator(s) run it: root and/or edge names")
+
+    @property
+    def positions(self) -> list[str]:
+        """The aggregators that run the attack."""
+        return [self.aggregator] if isinstance(self.aggregator, str) else list(self.aggregator)
+
     labels_known: bool = Field(False, description="threat model: labels are public")
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
@@ -149,6 +155,13 @@ class AttackConfig(Strict):
 
         build_attack(self.name, self.params)
         return self
+
+
+class EdgeConfig(Strict):
+    """An edge aggregator: it combines the updates of its client groups and forwards one aggregate to the root."""
+
+    name: str = Field(min_length=1, description="edge name (not 'root')")
+    groups: list[str] = Field(min_length=1, description="client groups this edge serves")
 
 
 class ActorResources(Strict):
@@ -205,6 +218,9 @@ class Experiment(Strict):
     clients: list[ClientGroupConfig] = Field(min_length=1, description="client groups (at least one)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     attack: AttackConfig | None = Field(None, description="gradient-inversion audit (null: none)")
+    aggregators: list[EdgeConfig] = Field(
+        default_factory=list, description="edge aggregators between the groups and the root (empty: flat)"
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -229,11 +245,39 @@ class Experiment(Strict):
                 f"sampling.min_clients: {self.sampling.min_clients} exceeds the {per_round or total} "
                 "clients sampled per round"
             )
+        self._check_tree(names)
         if self.attack is not None and self.attack.audit.groups is not None:
             unknown = sorted(set(self.attack.audit.groups) - set(names))
             if unknown:
                 raise ValueError(f"attack.audit.groups: unknown groups {unknown}; known: {names}")
         return self
+
+    def _check_tree(self, names: list[str]) -> None:
+        edges = [edge.name for edge in self.aggregators]
+        if "root" in edges or len(set(edges)) != len(edges):
+            raise ValueError(f"aggregators: edge names must be unique and not 'root', got {edges}")
+        if self.aggregators:
+            served = [group for edge in self.aggregators for group in edge.groups]
+            unknown = sorted(set(served) - set(names))
+            if unknown:
+                raise ValueError(f"aggregators: unknown groups {unknown}; known: {names}")
+            twice = sorted({group for group in served if served.count(group) > 1})
+            missing = sorted(set(names) - set(served))
+            if twice or missing:
+                raise ValueError(
+                    f"aggregators: every group needs exactly one edge (served twice: {twice}, unserved: {missing})"
+                )
+        if self.attack is not None:
+            wrong = sorted(set(self.attack.positions) - {"root", *edges})
+            if wrong:
+                raise ValueError(f"attack.aggregator: unknown aggregators {wrong}; known: root, {', '.join(edges)}")
+
+    def edge_of(self, group: str) -> str:
+        """The aggregator that first receives a group's updates ('root' in a flat topology)."""
+        for edge in self.aggregators:
+            if group in edge.groups:
+                return edge.name
+        return "root"
 
     @property
     def total_clients(self) -> int:

@@ -148,10 +148,10 @@ def run_experiment(
     """Run every round of an experiment on Ray and track it in MLflow; return the final state."""
     import ray
 
-    from testbed.aggregation import Aggregator
     from testbed.audit import AttackWorker
     from testbed.cluster import check_resources, ray_session
     from testbed.leakage import LeakageMeter
+    from testbed.tree import build_tree
     from testbed.workers import WorkerPool
 
     data = prepare_data(experiment)
@@ -180,16 +180,10 @@ def run_experiment(
                 AttackWorker
             )
             attack_workers = [
-                attack_class.remote(experiment, dataset.input_shape, dataset.num_classes, "root")
+                attack_class.remote(experiment, dataset.input_shape, dataset.num_classes)
                 for _ in range(attack_resources.workers)
             ]
-        aggregator_resources = experiment.resources.aggregator
-        aggregator: Any = ray.remote(
-            num_cpus=aggregator_resources.num_cpus,
-            num_gpus=aggregator_resources.num_gpus,
-            max_restarts=-1,
-            max_task_retries=-1,
-        )(Aggregator).remote(experiment.algorithm, attack_workers, "root")
+        tree = build_tree(experiment, attack_workers)
         eval_model = build_model(
             experiment.model.name,
             dataset.input_shape,
@@ -221,8 +215,8 @@ def run_experiment(
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
                 summaries, payload_refs = pool.run_round(params_ref, tasks)
-                new_params, _weight, audit_refs = ray.get(aggregator.aggregate.remote(params_ref, *payload_refs))
-                meter.expect(round_index, {c: i for s in summaries for c, i in s.ground_truth.items()}, audit_refs)
+                new_params, audit_refs = tree.aggregate(params_ref, summaries, payload_refs)
+                meter.expect(round_index, tree.ground_truth(summaries), audit_refs)
                 metrics = _round_metrics(summaries, experiment)
                 if metrics["accepted"] < experiment.sampling.min_clients:
                     raise RunAborted(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from metrics import METRIC_NAMES, MatchResult, label_accuracy, match, recovered,
 from testbed.audit import AuditOutcome
 from testbed.datasets import Dataset
 from testbed.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 GRID_MAX_CLIENTS = 6
 GRID_MAX_IMAGES = 8
@@ -65,6 +68,7 @@ class LeakageMeter:
         self.pending: list[Any] = []
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
+        self.failed = 0
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the audits: the scored rows so far and the not-applicable counts.
@@ -92,7 +96,13 @@ class LeakageMeter:
             return
         ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=None if wait else 0)
         by_round: dict[int, list[AuditOutcome]] = defaultdict(list)
-        for outcomes in ray.get(ready):
+        for ref in ready:
+            try:
+                outcomes = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                self.failed += 1
+                log.warning("an audit failed and is skipped: %s", str(exc).strip().splitlines()[0])
+                continue
             for outcome in outcomes:
                 by_round[outcome.round].append(outcome)
         for round_index in sorted(by_round):

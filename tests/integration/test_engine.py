@@ -51,9 +51,7 @@ def test_fedavg_improves_accuracy(local_ray: None, tracking: dict[str, Any]) -> 
     assert accuracies[-1] > accuracies[0]
 
 
-@pytest.mark.parametrize(
-    "algorithm", [{"name": "fedsgd", "lr": 0.5}, {"name": "fedavg", "lr": 0.1, "local_steps": 3}]
-)
+@pytest.mark.parametrize("algorithm", [{"name": "fedsgd", "lr": 0.5}, {"name": "fedavg", "lr": 0.1, "local_steps": 3}])
 def test_one_and_two_workers_give_identical_parameters(
     local_ray: None, tracking: dict[str, Any], algorithm: dict[str, Any]
 ) -> None:

@@ -1,0 +1,91 @@
+"""The aggregation tree of a run: a root aggregator, optionally fed by edge aggregators.
+
+In a flat topology every chunk payload goes to the root. With edges, each edge combines the payloads
+of the groups it serves and forwards one payload to the root, so an attacker at an edge sees single
+clients' updates while an attacker at the root sees only edge aggregates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from testbed.aggregation import Aggregator
+from testbed.config import Experiment
+from testbed.records import ChunkSummary, Params
+
+
+@dataclass
+class AggregationTree:
+    """The root and edge aggregator actors of a run, and which edge serves which group."""
+
+    root: Any
+    edges: dict[str, Any]
+    edge_ids: dict[str, int]
+    edge_of_group: dict[str, str]
+    root_sees_edges: bool
+
+    def aggregate(
+        self, params_ref: Any, summaries: Sequence[ChunkSummary], payload_refs: Sequence[Any]
+    ) -> tuple[Params, list[Any]]:
+        """One round's aggregation through the tree: new global parameters and pending audit references."""
+        import ray
+
+        if not self.edges:
+            new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, *payload_refs))
+            return new_params, list(refs)
+        by_edge: dict[str, list[Any]] = defaultdict(list)
+        for summary, ref in zip(summaries, payload_refs, strict=True):
+            by_edge[self.edge_of_group[summary.group]].append(ref)
+        forwarded, edge_refs = [], []
+        for name, actor in self.edges.items():
+            if by_edge[name]:
+                payload_ref, audit_ref = actor.forward.options(num_returns=2).remote(params_ref, *by_edge[name])
+                forwarded.append(payload_ref)
+                edge_refs.append(audit_ref)
+        new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, *forwarded))
+        audits = list(refs)
+        for pending in ray.get(edge_refs):
+            audits.extend(pending)
+        return new_params, audits
+
+    def ground_truth(self, summaries: Sequence[ChunkSummary]) -> dict[int, np.ndarray]:
+        """Sample indices behind every audited update: clients by id, edge aggregates by -(edge id + 1)."""
+        truth: dict[int, np.ndarray] = {}
+        behind_edge: dict[str, list[np.ndarray]] = defaultdict(list)
+        for summary in summaries:
+            for client, indices in summary.ground_truth.items():
+                truth[client] = indices
+                behind_edge[self.edge_of_group.get(summary.group, "root")].append(indices)
+        if self.root_sees_edges:
+            for name, parts in behind_edge.items():
+                if name in self.edge_ids and parts:
+                    truth[-(self.edge_ids[name] + 1)] = np.concatenate(parts)
+        return truth
+
+
+def build_tree(experiment: Experiment, attack_workers: Sequence[Any]) -> AggregationTree:
+    """Start the aggregator actors the experiment describes; attack actors go to the attacking positions."""
+    import ray
+
+    positions = experiment.attack.positions if experiment.attack is not None else []
+    resources = experiment.resources.aggregator
+    actor = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=-1, max_task_retries=-1)(
+        Aggregator
+    )
+    root_attacks = "root" in positions
+    edges, edge_ids, edge_of_group = {}, {}, {}
+    for index, edge in enumerate(experiment.aggregators):
+        workers = list(attack_workers) if edge.name in positions else []
+        edges[edge.name] = actor.remote(
+            experiment.algorithm, workers, edge.name, edge_id=index, expose_mean=root_attacks
+        )
+        edge_ids[edge.name] = index
+        for group in edge.groups:
+            edge_of_group[group] = edge.name
+    root = actor.remote(experiment.algorithm, list(attack_workers) if root_attacks else [], "root")
+    return AggregationTree(root, edges, edge_ids, edge_of_group, root_sees_edges=root_attacks and bool(edges))
