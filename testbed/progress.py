@@ -42,7 +42,7 @@ class Progress:
         elapsed = time.monotonic() - self.started
         fields = " ".join(f"{key}={value}" for key, value in shown.items())
         print(
-            f"[{self.label}] round {step}/{self.total} {fields} elapsed={elapsed:.1f}s",
+            f"[{self.label}] {self.unit} {step}/{self.total} {fields} elapsed={elapsed:.1f}s",
             file=self.stream,
             flush=True,
         )
