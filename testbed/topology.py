@@ -7,6 +7,7 @@ where one exists, and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,21 @@ def _describe(error: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     field = format_loc(loc)
     head = str(loc[-1]) if loc else ""
     if head and message.startswith(head):
-        return f"{format_loc(loc[:-1])}.{message}"
+        return f"{format_loc(loc[:-1])}.{message}" if loc[:-1] else message
+    if not loc and _field_named_in(message):
+        return message
     return f"{field}: {message}"
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*): ")
+
+
+def _field_named_in(message: str) -> Path_:
+    """The field path a message starts with ('sampling.min_clients: ...' -> ('sampling', 'min_clients'))."""
+    match = _FIELD_PREFIX.match(message)
+    if match is None:
+        return ()
+    return tuple(int(part) if part.isdigit() else part for part in re.findall(r"[A-Za-z_]\w*|\d+", match.group(1)))
 
 
 def validate(data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None) -> Experiment:
@@ -101,7 +115,8 @@ def validate(data: Mapping[str, Any], *, source: str = "<config>", node: yaml.No
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            line = _line_of(node, tuple(error["loc"]))
+            loc = tuple(error["loc"]) or _field_named_in(str(error["msg"]).removeprefix("Value error, "))
+            line = _line_of(node, loc)
             where = f":{line}" if line is not None else ""
             lines.append(f"{source}{where}: {_describe(error, data)}")
         raise UserError(lines[0] if len(lines) == 1 else "\n".join(lines)) from None
