@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -13,11 +14,22 @@ from testbed.config import ResourcesConfig
 from testbed.errors import UserError
 
 PROJECT_PACKAGES = ("testbed", "attacks", "defenses", "metrics")
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster uses token authentication (its default, not a problem)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _quiet_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    notices = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(item, _TokenNotice) for item in notices.filters):
+        notices.addFilter(_TokenNotice())
 
 
 def _project_modules() -> list[str]:
@@ -85,7 +97,7 @@ def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, au
         attack = resources.attack
         if attack.num_gpus > 0 and gpus == 0:
             raise UserError(
-                f"resources.attack.num_gpus: {attack.num_gpus} GPU per attack actor requested, "
+                f"resources.attack.num_gpus: {attack.num_gpus:g} GPU per attack actor requested, "
                 "but the cluster has no GPU"
             )
         cpus = max(cpus - attack.workers * attack.num_cpus, resources.client.num_cpus)
@@ -93,10 +105,10 @@ def check_resources(resources: ResourcesConfig, available: dict[str, Any], *, au
     wanted = resources.client
     if wanted.num_gpus > 0 and gpus == 0:
         raise UserError(
-            f"resources.client.num_gpus: {wanted.num_gpus} GPU per worker requested, but the cluster has no GPU"
+            f"resources.client.num_gpus: {wanted.num_gpus:g} GPU per worker requested, but the cluster has no GPU"
         )
     if wanted.num_cpus > cpus:
-        raise UserError(f"resources.client.num_cpus: {wanted.num_cpus} per worker, but the cluster has {cpus:g} CPUs")
+        raise UserError(f"resources.client.num_cpus: {wanted.num_cpus:g} per worker, but the cluster has {cpus:g} CPUs")
     if resources.workers is not None:
         return resources.workers
     fits = [cpus / wanted.num_cpus if wanted.num_cpus > 0 else float("inf")]
