@@ -1,0 +1,323 @@
+"""User mistakes given to ``testbed run``: one line on stderr naming the file or field, exit status 2, no trace.
+
+Every case runs the whole ``run`` command (not only validation), so a mistake that is caught late
+(the data set, the partition, the cluster, the tracking store) is covered too. After each one the
+tracking store holds no run, no checkpoint or artifact was written and no Ray process is left.
+
+``python tests/integration/test_bad_input.py`` prints the table of cases and their actual messages
+as markdown (docs/reliability.md shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from testbed.cli import main
+
+FILE = "topology.yaml"
+MARK = "TESTBED_TEST_MARK"
+
+GOOD: dict[str, Any] = {
+    "name": "bad-input",
+    "rounds": 2,
+    "dataset": {"name": "mnist-5k", "partition": {"scheme": "iid"}},
+    "model": {"name": "softmax"},
+    "clients": [{"group": "a", "count": 10, "batch_size": 4}],
+}
+
+
+def _good(**changes: Any) -> dict[str, Any]:
+    """A copy of the valid topology with dotted-path changes (``clients.0.count``); None deletes a field."""
+    data: dict[str, Any] = yaml.safe_load(yaml.safe_dump(GOOD))
+    for dotted, value in changes.items():
+        parts = dotted.split("__")
+        target: Any = data
+        for part in parts[:-1]:
+            target = target[int(part)] if part.isdigit() else target.setdefault(part, {})
+        last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+        if value is None:
+            del target[last]
+        else:
+            target[last] = value
+    return data
+
+
+@dataclass(frozen=True)
+class Case:
+    """One user mistake: what the file holds, the extra command-line arguments, and what the message must say."""
+
+    label: str
+    expected: str
+    data: dict[str, Any] | None = None
+    text: str | None = None
+    args: tuple[str, ...] = ()
+    with_file: bool = True
+    starts_ray: bool = False
+
+    def argv(self) -> list[str]:
+        return ["run", *([FILE] if self.with_file else []), *self.args, "--quiet"]
+
+
+CASES = [
+    Case("malformed YAML", f"{FILE}: malformed YAML (line 3", text="name: x\nrounds: 2\nseed: 0: 1\n"),
+    Case("top level is a list", f"{FILE}: the top level must be a mapping", text="- name: x\n- rounds: 2\n"),
+    Case("missing file", "nope.yaml: no such topology file", args=("nope.yaml",), with_file=False),
+    Case("wrong type (rounds)", "rounds: Input should be a valid integer", _good(rounds="many")),
+    Case("wrong type (clients)", "clients: Input should be a valid list", _good(clients={"group": "a"})),
+    Case("unknown top-level field", "roundz: unknown field", _good(roundz=3)),
+    Case("required field missing", "clients: required field is missing", _good(clients=None)),
+    Case("unknown dataset", "allowed: mnist-5k, fashion-mnist, mnist, cifar10", _good(dataset__name="imagenet")),
+    Case(
+        "unknown model",
+        "model.name: Input should be 'softmax', 'mlp', 'lenet' or 'cnn' (got 'resnet')",
+        _good(model__name="resnet"),
+    ),
+    Case(
+        "unknown activation",
+        "model.activation: Input should be 'relu', 'sigmoid' or 'tanh'",
+        _good(model__activation="gelu"),
+    ),
+    Case(
+        "unknown attack",
+        f"{FILE}:14: attack.name: unknown attack 'deep-leak'; allowed: dense-ratio, ce-demix",
+        _good(attack={"name": "deep-leak"}),
+    ),
+    Case(
+        "unknown defence batching",
+        "clients[0].defence.batching: unknown batching 'sorted'; known: distinct-labels, identical-labels",
+        _good(clients__0__defence={"batching": "sorted"}),
+    ),
+    Case(
+        "unknown defence loss",
+        "clients[0].defence.loss: unknown loss 'hinge'; known: cross-entropy",
+        _good(clients__0__defence={"loss": "hinge"}),
+    ),
+    Case(
+        "unknown defence transform",
+        "clients[0].defence.update[0]: unknown transform 'blur'; known: clip-l2, gaussian-noise",
+        _good(clients__0__defence={"update": [{"blur": 1}]}),
+    ),
+    Case("unknown partition scheme", "allowed: iid, dirichlet, shards", _good(dataset__partition={"scheme": "zipf"})),
+    Case("zero rounds", "rounds: Input should be greater than or equal to 1", _good(rounds=0)),
+    Case(
+        "negative client count",
+        "clients[0].count: Input should be greater than or equal to 1",
+        _good(clients__0__count=-5),
+    ),
+    Case(
+        "zero batch size",
+        "clients[0].batch_size: Input should be greater than or equal to 1",
+        _good(clients__0__batch_size=0),
+    ),
+    Case("dropout of 1", "clients[0].dropout: Input should be less than 1", _good(clients__0__dropout=1.0)),
+    Case(
+        "unknown fault kind",
+        "clients[0].faults.kind: Input should be 'nan', 'inf', 'norm', 'shape' or 'dtype'",
+        _good(clients__0__faults={"fraction": 0.1, "kind": "zero"}),
+    ),
+    Case(
+        "negative max_update_norm",
+        "algorithm.max_update_norm: Input should be greater than 0",
+        _good(algorithm={"max_update_norm": -1}),
+    ),
+    Case(
+        "more sampled than clients",
+        f"{FILE}:14: sampling.clients_per_round: 50 exceeds the 10 clients configured",
+        _good(sampling={"clients_per_round": 50}),
+    ),
+    Case(
+        "min_clients above the sample",
+        f"{FILE}:14: sampling.min_clients: 20 exceeds the 10 clients sampled per round",
+        _good(sampling={"min_clients": 20}),
+    ),
+    Case(
+        "more clients than samples",
+        "dataset.partition: 100000 clients but only 4000 training samples",
+        _good(clients__0__count=100000),
+    ),
+    Case(
+        "batch larger than a shard",
+        "clients[0].batch_size: 4000 exceeds the median shard",
+        _good(clients__0__batch_size=4000),
+    ),
+    Case(
+        "dataset missing offline",
+        "dataset.name: dataset 'mnist' not found under root '/nonexistent/mnist'",
+        _good(dataset={"name": "mnist", "root": "/nonexistent/mnist"}),
+    ),
+    Case("conflicting --set", "--set rounds: given twice", GOOD, args=("--set", "rounds=3", "--set", "rounds=4")),
+    Case("--set on an unknown group", "no client group 'zz'; groups: a", GOOD, args=("--set", "clients.zz.count=3")),
+    Case("--set without a value", "--set 'rounds': expected KEY=VALUE", GOOD, args=("--set", "rounds")),
+    Case("--set of an unknown field", "seeds: unknown field", GOOD, args=("--set", "seeds=1")),
+    Case(
+        "sweep with an invalid cell",
+        "sweep [clients.a.batch_size=0]: clients[0].batch_size: Input should be greater than or equal to 1",
+        _good(sweep={"clients.a.batch_size": [2, 0]}),
+    ),
+    Case("run without FILE or --resume", "run: give a topology FILE, or --resume RUN_ID", with_file=False),
+    Case("resume id that does not exist", "--resume: no checkpoint at", GOOD, args=("--resume", "f00df00d")),
+    Case(
+        "resume id without FILE",
+        "--resume: no checkpoint at",
+        args=("--resume", "f00df00d", "--checkpoints", "elsewhere"),
+        with_file=False,
+    ),
+    Case(
+        "unreachable cluster address",
+        "resources.address: cannot reach the Ray cluster at '127.0.0.1:1'",
+        GOOD,
+        args=("--set", "resources.address=127.0.0.1:1"),
+    ),
+    Case(
+        "GPU requested without one",
+        "resources.client.num_gpus: 1 GPU per worker requested, but the cluster has no GPU",
+        _good(resources={"num_cpus": 1, "client": {"num_gpus": 1}}),
+        starts_ray=True,
+    ),
+]
+
+SUBPROCESS = ("malformed YAML", "more clients than samples", "unreachable cluster address", "GPU requested without one")
+
+
+def _prepare(case: Case, folder: Path) -> None:
+    if case.text is not None:
+        (folder / FILE).write_text(case.text, encoding="utf-8")
+    elif case.data is not None:
+        (folder / FILE).write_text(yaml.safe_dump(case.data, sort_keys=False), encoding="utf-8")
+
+
+def _run_in_process(case: Case, folder: Path) -> tuple[int, str, str]:
+    """The command's exit status, stdout and stderr, run in this process with ``folder`` as working directory."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(case.argv())
+    finally:
+        os.chdir(previous)
+    return status, out.getvalue(), err.getvalue()
+
+
+def _ray_children() -> set[int]:
+    """Ray's own processes (raylet, GCS) under this test process."""
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(name in process.name() for name in ("raylet", "gcs_server")):
+                found.add(process.pid)
+    return found
+
+
+def _marked(mark: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            if process.environ().get(MARK) == mark and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+    return found
+
+
+def _assert_nothing_written(folder: Path) -> None:
+    """No MLflow run, no artifact and no checkpoint in the run's working directory."""
+    store = folder / "mlruns.db"
+    if store.exists():
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+        experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+        assert client.search_runs(experiments) == []
+    leftovers = sorted(path.name for path in folder.iterdir() if path.name not in (FILE, "mlruns.db"))
+    assert leftovers == []
+
+
+def _assert_one_line(case: Case, status: int, out: str, err: str) -> str:
+    assert status == 2, (status, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("testbed: error: "), lines[0]
+    assert case.expected in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_ray() -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.label for case in CASES])
+def test_mistake_is_one_line_exit_2_and_leaves_nothing(case: Case, tmp_path: Path, no_ray: None) -> None:
+    _prepare(case, tmp_path)
+    before = _ray_children()
+    started = time.monotonic()
+    status, out, err = _run_in_process(case, tmp_path)
+    seconds = time.monotonic() - started
+    _assert_one_line(case, status, out, err)
+    if case.label == "unreachable cluster address":
+        assert seconds < 10, f"{seconds:.1f} s to report an unreachable cluster address"
+    elif not case.starts_ray:
+        assert seconds < 30, f"a mistake caught before Ray starts took {seconds:.1f} s"
+    _assert_nothing_written(tmp_path)
+    assert _ray_children() <= before
+
+
+@pytest.mark.parametrize("label", SUBPROCESS)
+def test_mistake_in_a_real_process(label: str, tmp_path: Path) -> None:
+    case = next(case for case in CASES if case.label == label)
+    _prepare(case, tmp_path)
+    mark = uuid.uuid4().hex
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", *case.argv()],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env=dict(os.environ, **{MARK: mark}),
+    )
+    seconds = time.monotonic() - started
+    _assert_one_line(case, done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    if label == "unreachable cluster address":
+        assert seconds < 60, f"{seconds:.1f} s to report an unreachable address (interpreter start included)"
+    _assert_nothing_written(tmp_path)
+    assert _marked(mark) == [], "the command left processes behind"
+
+
+def markdown_table() -> str:
+    """The cases and the messages they actually produce, as a markdown table."""
+    rows = ["| mistake | command | message (stderr, exit status 2) |", "| --- | --- | --- |"]
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as folder:
+            _prepare(case, Path(folder))
+            status, _out, err = _run_in_process(case, Path(folder))
+        assert status == 2, (case.label, err)
+        command = " ".join(["testbed", *case.argv()[:-1]])
+        message = err.strip().replace("|", "\\|")
+        rows.append(f"| {case.label} | `{command}` | `{message}` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
