@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from testbed.datasets import DATASETS
 from testbed.partition import PARTITIONS
@@ -45,6 +45,10 @@ class DatasetConfig(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when no test split ships")
     max_train: int | None = Field(None, ge=1, description="truncate the training split (fast runs)")
     max_test: int | None = Field(None, ge=1, description="truncate the test split (fast evaluation)")
+    synthetic_samples: int = Field(2000, ge=10, description="synthetic: number of samples (train + test)")
+    synthetic_shape: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 8, 8], min_length=3, max_length=3, description="synthetic: C, H, W"
+    )
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
     @field_validator("name")

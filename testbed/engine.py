@@ -72,6 +72,8 @@ def prepare_data(experiment: Experiment) -> PreparedData:
             seed=experiment.seed,
             max_train=spec.max_train,
             max_test=spec.max_test,
+            synthetic_samples=spec.synthetic_samples,
+            synthetic_shape=(spec.synthetic_shape[0], spec.synthetic_shape[1], spec.synthetic_shape[2]),
         )
     except DatasetUnavailable as exc:
         raise UserError(f"dataset.name: {exc}") from None
