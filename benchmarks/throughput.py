@@ -59,23 +59,33 @@ def flops_per_client(algorithm: str, batch: int, samples: int) -> float:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and its Ray worker processes; keeps the peak sum."""
+    """Samples the proportional set size (PSS: shared pages split between their users) of this process and
+    of the Ray worker processes, so the object store's shared data is not counted once per reader."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.peak_driver = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _pss(process: psutil.Process) -> int:
+        try:
+            return int(process.memory_full_info().pss)
+        except (psutil.Error, AttributeError):
+            return 0
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = me.memory_info().rss
-            for process in psutil.process_iter(["cmdline", "memory_info"]):
-                cmdline = " ".join(process.info.get("cmdline") or [])
-                if "ray::" in cmdline and process.info.get("memory_info") is not None:
-                    total += process.info["memory_info"].rss
+            driver = self._pss(me)
+            total = driver
+            for process in psutil.process_iter(["cmdline"]):
+                if "ray::" in " ".join(process.info.get("cmdline") or []):
+                    total += self._pss(process)
             self.peak = max(self.peak, total)
-            self._stop.wait(0.25)
+            self.peak_driver = max(self.peak_driver, driver)
+            self._stop.wait(0.5)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -117,11 +127,22 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
     return statistics.median(timings[1:])
 
 
-def engine(base: dict[str, Any], clients: int, algorithm: str, workdir: Path) -> tuple[float, float]:
-    """Median seconds per round (rounds 2-4) of the Ray engine, and peak resident memory in MiB."""
+def engine(
+    base: dict[str, Any], clients: int, algorithm: str, workdir: Path, *, audit: bool = False
+) -> tuple[float, float]:
+    """Median seconds per round (rounds 2-4) of the Ray engine, and peak memory (PSS) in MiB.
+
+    With ``audit`` the root runs dense-ratio on every client's raw update, every round.
+    """
     overrides = [f"clients.all.count={clients}", f"algorithm.name={algorithm}"]
     if algorithm == "fedavg":
         overrides.append("algorithm.local_epochs=1")
+    if audit:
+        overrides += [
+            "attack.name=dense-ratio",
+            f"attack.audit.clients_per_round={clients}",
+            "resources.attack.num_cpus=0",
+        ]
     data = apply_overrides(base, overrides)
     data["tracking"] = {
         "uri": f"sqlite:///{workdir / 'bench.db'}",
@@ -140,6 +161,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--algorithms", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop")
+    parser.add_argument("--audit", action="store_true", help="also time FedSGD with dense-ratio auditing every client")
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -179,6 +201,9 @@ def main() -> None:
         if (algorithm, clients) in baselines:
             runs.append(("plain loop", (baselines[(algorithm, clients)], float("nan"))))
         runs.append(("engine (Ray)", engine(base, clients, algorithm, workdir)))
+        if args.audit and algorithm == "fedsgd":
+            audited = engine(base, clients, algorithm, workdir, audit=True)
+            runs.append((f"engine + audit all ({audited[0] / runs[-1][1][0]:.2f}x)", audited))
         baseline = runs[0][1][0]
         for name, (seconds, memory) in runs:
             rate = clients / seconds
