@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import PeakMemory  # noqa: E402
-from testbed.engine import prepare_data, run_experiment  # noqa: E402
-from testbed.topology import validate  # noqa: E402
+from benchmarks.throughput import PeakMemory
+from testbed.engine import prepare_data, run_experiment
+from testbed.topology import validate
 
 
 def main() -> None:
