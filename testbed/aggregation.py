@@ -84,14 +84,15 @@ class Aggregator:
 
     The root combines what it receives into new global parameters. An edge combines its groups' chunk
     payloads into one payload for the root; when the root attacks, that payload carries the edge's mean
-    update for the root's attacker to see. An aggregator with attack actors hands the raw updates it
+    update for the root's attacker to see. Attack actors are named, so a restarted aggregator finds
+    them again. An aggregator with attack actors hands the raw updates it
     receives to them and returns the references of their outcomes at once, so audits never hold it up.
     """
 
     def __init__(
         self,
         algorithm: AlgorithmConfig,
-        attack_workers: Sequence[Any] = (),
+        attack_workers: Sequence[str] = (),
         name: str = "root",
         *,
         edge_id: int = -1,
@@ -99,7 +100,9 @@ class Aggregator:
     ) -> None:
         torch.set_num_threads(1)
         self.algorithm = algorithm
-        self.attack_workers = list(attack_workers)
+        import ray
+
+        self.attack_workers = [ray.get_actor(name) for name in attack_workers]
         self.name = name
         self.edge_id = edge_id
         self.expose_mean = expose_mean
@@ -130,7 +133,7 @@ class Aggregator:
         if not updates or not self.attack_workers:
             return []
         count = len(self.attack_workers)
-        refs = []
+        refs: list[Any] = []
         for start in range(count):
             share = updates[start::count]
             if share:

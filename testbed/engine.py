@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,16 +176,19 @@ def run_experiment(
         partition_ref = ray.put(data.partition)
         pool = WorkerPool(experiment, data_ref, partition_ref, dataset.num_classes, size)
         worker_nodes = pool.nodes()
-        attack_workers: list[Any] = []
+        attack_workers: list[str] = []
         if experiment.attack is not None:
             attack_resources = experiment.resources.attack
             attack_class = ray.remote(num_cpus=attack_resources.num_cpus, num_gpus=attack_resources.num_gpus)(
                 AttackWorker
             )
-            attack_workers = [
-                attack_class.remote(experiment, dataset.input_shape, dataset.num_classes)
-                for _ in range(attack_resources.workers)
+            token = uuid.uuid4().hex[:12]
+            attack_workers = [f"testbed-attack-{token}-{index}" for index in range(attack_resources.workers)]
+            attack_actors: list[Any] = [
+                attack_class.options(name=name).remote(experiment, dataset.input_shape, dataset.num_classes)
+                for name in attack_workers
             ]
+            ray.get([actor.__ray_ready__.remote() for actor in attack_actors])
         tree = build_tree(experiment, attack_workers)
         eval_model = build_model(
             experiment.model.name,

@@ -68,8 +68,8 @@ class AggregationTree:
         return truth
 
 
-def build_tree(experiment: Experiment, attack_workers: Sequence[Any]) -> AggregationTree:
-    """Start the aggregator actors the experiment describes; attack actors go to the attacking positions."""
+def build_tree(experiment: Experiment, attack_workers: Sequence[str]) -> AggregationTree:
+    """Start the aggregator actors the experiment describes; the named attack actors serve the attacking ones."""
     import ray
 
     positions = experiment.attack.positions if experiment.attack is not None else []
