@@ -128,13 +128,13 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
 
 
 def engine(
-    base: dict[str, Any], clients: int, algorithm: str, workdir: Path, *, audit: bool = False
+    base: dict[str, Any], clients: int, algorithm: str, workdir: Path, *, batch: int, audit: bool = False
 ) -> tuple[float, float]:
     """Median seconds per round (rounds 2-4) of the Ray engine, and peak memory (PSS) in MiB.
 
     With ``audit`` the root runs dense-ratio on every client's raw update, every round.
     """
-    overrides = [f"clients.all.count={clients}", f"algorithm.name={algorithm}"]
+    overrides = [f"clients.all.count={clients}", f"clients.all.batch_size={batch}", f"algorithm.name={algorithm}"]
     if algorithm == "fedavg":
         overrides.append("algorithm.local_epochs=1")
     if audit:
@@ -192,24 +192,26 @@ def main() -> None:
         # every plain loop runs before the first Ray session: after one, this process's torch threads slow down
         torch.set_num_threads(threads)
         for algorithm, clients in cells:
-            baselines[(algorithm, clients)] = plain_loop(x, dataset.train_y, clients, algorithm, batch, 0.05)
+            cell_batch = min(batch, len(dataset.train_y) // clients)
+            baselines[(algorithm, clients)] = plain_loop(x, dataset.train_y, clients, algorithm, cell_batch, 0.05)
     rows = []
     for algorithm, clients in cells:
         samples = len(dataset.train_y) // clients
-        flops = flops_per_client(algorithm, batch, samples)
+        cell_batch = min(batch, samples)  # with 10,000 clients a client holds fewer samples than a batch
+        flops = flops_per_client(algorithm, cell_batch, samples)
         runs = []
         if (algorithm, clients) in baselines:
             runs.append(("plain loop", (baselines[(algorithm, clients)], float("nan"))))
-        runs.append(("engine (Ray)", engine(base, clients, algorithm, workdir)))
+        runs.append(("engine (Ray)", engine(base, clients, algorithm, workdir, batch=cell_batch)))
         if args.audit and algorithm == "fedsgd":
-            audited = engine(base, clients, algorithm, workdir, audit=True)
+            audited = engine(base, clients, algorithm, workdir, batch=cell_batch, audit=True)
             runs.append((f"engine + audit all ({audited[0] / runs[-1][1][0]:.2f}x)", audited))
         baseline = runs[0][1][0]
         for name, (seconds, memory) in runs:
             rate = clients / seconds
             rows.append(
                 f"| {clients:,} | {algorithm} | {name} | {seconds:.3f} | {rate:,.0f} | "
-                f"{rate * (batch if algorithm == 'fedsgd' else samples):,.0f} | "
+                f"{rate * (cell_batch if algorithm == 'fedsgd' else samples):,.0f} | "
                 f"{rate * flops / 1e9 / ceiling:.0%} | {baseline / seconds:.2f}x | "
                 f"{'' if math.isnan(memory) else f'{memory:,.0f}'} |"
             )
