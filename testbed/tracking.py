@@ -53,6 +53,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str, outage_s: float = 300.0) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is the run's JSON line
         from mlflow.tracking import MlflowClient
 
         self.outage_s = outage_s
