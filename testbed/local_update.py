@@ -59,14 +59,23 @@ def stacked_gradients(model: nn.Module, loss: Loss, params: Params, batches: Sta
 
 
 def stacked_deltas(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float) -> Params:
-    """FedAvg: each client's weight delta after its local SGD steps, stacked by client."""
+    """FedAvg: each client's weight delta after its local SGD steps, stacked by client.
+
+    The first step starts from the shared global parameters, so it runs as one batched forward pass; the
+    later steps run on per-client parameters. Updates are applied in place on the stacked parameters.
+    """
     batch_loss = weighted_loss_fn(model, loss)
+    first = vmap(grad(batch_loss), in_dims=(None, 0, 0, 0))(params, batches.x[:, 0], batches.y[:, 0], batches.w[:, 0])
+    local = {name: torch.sub(params[name].unsqueeze(0), first[name], alpha=lr) for name in params}
+    del first
     per_client = vmap(grad(batch_loss), in_dims=(0, 0, 0, 0))
-    local = {name: value.unsqueeze(0).expand(batches.clients, *value.shape).clone() for name, value in params.items()}
-    for step in range(batches.steps):
+    for step in range(1, batches.steps):
         grads = per_client(local, batches.x[:, step], batches.y[:, step], batches.w[:, step])
-        local = {name: local[name] - lr * grads[name] for name in local}
-    return {name: local[name] - params[name].unsqueeze(0) for name in local}
+        for name in local:
+            local[name].sub_(grads[name], alpha=lr)
+    for name in local:
+        local[name].sub_(params[name].unsqueeze(0))
+    return local
 
 
 def reference_update(
