@@ -149,6 +149,10 @@ def _behaviour(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per client: (dropped, delay seconds, sends a faulty update), all drawn from its own stream."""
     seed = context.experiment.seed
+    config = group.config
+    if config.dropout == 0 and config.straggler_delay_s == 0 and config.faults.fraction == 0:
+        quiet = np.zeros(len(clients), dtype=bool)
+        return quiet, np.zeros(len(clients)), quiet
     draws = np.array([client_rng(seed, round_index, int(c), STREAM_BEHAVIOUR).random(3) for c in clients]).reshape(
         len(clients), 3
     )
@@ -187,13 +191,14 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         update = stacked_gradients(context.model, loss, params, batches)
     else:
         update = stacked_deltas(context.model, loss, params, batches, algorithm.lr)
-    generators = [
-        torch.Generator().manual_seed(
-            int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62))
-        )
-        for c in clients
-    ]
-    update = group.policy.transform(update, generators)
+    if group.policy.transforms:
+        generators = [
+            torch.Generator().manual_seed(
+                int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62))
+            )
+            for c in clients
+        ]
+        update = group.policy.transform(update, generators)
     fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
     update = corrupt_values(update, inject, fault)
