@@ -1,0 +1,48 @@
+"""Model registry: output shapes, seeded initialisation, dense layers where the attacks expect them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from testbed.models import UnknownModelError, build_model
+
+
+@pytest.mark.parametrize("name", ["softmax", "mlp", "lenet", "cnn"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_output_shape(name: str, shape: tuple[int, int, int]) -> None:
+    model = build_model(name, shape, 10, hidden=[32, 16], seed=0)
+    assert model(torch.rand(5, *shape)).shape == (5, 10)
+
+
+def test_seed_fixes_the_initial_weights_and_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = build_model("lenet", (1, 28, 28), 10, seed=7)
+    assert torch.equal(torch.rand(1), before)
+    second = build_model("lenet", (1, 28, 28), 10, seed=7)
+    other = build_model("lenet", (1, 28, 28), 10, seed=8)
+    named = zip(first.named_parameters(), second.named_parameters(), other.named_parameters(), strict=True)
+    for (_, a), (_, b), (_, c) in named:
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_architectures() -> None:
+    softmax = build_model("softmax", (1, 28, 28), 10)
+    assert [type(m) for m in softmax] == [nn.Flatten, nn.Linear]
+    mlp = build_model("mlp", (1, 28, 28), 10, hidden=[256, 64], activation="tanh")
+    assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [256, 64, 10]
+    assert sum(isinstance(m, nn.Tanh) for m in mlp) == 2
+    lenet = build_model("lenet", (1, 28, 28), 10)
+    assert sum(isinstance(m, nn.Sigmoid) for m in lenet) == 3
+    assert isinstance(lenet[-1], nn.Linear) and lenet[-1].in_features == 12 * 7 * 7
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(UnknownModelError, match="allowed: softmax, mlp, lenet, cnn"):
+        build_model("resnet", (1, 28, 28), 10)
+    with pytest.raises(UnknownModelError, match=r"model\.activation"):
+        build_model("mlp", (1, 28, 28), 10, activation="gelu")
