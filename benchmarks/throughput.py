@@ -60,7 +60,7 @@ def flops_per_client(algorithm: str, batch: int, samples: int) -> float:
 
 class PeakMemory:
     """Samples the proportional set size (PSS: shared pages split between their users) of this process and
-    of the Ray worker processes, so the object store's shared data is not counted once per reader."""
+    of all its descendants (the Ray it started: raylet, GCS, workers), so shared data counts once."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -80,9 +80,8 @@ class PeakMemory:
         while not self._stop.is_set():
             driver = self._pss(me)
             total = driver
-            for process in psutil.process_iter(["cmdline"]):
-                if "ray::" in " ".join(process.info.get("cmdline") or []):
-                    total += self._pss(process)
+            for process in me.children(recursive=True):
+                total += self._pss(process)
             self.peak = max(self.peak, total)
             self.peak_driver = max(self.peak_driver, driver)
             self._stop.wait(0.5)
