@@ -177,6 +177,7 @@ def run_experiment(
         pool = WorkerPool(experiment, data_ref, partition_ref, dataset.num_classes, size)
         worker_nodes = pool.nodes()
         attack_workers: list[str] = []
+        attack_actors: list[Any] = []
         if experiment.attack is not None:
             attack_resources = experiment.resources.attack
             attack_class = ray.remote(num_cpus=attack_resources.num_cpus, num_gpus=attack_resources.num_gpus)(
@@ -184,7 +185,7 @@ def run_experiment(
             )
             token = uuid.uuid4().hex[:12]
             attack_workers = [f"testbed-attack-{token}-{index}" for index in range(attack_resources.workers)]
-            attack_actors: list[Any] = [
+            attack_actors = [
                 attack_class.options(name=name).remote(experiment, dataset.input_shape, dataset.num_classes)
                 for name in attack_workers
             ]
@@ -270,6 +271,9 @@ def run_experiment(
         finally:
             progress.close()
             pool.shutdown()
+            tree.shutdown()
+            for actor in attack_actors:
+                ray.kill(actor)
             if status != "UNREACHABLE":
                 tracker.end_run(run_id, status)
     return RunResult(run_id, params, history, worker_nodes)

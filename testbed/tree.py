@@ -53,6 +53,13 @@ class AggregationTree:
             audits.extend(pending)
         return new_params, audits
 
+    def shutdown(self) -> None:
+        """Stop the aggregator actors (a sweep's later runs must not share them)."""
+        import ray
+
+        for actor in [self.root, *self.edges.values()]:
+            ray.kill(actor)
+
     def ground_truth(self, summaries: Sequence[ChunkSummary]) -> dict[int, np.ndarray]:
         """Sample indices behind every audited update: clients by id, edge aggregates by -(edge id + 1)."""
         truth: dict[int, np.ndarray] = {}
