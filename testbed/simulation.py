@@ -163,6 +163,45 @@ def _behaviour(
     return dropped, delay, faulty
 
 
+def _local_updates(
+    context: SimulationContext, group: GroupRuntime, params: Params, clients: np.ndarray, round_index: int
+) -> tuple[Params, np.ndarray, Tensor, int]:
+    """The clients' updates after their defence transforms, their batch index, samples used per step, short count."""
+    experiment = context.experiment
+    index, short = plan_batches(context, group, clients, round_index)
+    batches = gather(context, index)
+    loss = group.policy.loss
+    if experiment.algorithm.name == "fedsgd":
+        update = stacked_gradients(context.model, loss, params, batches)
+    else:
+        update = stacked_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
+    if group.policy.transforms:
+        generators = [
+            torch.Generator().manual_seed(
+                int(client_rng(experiment.seed, round_index, int(c), STREAM_NOISE).integers(2**62))
+            )
+            for c in clients
+        ]
+        update = group.policy.transform(update, generators)
+    return update, index, batches.w.sum(dim=2), short
+
+
+def _screen(
+    update: Params, params: Params, inject: Tensor, fault: str, max_norm: float | None, summary: ChunkSummary
+) -> Tensor:
+    """Validate every client's update as sent (faults injected); count rejections; return the accept mask."""
+    accept, reasons = validate_stack(update, params, max_norm)
+    for row in inject.nonzero().flatten().tolist() if fault in ("shape", "dtype") else []:
+        problem = structure_problem(malformed(update, row, fault), params)
+        if problem is not None and bool(accept[row]):
+            accept[row] = False
+            summary.rejected[problem] += 1
+    for reason, mask in reasons.items():
+        summary.rejected[reason] += int(mask.sum())
+    summary.accepted = int(accept.sum())
+    return accept
+
+
 def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
     """Run one chunk of clients for one round and return its counts and its weighted update sum."""
     started = time.perf_counter()
@@ -183,49 +222,21 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         summary.seconds = time.perf_counter() - started
         return summary, payload
     params = {key: value.to(context.device) for key, value in params.items()}
-    index, summary.short_batches = plan_batches(context, group, clients, task.round)
-    batches = gather(context, index)
-    loss = group.policy.loss
-    algorithm = experiment.algorithm
-    if algorithm.name == "fedsgd":
-        update = stacked_gradients(context.model, loss, params, batches)
-    else:
-        update = stacked_deltas(context.model, loss, params, batches, algorithm.lr)
-    if group.policy.transforms:
-        generators = [
-            torch.Generator().manual_seed(
-                int(client_rng(experiment.seed, task.round, int(c), STREAM_NOISE).integers(2**62))
-            )
-            for c in clients
-        ]
-        update = group.policy.transform(update, generators)
+    update, index, used, summary.short_batches = _local_updates(context, group, params, clients, task.round)
     fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
     update = corrupt_values(update, inject, fault)
-    accept, reasons = validate_stack(update, params, algorithm.max_update_norm)
-    for row in inject.nonzero().flatten().tolist() if fault in ("shape", "dtype") else []:
-        problem = structure_problem(malformed(update, row, fault), params)
-        if problem is not None and bool(accept[row]):
-            accept[row] = False
-            summary.rejected[problem] += 1
-    for reason, mask in reasons.items():
-        summary.rejected[reason] += int(mask.sum())
-    summary.accepted = int(accept.sum())
-    used = batches.w.sum(dim=2)
-    samples = (
-        used[:, 0]
-        if algorithm.name == "fedsgd"
-        else torch.tensor(
-            [len(context.partition.client(int(c))) for c in clients], dtype=used.dtype, device=used.device
-        )
-    )
-    weights = samples * accept.to(samples.dtype)
+    accept = _screen(update, params, inject, fault, experiment.algorithm.max_update_norm, summary)
+    if experiment.algorithm.name == "fedsgd":
+        samples = used[:, 0]
+    else:
+        held = [len(context.partition.client(int(c))) for c in clients]
+        samples = torch.tensor(held, dtype=used.dtype, device=used.device)
     if summary.accepted:
-        kept = weights[accept]
+        kept = samples[accept]
         accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}
         payload.weighted_sum = {key: value.cpu() for key, value in weighted_sum(accepted, kept).items()}
-        payload.weight = float(kept.sum())
-        summary.weight = payload.weight
+        payload.weight = summary.weight = float(kept.sum())
     audited = {int(c) for c in task.audited}
     public_labels = experiment.attack is not None and experiment.attack.labels_known
     for row, client in enumerate(clients):
