@@ -59,7 +59,7 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     """Start a local Ray (address null) or join a cluster (auto / host:port); shut down what was started.
 
     Yields the cluster's total resources. A local instance advertises 127.0.0.1 as its node address and
-    runs no dashboard; Ray's own servers still listen on every interface, guarded by Ray's token
+    starts no dashboard web UI; Ray's own servers still listen on every interface, guarded by Ray's token
     authentication (its default for a new local cluster). When joining, the project's packages travel
     to the worker nodes through Ray's runtime environment, so a node needs only the installed
     dependencies.
