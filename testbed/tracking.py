@@ -10,17 +10,20 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.config import Experiment
 from testbed.errors import UserError
 
 MAX_PARAM_LENGTH = 6000
 RETRY_DELAYS_S = (0.5, 2.0)
+MAX_RETRY_DELAY_S = 10.0
 QUEUED_AT_KEY = "__queued_at_ms__"  # in a queued entry: its MLflow timestamp, fixed when it was queued
+
+T = TypeVar("T")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -170,17 +173,50 @@ class Tracker:
                 "metrics are kept in the checkpoint"
             )
 
+    def _patiently(self, call: Callable[[], T]) -> T:
+        """Make one MLflow call, waiting out an outage: retry with back-off while the store does not answer.
+
+        An error from a store that answers is raised at once. The outage clock is the one ``flush``
+        keeps, so a run that is already waiting does not wait twice; past ``outage_s``,
+        TrackingUnavailable is raised.
+        """
+        delay = RETRY_DELAYS_S[0]
+        while True:
+            try:
+                result = call()
+            except Exception as exc:  # an unreachable store shows up as many exception types
+                self.down_since = self.down_since or time.monotonic()
+                if self._answers():
+                    self.down_since = None
+                    raise
+                if time.monotonic() - self.down_since > self.outage_s:
+                    raise TrackingUnavailable(f"MLflow at {self.uri} unreachable for over {self.outage_s:g} s") from exc
+                time.sleep(delay)
+                delay = min(2 * delay, MAX_RETRY_DELAY_S)
+                continue
+            self.down_since = None
+            return result
+
+    def _answers(self) -> bool:
+        """Whether the tracking store answers a trivial query."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception:  # any failure means it does not answer
+            return False
+        return True
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        """Store ``text`` as an artifact file ``name``."""
-        self.client.log_text(run_id, text, name)
+        """Store ``text`` as an artifact file ``name`` (waiting out an MLflow outage)."""
+        self._patiently(lambda: self.client.log_text(run_id, text, name))
 
     def log_json(self, run_id: str, data: Any, name: str) -> None:
-        """Store ``data`` as a JSON artifact."""
-        self.client.log_text(run_id, json.dumps(data, indent=2, sort_keys=True, default=str), name)
+        """Store ``data`` as a JSON artifact (waiting out an MLflow outage)."""
+        text = json.dumps(data, indent=2, sort_keys=True, default=str)
+        self._patiently(lambda: self.client.log_text(run_id, text, name))
 
     def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
-        """Copy a local file into the run's artifacts."""
-        self.client.log_artifact(run_id, str(path), folder)
+        """Copy a local file into the run's artifacts (waiting out an MLflow outage)."""
+        self._patiently(lambda: self.client.log_artifact(run_id, str(path), folder))
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -189,9 +225,15 @@ class Tracker:
             yield Path(folder)
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        """Set a tag on a run."""
-        self.client.set_tag(run_id, key, value)
+        """Set a tag on a run (waiting out an MLflow outage)."""
+        self._patiently(lambda: self.client.set_tag(run_id, key, value))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Close a run with FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(run_id, status=status)
+        """Deliver every queued metric, then close the run with FINISHED, FAILED or KILLED.
+
+        Both wait out an MLflow outage of up to ``outage_s`` (then TrackingUnavailable): a run is never
+        closed while rounds of its metrics are still queued.
+        """
+        while self.pending:
+            self.flush()
+        self._patiently(lambda: self.client.set_terminated(run_id, status=status))
