@@ -225,7 +225,13 @@ def report(outcome: dict[str, Any], rounds: int, clients: int) -> tuple[str, boo
     replaced = int(history[-1]["workers_replaced"]) if history else 0
     ok = ok and replaced >= len(outcome["kills"])
     accuracy = [row["test_accuracy"] for row in history if "test_accuracy" in row]
+    block = max(1, rounds // 10)
+    blocks = [range(start, min(start + block, rounds + 1)) for start in range(1, rounds + 1, block)]
+    driver_trend = ", ".join(f"{_window(watch.driver, b) / MIB:.0f}" for b in blocks)
+    worker_trend = ", ".join(f"{_largest_worker(watch, b) / MIB:.0f}" for b in blocks)
     lines += [
+        "",
+        f"Peak RSS (MiB) per block of {block} rounds: driver {driver_trend}; largest client worker {worker_trend}.",
         "",
         f"{rounds} rounds, {clients} clients (all sampled every round), {len(outcome['kills'])} client workers "
         f"SIGKILLed mid-round (rounds {', '.join(str(r) for r, _ in outcome['kills']) or 'none'}), "
