@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +45,17 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
         text = json.dumps(data) if isinstance(data, list | dict) else str(data)
         items[prefix.rstrip(".")] = text[:MAX_PARAM_LENGTH]
     return items
+
+
+def _reason(exc: Exception) -> str:
+    """The gist of a failure to reach a store: the operating system's reason where there is one."""
+    text = str(exc).strip()
+    system = re.search(r"\[Errno -?\d+\] ([^\"')\]]+)", text)
+    if system is not None:
+        return system.group(1).strip()
+    if "timed out" in text.lower():
+        return "no answer (timed out)"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _artifact_uri(location: str) -> str:
@@ -84,8 +96,7 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as exc:  # any failure to reach the store is the user's address to fix
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"tracking.uri: cannot reach MLflow at {self.uri!r}: {first}") from None
+            raise UserError(f"tracking.uri: cannot reach MLflow at {self.uri!r}: {_reason(exc)}") from None
         finally:
             for key, value in previous.items():
                 if value is None:
