@@ -315,7 +315,7 @@ def markdown_table() -> str:
         assert status == 2, (case.label, err)
         command = " ".join(["testbed", *case.argv()[:-1]])
         message = err.strip().replace("|", "\\|")
-        rows.append(f"| {case.label} | `{command}` | `{message}` |")
+        rows.append(f"| {case.label} | `{command}` | `` {message} `` |")
     return "\n".join(rows)
 
 

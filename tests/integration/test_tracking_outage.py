@@ -266,7 +266,7 @@ def test_unreachable_tracking_uri_fails_before_training(tmp_path: Path, capsys: 
     seconds = time.monotonic() - started
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"testbed: error: tracking.uri: cannot reach MLflow at '{address}'"), err
+    assert err == f"testbed: error: tracking.uri: cannot reach MLflow at '{address}': Connection refused", err
     assert "Traceback" not in err
     assert not (tmp_path / "checkpoints").exists()
     assert seconds < 30, f"{seconds:.1f} s to report an unreachable tracking server"
