@@ -242,7 +242,7 @@ def report(outcome: dict[str, Any], rounds: int, clients: int) -> tuple[str, boo
         f"{outcome['seconds']:.0f} s in all ({outcome['seconds'] / rounds:.2f} s per round).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"{platform.python_version()}. Bound: growth below {BOUND:.0%} for the driver and the largest worker: "
+        f"Python {platform.python_version()}. Bound: growth below {BOUND:.0%} for the driver and the largest worker: "
         f"{'held' if ok else 'NOT held'}.",
     ]
     return "\n".join(lines), ok
