@@ -17,7 +17,7 @@ from torch import nn
 from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack
 from defenses import build_policy
 from testbed.config import Experiment
-from testbed.models import build_model
+from testbed.models import model_for
 from testbed.records import ClientUpdate, Params
 
 
@@ -72,13 +72,7 @@ class AttackWorker:
         self.experiment = experiment
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        self.model = build_model(
-            experiment.model.name,
-            input_shape,
-            num_classes,
-            hidden=experiment.model.hidden,
-            activation=experiment.model.activation,
-        )
+        self.model = model_for(experiment.model, input_shape, num_classes)
         self.attack = build_attack(experiment.attack.name, experiment.attack.params, device=device)
         self.losses = {group.group: build_policy(group.defence).loss.name for group in experiment.clients}
         for edge in experiment.aggregators:

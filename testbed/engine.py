@@ -23,7 +23,7 @@ from testbed.config import Experiment
 from testbed.datasets import Dataset, DatasetUnavailable, load_dataset
 from testbed.errors import UserError
 from testbed.local_update import evaluate
-from testbed.models import build_model
+from testbed.models import model_for
 from testbed.partition import Partition, PartitionError, partition
 from testbed.progress import Progress
 from testbed.records import ChunkSummary, Params
@@ -104,14 +104,7 @@ def prepare_data(experiment: Experiment) -> PreparedData:
 
 def initial_params(experiment: Experiment, dataset: Dataset) -> Params:
     """The global model's initial parameters, a function of the seed only."""
-    model = build_model(
-        experiment.model.name,
-        dataset.input_shape,
-        dataset.num_classes,
-        hidden=experiment.model.hidden,
-        activation=experiment.model.activation,
-        seed=experiment.seed,
-    )
+    model = model_for(experiment.model, dataset.input_shape, dataset.num_classes, seed=experiment.seed)
     return {name: value.detach().clone() for name, value in model.named_parameters()}
 
 
@@ -191,13 +184,7 @@ def run_experiment(
             ]
             ray.get([actor.__ray_ready__.remote() for actor in attack_actors])
         tree = build_tree(experiment, attack_workers)
-        eval_model = build_model(
-            experiment.model.name,
-            dataset.input_shape,
-            dataset.num_classes,
-            hidden=experiment.model.hidden,
-            activation=experiment.model.activation,
-        )
+        eval_model = model_for(experiment.model, dataset.input_shape, dataset.num_classes)
         test_x, test_y = torch.as_tensor(dataset.test_x), torch.as_tensor(dataset.test_y)
         if resume_run_id is None:
             run_id = tracker.start_run(

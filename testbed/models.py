@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from testbed.config import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -114,3 +118,10 @@ def build_model(
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)
+
+
+def model_for(config: ModelConfig, input_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
+    """The model a topology's ``model`` block describes, for the data set's input shape and classes."""
+    return build_model(
+        config.name, input_shape, num_classes, hidden=config.hidden, activation=config.activation, seed=seed
+    )

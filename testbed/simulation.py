@@ -20,7 +20,7 @@ from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
 from testbed.faults import corrupt_values, malformed
 from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
-from testbed.models import build_model
+from testbed.models import model_for
 from testbed.partition import Partition
 from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
 from testbed.validation import structure_problem, validate_stack
@@ -68,13 +68,7 @@ class SimulationContext:
         device: str = "cpu",
     ) -> SimulationContext:
         """Build the context from the experiment and the (shared, read-only) training arrays."""
-        model = build_model(
-            experiment.model.name,
-            train_x.shape[1:],
-            num_classes,
-            hidden=experiment.model.hidden,
-            activation=experiment.model.activation,
-        ).to(device)
+        model = model_for(experiment.model, train_x.shape[1:], num_classes).to(device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             x = torch.as_tensor(train_x).to(device)
