@@ -191,7 +191,7 @@ CASES = [
     ),
 ]
 
-SUBPROCESS = ("malformed YAML", "more clients than samples", "unreachable cluster address", "GPU requested without one")
+SUBPROCESS = ("malformed YAML", "more clients than samples", "unreachable cluster address")
 
 
 def _prepare(case: Case, folder: Path) -> None:
