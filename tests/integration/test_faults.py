@@ -342,6 +342,8 @@ def test_too_few_accepted_updates_abort_the_run(local_ray: None, tracking: dict[
     with pytest.raises(RunAborted, match=rf"round 1: only {accepted} updates accepted.*min_clients=35"):
         run_experiment(validate(data), show_progress=False)
     client = MlflowClient(tracking_uri=tracking["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
     assert not list(Path(tracking["checkpoints"]).glob("*/state.pt"))

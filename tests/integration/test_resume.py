@@ -173,6 +173,7 @@ def test_resumed_run_has_the_parameters_of_an_uninterrupted_one(interrupted: Int
 def test_resumed_run_is_one_finished_mlflow_run_with_every_round(interrupted: Interrupted) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{interrupted.folder / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("test")
+    assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_id for run in runs] == [interrupted.run_id]
     assert runs[0].info.status == "FINISHED"
