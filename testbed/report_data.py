@@ -29,7 +29,7 @@ PARENT_TAG = "mlflow.parentRunId"
 SAMPLES_ARTIFACT = "audits/samples.csv"
 NOT_APPLICABLE_ARTIFACT = "audits/not_applicable.json"
 NOT_IN_SETTING = tuple(
-    "name seed sweep tracking. resources. evaluation. model. attack.name attack.labels_known".split()
+    "name seed sweep tracking. resources. evaluation. model. attack.name attack.labels_known attack.params.".split()
 )
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 _WORDS: dict[str, Any] = {"None": None, "True": True, "False": False}
@@ -218,10 +218,15 @@ def describe_model(params: Mapping[str, str]) -> str:
 
 
 def describe_attack(params: Mapping[str, str]) -> str:
-    """The attack's name ('none' when the run had no audits), noting when labels were public."""
+    """The attack's name with its parameters ('none' when the run had no audits), noting public labels."""
     name = params.get("attack.name")
     if name is None:
         return "none"
+    settings = sorted(
+        (key.removeprefix("attack.params."), value) for key, value in params.items() if key.startswith("attack.params.")
+    )
+    if settings:
+        name += "(" + ", ".join(f"{key}={value}" for key, value in settings) + ")"
     return f"{name} (labels known)" if params.get("attack.labels_known") == "True" else name
 
 
