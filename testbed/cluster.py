@@ -54,6 +54,12 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def check_address(resources: ResourcesConfig) -> None:
+    """Fail fast when a host:port cluster address does not answer (before anything is written)."""
+    if resources.address not in (None, "auto"):
+        _check_reachable(resources.address)
+
+
 @contextmanager
 def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     """Start a local Ray (address null) or join a cluster (auto / host:port); shut down what was started.
@@ -74,8 +80,7 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     if resources.address is None:
         kwargs.update(num_cpus=resources.num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1")
     else:
-        if resources.address != "auto":
-            _check_reachable(resources.address)
+        check_address(resources)
         kwargs.update(address=resources.address, runtime_env={"py_modules": _project_modules()})
     try:
         ray.init(**kwargs)

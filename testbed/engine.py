@@ -145,21 +145,23 @@ def run_experiment(
     import ray
 
     from testbed.audit import AttackWorker
-    from testbed.cluster import check_resources, ray_session
+    from testbed.cluster import check_address, check_resources, ray_session
     from testbed.leakage import LeakageMeter
     from testbed.tree import build_tree
     from testbed.workers import WorkerPool
 
     data = prepare_data(experiment)
+    state: dict[str, Any] = {}
+    if resume_run_id is not None:
+        state = load_checkpoint(checkpoint_path(experiment.tracking.checkpoints, resume_run_id))
+        _check_same_experiment(experiment, state)
+    check_address(experiment.resources)
     tracker = Tracker.for_experiment(experiment)
     tracker.check()
     start_round = 0
     history: list[dict[str, float]] = []
     params = initial_params(experiment, data.dataset)
-    state: dict[str, Any] = {}
-    if resume_run_id is not None:
-        state = load_checkpoint(checkpoint_path(experiment.tracking.checkpoints, resume_run_id))
-        _check_same_experiment(experiment, state)
+    if state:
         start_round, params, history = int(state["round"]), state["params"], list(state["history"])
         tracker.pending = [(str(r), int(s), dict(m)) for r, s, m in state.get("pending_metrics", [])]
     with ray_session(experiment.resources) as available:
@@ -249,8 +251,13 @@ def run_experiment(
                     raise RunAborted(f"{exc}; resume with: testbed run --resume {run_id}") from None
                 shown = {"acc": metrics["test_accuracy"]} if "test_accuracy" in metrics else {}
                 progress.update(round_index + 1, {**shown, "s/round": seconds})
-            meter.finish()
-            _log_final(tracker, run_id, experiment, params, history)
+            try:
+                meter.finish()
+                tracker.flush()
+                _log_final(tracker, run_id, experiment, params, history)
+            except TrackingUnavailable as exc:
+                status = "UNREACHABLE"
+                raise RunAborted(f"{exc}; resume with: testbed run --resume {run_id}") from None
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -268,8 +275,8 @@ def run_experiment(
 
 def _check_same_experiment(experiment: Experiment, state: Mapping[str, Any]) -> None:
     """A resumed run must use the configuration that wrote its checkpoint (only ``rounds`` may grow)."""
-    saved = dict(state.get("config", {}))
-    current = experiment.model_dump(mode="json")
+    saved = flatten(dict(state.get("config", {})))
+    current = flatten(experiment.model_dump(mode="json"))
     saved.pop("rounds", None)
     current.pop("rounds", None)
     if saved and saved != current:

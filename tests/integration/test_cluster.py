@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,12 +48,15 @@ def test_client_work_runs_on_both_nodes(two_node_cluster: Any, tracking: dict[st
     assert result.final_accuracy > 0.3
 
 
-def _raylets() -> set[int]:
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info.get("cmdline") or []
-        if any("raylet" in part for part in cmdline[:1]):
-            found.add(process.pid)
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker`` (a run's Ray inherits its driver's environment)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("TESTBED_TEST_MARKER") == marker:
+                found.append(process.pid)
+        except psutil.Error:
+            continue
     return found
 
 
@@ -59,7 +65,16 @@ def test_cli_run_shuts_down_the_ray_it_started(tmp_path: Path, tracking: dict[st
 
     if ray.is_initialized():
         ray.shutdown()
-    before = _raylets()
+    marker = uuid.uuid4().hex
+    probe = subprocess.Popen(["sleep", "30"], env={**os.environ, "TESTBED_TEST_MARKER": marker})
+    try:
+        deadline = time.monotonic() + 10  # the child shows the marker once it has exec'd
+        while _marked(marker) != [probe.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _marked(marker) == [probe.pid]  # the marker is visible in a child's environment
+    finally:
+        probe.kill()
+        probe.wait()
     data = small_experiment(tracking, rounds=1)
     data["resources"] = {"num_cpus": 2, "chunk_size": 8}
     path = tmp_path / "run.yaml"
@@ -70,7 +85,8 @@ def test_cli_run_shuts_down_the_ray_it_started(tmp_path: Path, tracking: dict[st
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env={**os.environ, "TESTBED_TEST_MARKER": marker},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"run_id"' in done.stdout
-    assert _raylets() <= before
+    assert _marked(marker) == []  # the driver, its raylet, GCS and workers are all gone
