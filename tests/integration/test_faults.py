@@ -12,8 +12,6 @@ import math
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from testbed.records import ChunkTask
 from testbed.scheduling import group_bounds, sample_clients
 from testbed.simulation import STREAM_BEHAVIOUR, SimulationContext, client_rng, simulate_chunk
 from testbed.topology import validate
-from tests.conftest import small_experiment
+from tests.conftest import small_experiment, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -51,17 +49,6 @@ def _tracking_in(folder: Path) -> dict[str, Any]:
         "artifact_location": str(folder / "mlartifacts"),
         "checkpoints": str(folder / "checkpoints"),
     }
-
-
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S, every: float = 0.01) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _ray_processes(title: str) -> list[psutil.Process]:
@@ -137,7 +124,7 @@ def test_killed_client_worker_is_replaced_and_parameters_are_unchanged(
         busy = _ray_processes("ray::ClientWorker.run")
         return busy[0] if busy else None
 
-    victim = _wait_for(busy_worker, "a client worker executing a chunk after round 1")
+    victim = wait_for(busy_worker, "a client worker executing a chunk after round 1", timeout=DEADLINE_S, every=0.01)
     os.kill(victim.pid, signal.SIGKILL)
     killed_in_round = run.checkpointed_round() + 1
     result = run.finish()
@@ -163,14 +150,14 @@ def test_killed_aggregator_is_restarted_and_parameters_are_unchanged(
         found = _ray_processes("ray::Aggregator") if run.checkpointed_round() >= 1 else []
         return found[0] if found else None
 
-    victim = _wait_for(aggregator_after_round_one, "the aggregator after round 1")
+    victim = wait_for(aggregator_after_round_one, "the aggregator after round 1", timeout=DEADLINE_S, every=0.01)
     os.kill(victim.pid, signal.SIGKILL)
     killed_after = run.checkpointed_round()
 
     def restarted() -> bool:
         return any(process.pid != victim.pid for process in _ray_processes("ray::Aggregator")) or not run.running
 
-    _wait_for(restarted, "a restarted aggregator")
+    wait_for(restarted, "a restarted aggregator", timeout=DEADLINE_S, every=0.01)
     result = run.finish()
 
     assert killed_after < 6, "the kill must land before the last round"

@@ -12,9 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,24 +27,13 @@ from testbed.checkpoint import checkpoint_path, load_checkpoint
 from testbed.cli import main
 from testbed.engine import RunResult, run_experiment
 from testbed.topology import validate
-from tests.conftest import small_experiment
+from tests.conftest import small_experiment, wait_for
 
 pytestmark = pytest.mark.ray
 
 ROUNDS = 10
 MARK = "TESTBED_TEST_MARK"
 DEADLINE_S = 240.0
-
-
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S, every: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _marked(mark: str) -> list[int]:
@@ -99,7 +86,7 @@ def _run_and_kill(folder: Path, args: list[str], kill_at: int) -> int:
                 pytest.fail(f"the driver exited ({driver.returncode}) before round {kill_at}: {driver.stderr}")
             return _checkpointed_round(folder) >= kill_at
 
-        _wait_for(reached, f"round {kill_at} to be checkpointed")
+        wait_for(reached, f"round {kill_at} to be checkpointed", timeout=DEADLINE_S)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -108,7 +95,7 @@ def _run_and_kill(folder: Path, args: list[str], kill_at: int) -> int:
             driver.wait(timeout=30)
         if driver.stderr is not None:
             driver.stderr.close()
-    _wait_for(lambda: not _marked(mark), "every process of the killed driver to be gone", timeout=30)
+    wait_for(lambda: not _marked(mark), "every process of the killed driver to be gone", timeout=30)
     return _checkpointed_round(folder)
 
 

@@ -12,13 +12,12 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +28,11 @@ from mlflow.tracking import MlflowClient
 from testbed.checkpoint import load_checkpoint
 from testbed.cli import main
 from testbed.tracking import Tracker
-from tests.conftest import small_experiment
+from tests.conftest import free_port, small_experiment, wait_for
 
 pytestmark = pytest.mark.ray
 
 DEADLINE_S = 180.0
-
-
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S, every: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class MlflowServer:
@@ -58,7 +40,7 @@ class MlflowServer:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -92,7 +74,7 @@ class MlflowServer:
             )
 
     def wait_healthy(self) -> None:
-        _wait_for(self.healthy, "the MLflow server to answer /health", timeout=120, every=0.2)
+        wait_for(self.healthy, "the MLflow server to answer /health", timeout=120, every=0.2)
 
     def healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -206,7 +188,7 @@ def test_outage_to_the_end_of_the_run_loses_nothing(local_ray: None, server: Mlf
     file.write_text(yaml.safe_dump(_topology(tmp_path, server.url, rounds)), encoding="utf-8")
     command = BackgroundCommand(["run", str(file), "--quiet"])
     try:
-        _wait_for(lambda: _round(tmp_path) >= 1 or not command.running, "round 1")
+        wait_for(lambda: _round(tmp_path) >= 1 or not command.running, "round 1", timeout=DEADLINE_S)
         server.stop()
         stopped_after = _round(tmp_path)
 
@@ -215,7 +197,7 @@ def test_outage_to_the_end_of_the_run_loses_nothing(local_ray: None, server: Mlf
                 pytest.fail(f"the run ended while MLflow was down: {command.err.getvalue()[-2000:]}")
             return _round(tmp_path) == rounds
 
-        _wait_for(last_round_done_while_down, "the last round, with MLflow down")
+        wait_for(last_round_done_while_down, "the last round, with MLflow down", timeout=DEADLINE_S)
         assert _held_back(_checkpoint(tmp_path)) >= rounds - stopped_after - 1
         server.start()  # the run is flushing or logging its final artifacts: both wait for MLflow
     finally:
@@ -236,7 +218,7 @@ def test_long_outage_stops_with_a_resume_hint_and_resume_fills_every_round(
     file.write_text(yaml.safe_dump(_topology(tmp_path, server.url, rounds, outage_s=1.0)), encoding="utf-8")
     command = BackgroundCommand(["run", str(file), "--quiet"])
     try:
-        _wait_for(lambda: _round(tmp_path) >= 1 or not command.running, "round 1")
+        wait_for(lambda: _round(tmp_path) >= 1 or not command.running, "round 1", timeout=DEADLINE_S)
         server.stop()
         status = command.finish()
     finally:
@@ -258,7 +240,7 @@ def test_long_outage_stops_with_a_resume_hint_and_resume_fills_every_round(
 
 
 def test_unreachable_tracking_uri_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     file = tmp_path / "run.yaml"
     file.write_text(yaml.safe_dump(_topology(tmp_path, address, 2)), encoding="utf-8")
     started = time.monotonic()

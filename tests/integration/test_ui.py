@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_ui_serves_runs_on_loopback(tmp_path: Path) -> None:
@@ -28,7 +23,7 @@ def test_ui_serves_runs_on_loopback(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("shown", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(experiment, run_name="visible")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "testbed", "ui", "--uri", uri, "--port", str(port)],
         stdout=subprocess.DEVNULL,
