@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
 from testbed.faults import corrupt_values, malformed
+from testbed.fused import fusable, fused_gradients
 from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
 from testbed.models import model_for
 from testbed.partition import Partition
@@ -56,6 +57,7 @@ class SimulationContext:
     partition: Partition
     groups: list[GroupRuntime]
     device: torch.device
+    fusable: bool = False
 
     @classmethod
     def build(
@@ -87,6 +89,7 @@ class SimulationContext:
             partition=partition,
             groups=groups,
             device=torch.device(device),
+            fusable=fusable(model),
         )
 
     def num_batches(self, samples: int, batch_size: int) -> tuple[int, int]:
@@ -196,6 +199,81 @@ def _screen(
     return accept
 
 
+def _hand_off(
+    context: SimulationContext,
+    group: GroupRuntime,
+    task: ChunkTask,
+    clients: np.ndarray,
+    index: np.ndarray,
+    used: Tensor,
+    update: Params,
+    summary: ChunkSummary,
+    payload: ChunkPayload,
+) -> None:
+    """Pass the audited clients' raw updates to the aggregator; keep their sample indices as ground truth."""
+    experiment = context.experiment
+    audited = {int(c) for c in task.audited}
+    public_labels = experiment.attack is not None and experiment.attack.labels_known
+    for row, client in enumerate(clients):
+        if int(client) not in audited:
+            continue
+        rows = index[row][index[row] >= 0]
+        summary.ground_truth[int(client)] = rows
+        payload.audited.append(
+            ClientUpdate(
+                client=int(client),
+                group=group.config.group,
+                round=task.round,
+                update={key: value[row].detach().cpu().clone() for key, value in update.items()},
+                num_samples=len(rows),
+                batch_size=group.config.batch_size,
+                local_steps=int((used[row] > 0).sum()),
+                labels=context.labels[rows] if public_labels else None,
+            )
+        )
+
+
+def _fused_fedsgd(
+    context: SimulationContext,
+    group: GroupRuntime,
+    params: Params,
+    clients: np.ndarray,
+    task: ChunkTask,
+    summary: ChunkSummary,
+    payload: ChunkPayload,
+) -> bool:
+    """The chunk by the fused dense-layer path when every client's update is accepted; False otherwise."""
+    index, short = plan_batches(context, group, clients, task.round)
+    batches = gather(context, index)
+    total, norms = fused_gradients(context.model, group.policy.loss, params, batches)
+    max_norm = context.experiment.algorithm.max_update_norm
+    if not bool(torch.isfinite(norms).all()) or (max_norm is not None and bool((norms > max_norm).any())):
+        return False
+    used = batches.w.sum(dim=2)
+    summary.short_batches = short
+    summary.accepted = len(clients)
+    payload.weighted_sum = {key: value.cpu() for key, value in total.items()}
+    payload.weight = summary.weight = float(used[:, 0].sum())
+    audited = set(task.audited.tolist())
+    rows = [row for row, client in enumerate(clients) if int(client) in audited]
+    if rows:
+        chosen = torch.tensor(rows, device=batches.x.device)
+        subset = StackedBatches(batches.x[chosen], batches.y[chosen], batches.w[chosen])
+        update = stacked_gradients(context.model, group.policy.loss, params, subset)
+        _hand_off(context, group, task, clients[rows], index[rows], used[chosen], update, summary, payload)
+    return True
+
+
+def _fuses(context: SimulationContext, group: GroupRuntime) -> bool:
+    """Whether a group's FedSGD chunks can skip per-client gradients (see testbed.fused)."""
+    return (
+        context.experiment.algorithm.name == "fedsgd"
+        and not group.policy.transforms
+        and group.config.faults.fraction == 0
+        and context.fusable
+    )
+
+
 def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
     """Run one chunk of clients for one round and return its counts and its weighted update sum."""
     started = time.perf_counter()
@@ -216,6 +294,9 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         summary.seconds = time.perf_counter() - started
         return summary, payload
     params = {key: value.to(context.device) for key, value in params.items()}
+    if _fuses(context, group) and _fused_fedsgd(context, group, params, clients, task, summary, payload):
+        summary.seconds = time.perf_counter() - started
+        return summary, payload
     update, index, used, summary.short_batches = _local_updates(context, group, params, clients, task.round)
     fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
@@ -231,24 +312,10 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}
         payload.weighted_sum = {key: value.cpu() for key, value in weighted_sum(accepted, kept).items()}
         payload.weight = summary.weight = float(kept.sum())
-    audited = {int(c) for c in task.audited}
-    public_labels = experiment.attack is not None and experiment.attack.labels_known
-    for row, client in enumerate(clients):
-        if int(client) not in audited or (fault in ("shape", "dtype") and bool(inject[row])):
-            continue
-        rows = index[row][index[row] >= 0]
-        summary.ground_truth[int(client)] = rows
-        payload.audited.append(
-            ClientUpdate(
-                client=int(client),
-                group=name,
-                round=task.round,
-                update={key: value[row].detach().cpu().clone() for key, value in update.items()},
-                num_samples=len(rows),
-                batch_size=group.config.batch_size,
-                local_steps=int((used[row] > 0).sum()),
-                labels=context.labels[rows] if public_labels else None,
-            )
-        )
+    if fault in ("shape", "dtype"):
+        keep = ~faulty[active]  # a malformed update cannot be read, so it cannot be attacked either
+        clients, index, used = clients[keep], index[keep], used[torch.from_numpy(keep).to(used.device)]
+        update = {key: value[torch.from_numpy(keep).to(value.device)] for key, value in update.items()}
+    _hand_off(context, group, task, clients, index, used, update, summary, payload)
     summary.seconds = time.perf_counter() - started
     return summary, payload

@@ -64,3 +64,21 @@ def test_weighted_sum_is_the_weighted_sum() -> None:
     result = weighted_sum(update, weights)
     for name, value in update.items():
         torch.testing.assert_close(result[name], (value * weights.view(-1, *[1] * (value.dim() - 1))).sum(0))
+
+
+@pytest.mark.parametrize(("model_name", "loss_name"), [("mlp", "cross-entropy"), ("softmax", "mse"), ("mlp", "mse")])
+def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: str) -> None:
+    from testbed.fused import fusable, fused_gradients
+
+    model, params, clients = _setup(model_name)
+    loss = build_policy({"loss": loss_name}).loss
+    stacked = _stack([batches[:1] for batches in clients])
+    assert fusable(model)
+    total, norms = fused_gradients(model, loss, params, stacked)
+    per_client = stacked_gradients(model, loss, params, stacked)
+    counts = stacked.w[:, 0].sum(dim=1)
+    expected_norms = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in per_client.values()]).sum(0).sqrt()
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-4, atol=1e-7)
+    for name, value in weighted_sum(per_client, counts).items():
+        torch.testing.assert_close(total[name], value, rtol=1e-4, atol=1e-6)
+    assert not fusable(build_model("lenet", (1, 28, 28), 10))
