@@ -43,6 +43,11 @@ def _batch_axis(axis: Any, sizes: list[int]) -> None:
     axis.grid(True, alpha=0.3)
 
 
+def _height(entries: int) -> float:
+    """Figure height in inches that leaves the plots their size above a two-column legend of ``entries``."""
+    return 4.5 + 0.22 * ((entries + 1) // 2)
+
+
 def _legend_below(figure: Any, axis: Any, title: str) -> None:
     handles, labels = axis.get_legend_handles_labels()
     figure.legend(handles, labels, title=title, loc="outside lower center", ncols=2, fontsize=8, title_fontsize=8)
@@ -57,7 +62,8 @@ def plot_leakage_vs_batch(rows: list[LeakageRow], folder: Path) -> list[Path]:
             panels[(row.policy.model, row.policy.attack)].append(row)
     paths = []
     for (model, attack), members in sorted(panels.items()):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 5.5), layout="constrained")
+        entries = len({row.policy.defence for row in members})
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, _height(entries)), layout="constrained")
         lines: dict[str, list[LeakageRow]] = defaultdict(list)
         for row in members:
             lines[row.policy.label].append(row)
@@ -109,7 +115,7 @@ def plot_privacy_utility(results: list[GroupResult], folder: Path) -> Path | Non
     several = len({(result.policy.model, result.policy.attack) for result in shown}) > 1
     names = sorted({_legend_name(result.policy, several) for result in shown})
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5.5), sharey=True, layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(11, _height(len(names))), sharey=True, layout="constrained")
     for index, name in enumerate(names):
         colour = colours(index % colours.N)
         mine = [result for result in shown if _legend_name(result.policy, several) == name]
