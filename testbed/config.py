@@ -276,13 +276,6 @@ class Experiment(Strict):
             if wrong:
                 raise ValueError(f"attack.aggregator: unknown aggregators {wrong}; known: root, {', '.join(edges)}")
 
-    def edge_of(self, group: str) -> str:
-        """The aggregator that first receives a group's updates ('root' in a flat topology)."""
-        for edge in self.aggregators:
-            if group in edge.groups:
-                return edge.name
-        return "root"
-
     @property
     def total_clients(self) -> int:
         """Clients over all groups."""

@@ -235,10 +235,6 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="testbed-") as folder:
             yield Path(folder)
 
-    def set_tag(self, run_id: str, key: str, value: str) -> None:
-        """Set a tag on a run (waiting out an MLflow outage)."""
-        self._patiently(lambda: self.client.set_tag(run_id, key, value))
-
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Deliver every queued metric, then close the run with FINISHED, FAILED or KILLED.
 

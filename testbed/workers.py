@@ -73,10 +73,6 @@ class WorkerPool:
         self.replaced = 0
         ray.get([worker.pid.remote() for worker in self.workers])
 
-    def pids(self) -> list[int]:
-        """Process ids of the live workers."""
-        return [int(pid) for pid in ray.get([worker.pid.remote() for worker in self.workers])]
-
     def nodes(self) -> list[str]:
         """Node id of each worker."""
         return [str(node) for node in ray.get([worker.node.remote() for worker in self.workers])]
