@@ -103,12 +103,13 @@ def run_sweep(
     experiment: Experiment, *, show_progress: bool = True, resume_parent_id: str | None = None
 ) -> SweepResult:
     """Run every combination as a child of one parent run, on one Ray cluster."""
-    from testbed.cluster import ray_session
+    from testbed.cluster import check_address, ray_session
     from testbed.engine import prepare_data, run_experiment
 
     cells = plan(experiment)
     for _, cell in cells:
         prepare_data(cell)
+    check_address(experiment.resources)
     tracker = Tracker.for_experiment(experiment)
     tracker.check()
     done: set[str] = set()
