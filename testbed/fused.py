@@ -1,75 +1,165 @@
-"""FedSGD for dense networks without materialising per-client gradients.
+"""FedSGD and FedAvg for dense networks without materialising per-client parameters or gradients.
 
-For a dense layer z = W a + b, client c's gradient is G_c = (1/n_c) sum_b d_b a_b^T with d_b the
-per-sample error signal. The chunk's weighted sum sum_c n_c G_c is the gradient of the summed loss of
-all the chunk's samples (one batched backward pass), and each client's norm follows from Gram matrices:
-||G_c||_F^2 = (1/n_c^2) sum_{b,b'} (d_b . d_b') (a_b . a_b'). Per-client gradients, the memory traffic
-that dominates the vectorised path, are never formed. Valid when the model is dense layers and
-parameter-free elementwise activations, and when nothing needs each client's gradient (no update
-transforms, no injected faults); the caller checks that with ``fusable``.
+For a dense layer z = W a + b, a client's update is a sum of outer products: its gradient (FedSGD) is
+G = sum_r g_r a_r^T over the rows r of its batch, and its weight delta after local SGD steps (FedAvg)
+is -lr times the same sum over the rows of all its steps, where g_r is the error signal of the row's
+per-client mean loss and a_r the layer's input. So a chunk of clients needs only the signals and
+inputs of every row:
+
+- the chunk's weighted sum sum_c w_c G_c is one matrix product over all rows;
+- a client's norm follows from Gram matrices: ||G_c||^2 = sum_{r,r'} (g_r . g_r') (a_r . a_r');
+- at local step k a client's weights are W - lr sum_{j<k} g_j a_j^T, so its layer output is
+  a W^T + b - lr (a A_<k^T + 1) G_<k: the shared product plus a low-rank correction from the
+  client's earlier rows, never a per-client weight matrix;
+- an audited client's raw update is one small batched product of its own rows.
+
+Valid when the model is dense layers and parameter-free elementwise activations, and when nothing
+needs each client's full update (no update transforms, no injected faults); ``fusable`` checks the
+model and ``worth_fusing`` weighs the low-rank corrections against per-client weights.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from defenses import Loss
 from testbed.local_update import StackedBatches
 from testbed.records import Params
 
-LAYERS = (nn.Linear, nn.Flatten, nn.ReLU, nn.Sigmoid, nn.Tanh)
+ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+LAYERS = (nn.Linear, nn.Flatten, *ACTIVATIONS)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    return [("", model)]
 
 
 def fusable(model: nn.Module) -> bool:
     """Whether every layer of ``model`` is dense or a parameter-free elementwise map."""
-    children = list(model.children()) if isinstance(model, nn.Sequential) else [model]
-    return all(isinstance(layer, LAYERS) for layer in children)
+    return all(isinstance(layer, LAYERS) for _, layer in _layers(model))
 
 
-def fused_gradients(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches) -> tuple[Params, Tensor]:
-    """(sum over clients of n_c times its gradient, each client's gradient norm) for one FedSGD batch each."""
-    clients, width = int(batches.x.shape[0]), int(batches.x.shape[2])
-    x = batches.x[:, 0].reshape(clients * width, *batches.x.shape[3:])
-    y = batches.y[:, 0].reshape(-1)
-    w = batches.w[:, 0].reshape(-1)
-    inputs: dict[str, Tensor] = {}
-    signals: dict[str, Tensor] = {}
-    handles: list[Any] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(_capture(name, inputs, signals)))
-    try:
-        leaves = {key: value.detach().requires_grad_(True) for key, value in params.items()}
-        logits = functional_call(model, leaves, (x,))
-        total = (loss.per_sample(logits, y) * w).sum()
-        grads = torch.autograd.grad(total, list(leaves.values()))
-    finally:
-        for handle in handles:
-            handle.remove()
-    counts = batches.w[:, 0].sum(dim=1).clamp_min(1.0)
-    squares = torch.zeros(clients, dtype=x.dtype, device=x.device)
-    for name, a in inputs.items():
-        d = signals[name].reshape(clients, width, -1)
-        a = a.detach().reshape(clients, width, -1)
-        squares += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
-        squares += d.sum(dim=1).pow(2).sum(dim=1)
-    norms = squares.clamp_min(0.0).sqrt() / counts
-    return {key: grad.detach() for key, grad in zip(leaves, grads, strict=True)}, norms
+def worth_fusing(model: nn.Module, rows: int) -> bool:
+    """Whether ``rows`` samples per client (all local steps) are cheaper as low-rank corrections.
+
+    A correction costs about rows x (in + out) per layer and sample, a per-client weight matrix in x out.
+    """
+    dense = [layer for _, layer in _layers(model) if isinstance(layer, nn.Linear)]
+    return rows * sum(layer.in_features + layer.out_features for layer in dense) <= sum(
+        layer.in_features * layer.out_features for layer in dense
+    )
 
 
-def _capture(name: str, inputs: dict[str, Tensor], signals: dict[str, Tensor]) -> Any:
-    """A forward hook keeping a dense layer's input and, through a tensor hook, its output's gradient."""
+@dataclass
+class DenseRows:
+    """One dense layer's inputs and output error signals for every row of every client."""
 
-    def hook(_: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        inputs[name] = args[0]
+    weight_key: str
+    bias_key: str | None
+    inputs: Tensor  # (C, R, in)
+    signals: Tensor  # (C, R, out)
 
-        def keep(grad: Tensor) -> None:
-            signals[name] = grad.detach()
 
-        output.register_hook(keep)
+@dataclass
+class FusedTrace:
+    """What a chunk's local computation leaves: per dense layer, the rows that make every update."""
 
-    return hook
+    layers: list[DenseRows]
+    scale: float  # 1 for gradients, -lr for weight deltas
+
+    def weighted_sum(self, weights: Tensor) -> Params:
+        """sum_c weights[c] * update_c, one matrix product per layer."""
+        total: Params = {}
+        for layer in self.layers:
+            signals = layer.signals * weights.to(layer.signals.dtype)[:, None, None]
+            flat = signals.reshape(-1, signals.shape[-1])
+            total[layer.weight_key] = self.scale * (flat.T @ layer.inputs.reshape(-1, layer.inputs.shape[-1]))
+            if layer.bias_key is not None:
+                total[layer.bias_key] = self.scale * flat.sum(dim=0)
+        return total
+
+    def norms(self) -> Tensor:
+        """Each client's global L2 norm of its update, from Gram matrices of its rows."""
+        squares = torch.zeros(self.layers[0].inputs.shape[0], dtype=self.layers[0].inputs.dtype)
+        squares = squares.to(self.layers[0].inputs.device)
+        for layer in self.layers:
+            a, g = layer.inputs, layer.signals
+            squares += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            if layer.bias_key is not None:
+                squares += g.sum(dim=1).pow(2).sum(dim=1)
+        return squares.clamp_min(0.0).sqrt() * abs(self.scale)
+
+    def per_client(self, rows: Tensor) -> Params:
+        """The full updates of the clients at positions ``rows``, stacked by client."""
+        update: Params = {}
+        for layer in self.layers:
+            g, a = layer.signals[rows], layer.inputs[rows]
+            update[layer.weight_key] = self.scale * torch.bmm(g.transpose(1, 2), a)
+            if layer.bias_key is not None:
+                update[layer.bias_key] = self.scale * g.sum(dim=1)
+        return update
+
+
+def _key(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def fused_trace(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float | None) -> FusedTrace:
+    """Run every client's local steps; ``lr`` None: one FedSGD gradient each, else FedAvg SGD steps."""
+    clients, width = batches.clients, int(batches.x.shape[2])
+    steps = 1 if lr is None else batches.steps
+    layers = _layers(model)
+    dense = [(name, layer) for name, layer in layers if isinstance(layer, nn.Linear)]
+    inputs: list[list[Tensor]] = [[] for _ in dense]
+    signals: list[list[Tensor]] = [[] for _ in dense]
+    for step in range(steps):
+        w = batches.w[:, step]
+        h = batches.x[:, step]
+        outputs: list[Tensor] = []
+        for name, layer in layers:
+            if isinstance(layer, nn.Flatten):
+                h = h.reshape(clients, width, -1)
+            elif isinstance(layer, nn.Linear):
+                position = len(outputs)
+                weight = params[_key(name, "weight")]
+                bias = params[_key(name, "bias")] if layer.bias is not None else None
+                z = (
+                    torch.matmul(h, weight.T)
+                    if bias is None
+                    else torch.addmm(bias, h.reshape(-1, h.shape[-1]), weight.T).reshape(clients, width, -1)
+                )
+                if step > 0 and lr is not None:
+                    earlier = torch.cat(inputs[position], dim=1)
+                    overlap = torch.bmm(h, earlier.transpose(1, 2))
+                    if bias is not None:
+                        overlap = overlap + 1.0
+                    z = z - lr * torch.bmm(overlap, torch.cat(signals[position], dim=1))
+                if not z.requires_grad:
+                    z.requires_grad_(True)
+                inputs[position].append(h.detach())
+                outputs.append(z)
+                h = z
+            else:
+                h = layer(h)
+        per_sample = loss.per_sample(h.reshape(clients * width, -1), batches.y[:, step].reshape(-1))
+        counts = w.sum(dim=1).clamp_min(1.0)
+        total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / counts).sum()
+        for position, grad in enumerate(torch.autograd.grad(total, outputs)):
+            signals[position].append(grad.detach())
+    return FusedTrace(
+        layers=[
+            DenseRows(
+                weight_key=_key(name, "weight"),
+                bias_key=_key(name, "bias") if layer.bias is not None else None,
+                inputs=torch.cat(inputs[position], dim=1),
+                signals=torch.cat(signals[position], dim=1),
+            )
+            for position, (name, layer) in enumerate(dense)
+        ],
+        scale=1.0 if lr is None else -lr,
+    )

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
 from testbed.faults import corrupt_values, malformed
-from testbed.fused import fusable, fused_gradients
+from testbed.fused import fusable, fused_trace, worth_fusing
 from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
 from testbed.models import model_for
 from testbed.partition import Partition
@@ -161,11 +161,15 @@ def _behaviour(
 
 
 def _local_updates(
-    context: SimulationContext, group: GroupRuntime, params: Params, clients: np.ndarray, round_index: int
-) -> tuple[Params, np.ndarray, Tensor, int]:
-    """The clients' updates after their defence transforms, their batch index, samples used per step, short count."""
+    context: SimulationContext,
+    group: GroupRuntime,
+    params: Params,
+    clients: np.ndarray,
+    round_index: int,
+    index: np.ndarray,
+) -> tuple[Params, Tensor]:
+    """The clients' updates after their defence transforms (batches ``index``), and samples used per step."""
     experiment = context.experiment
-    index, short = plan_batches(context, group, clients, round_index)
     batches = gather(context, index)
     loss = group.policy.loss
     if experiment.algorithm.name == "fedsgd":
@@ -180,7 +184,7 @@ def _local_updates(
             for c in clients
         ]
         update = group.policy.transform(update, generators)
-    return update, index, batches.w.sum(dim=2), short
+    return update, batches.w.sum(dim=2)
 
 
 def _screen(
@@ -233,44 +237,56 @@ def _hand_off(
         )
 
 
-def _fused_fedsgd(
+def _client_weights(context: SimulationContext, clients: np.ndarray, used: Tensor) -> Tensor:
+    """Each client's aggregation weight: its batch size (FedSGD) or the samples it holds (FedAvg)."""
+    if context.experiment.algorithm.name == "fedsgd":
+        return used[:, 0]
+    held = [len(context.partition.client(int(c))) for c in clients]
+    return torch.tensor(held, dtype=used.dtype, device=used.device)
+
+
+def _fused(
     context: SimulationContext,
     group: GroupRuntime,
     params: Params,
     clients: np.ndarray,
+    index: np.ndarray,
     task: ChunkTask,
     summary: ChunkSummary,
     payload: ChunkPayload,
 ) -> bool:
     """The chunk by the fused dense-layer path when every client's update is accepted; False otherwise."""
-    index, short = plan_batches(context, group, clients, task.round)
+    algorithm = context.experiment.algorithm
     batches = gather(context, index)
-    total, norms = fused_gradients(context.model, group.policy.loss, params, batches)
-    max_norm = context.experiment.algorithm.max_update_norm
-    if not bool(torch.isfinite(norms).all()) or (max_norm is not None and bool((norms > max_norm).any())):
+    lr = None if algorithm.name == "fedsgd" else algorithm.lr
+    trace = fused_trace(context.model, group.policy.loss, params, batches, lr)
+    norms = trace.norms()
+    if not bool(torch.isfinite(norms).all()) or (
+        algorithm.max_update_norm is not None and bool((norms > algorithm.max_update_norm).any())
+    ):
         return False
     used = batches.w.sum(dim=2)
-    summary.short_batches = short
+    weights = _client_weights(context, clients, used)
     summary.accepted = len(clients)
-    payload.weighted_sum = {key: value.cpu() for key, value in total.items()}
-    payload.weight = summary.weight = float(used[:, 0].sum())
+    payload.weighted_sum = {key: value.cpu() for key, value in trace.weighted_sum(weights).items()}
+    payload.weight = summary.weight = float(weights.sum())
     audited = set(task.audited.tolist())
     rows = [row for row, client in enumerate(clients) if int(client) in audited]
     if rows:
         chosen = torch.tensor(rows, device=batches.x.device)
-        subset = StackedBatches(batches.x[chosen], batches.y[chosen], batches.w[chosen])
-        update = stacked_gradients(context.model, group.policy.loss, params, subset)
+        update = trace.per_client(chosen)
         _hand_off(context, group, task, clients[rows], index[rows], used[chosen], update, summary, payload)
     return True
 
 
-def _fuses(context: SimulationContext, group: GroupRuntime) -> bool:
-    """Whether a group's FedSGD chunks can skip per-client gradients (see testbed.fused)."""
+def _fuses(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -> bool:
+    """Whether a group's chunk can skip per-client parameters and gradients (see testbed.fused)."""
+    rows = index.shape[1] * index.shape[2]  # FedSGD plans one step
     return (
-        context.experiment.algorithm.name == "fedsgd"
+        context.fusable
         and not group.policy.transforms
         and group.config.faults.fraction == 0
-        and context.fusable
+        and worth_fusing(context.model, rows)
     )
 
 
@@ -294,19 +310,16 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         summary.seconds = time.perf_counter() - started
         return summary, payload
     params = {key: value.to(context.device) for key, value in params.items()}
-    if _fuses(context, group) and _fused_fedsgd(context, group, params, clients, task, summary, payload):
+    index, summary.short_batches = plan_batches(context, group, clients, task.round)
+    if _fuses(context, group, index) and _fused(context, group, params, clients, index, task, summary, payload):
         summary.seconds = time.perf_counter() - started
         return summary, payload
-    update, index, used, summary.short_batches = _local_updates(context, group, params, clients, task.round)
+    update, used = _local_updates(context, group, params, clients, task.round, index)
     fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
     update = corrupt_values(update, inject, fault)
     accept = _screen(update, params, inject, fault, experiment.algorithm.max_update_norm, summary)
-    if experiment.algorithm.name == "fedsgd":
-        samples = used[:, 0]
-    else:
-        held = [len(context.partition.client(int(c))) for c in clients]
-        samples = torch.tensor(held, dtype=used.dtype, device=used.device)
+    samples = _client_weights(context, clients, used)
     if summary.accepted:
         kept = samples[accept]
         accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}

@@ -66,19 +66,65 @@ def test_weighted_sum_is_the_weighted_sum() -> None:
         torch.testing.assert_close(result[name], (value * weights.view(-1, *[1] * (value.dim() - 1))).sum(0))
 
 
-@pytest.mark.parametrize(("model_name", "loss_name"), [("mlp", "cross-entropy"), ("softmax", "mse"), ("mlp", "mse")])
+def _norms(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in update.values()]).sum(0).sqrt()
+
+
+@pytest.mark.parametrize(
+    ("model_name", "loss_name"),
+    [("mlp", "cross-entropy"), ("softmax", "mse"), ("mlp", "mse"), ("mlp", "sigmoid-bce")],
+)
 def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: str) -> None:
-    from testbed.fused import fusable, fused_gradients
+    from testbed.fused import fusable, fused_trace
 
     model, params, clients = _setup(model_name)
     loss = build_policy({"loss": loss_name}).loss
     stacked = _stack([batches[:1] for batches in clients])
     assert fusable(model)
-    total, norms = fused_gradients(model, loss, params, stacked)
+    trace = fused_trace(model, loss, params, stacked, lr=None)
     per_client = stacked_gradients(model, loss, params, stacked)
     counts = stacked.w[:, 0].sum(dim=1)
-    expected_norms = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in per_client.values()]).sum(0).sqrt()
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(trace.norms(), _norms(per_client), rtol=1e-4, atol=1e-7)
     for name, value in weighted_sum(per_client, counts).items():
-        torch.testing.assert_close(total[name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trace.weighted_sum(counts)[name], value, rtol=1e-4, atol=1e-6)
+    chosen = trace.per_client(torch.tensor([2, 0]))
+    for name, value in per_client.items():
+        torch.testing.assert_close(chosen[name], value[[2, 0]], rtol=1e-4, atol=1e-7)
     assert not fusable(build_model("lenet", (1, 28, 28), 10))
+
+
+@pytest.mark.parametrize(
+    ("model_name", "loss_name", "activation"),
+    [("mlp", "cross-entropy", "relu"), ("mlp", "mse", "sigmoid"), ("softmax", "cross-entropy", "relu")],
+)
+def test_fused_fedavg_matches_the_per_client_path(model_name: str, loss_name: str, activation: str) -> None:
+    """Low-rank local steps give each client's delta, its norm and the weighted sum of the vmap path."""
+    from testbed.fused import fused_trace
+
+    _, params, clients = _setup(model_name)
+    model = build_model(model_name, (1, 12, 12), 10, hidden=[16, 8], activation=activation, seed=3)
+    params = {name: value.detach().clone() for name, value in model.named_parameters()}
+    loss = build_policy({"loss": loss_name}).loss
+    stacked = _stack(clients)
+    trace = fused_trace(model, loss, params, stacked, lr=0.3)
+    deltas = stacked_deltas(model, loss, params, stacked, lr=0.3)
+    held = torch.tensor([12.0, 8.0, 4.0])
+    torch.testing.assert_close(trace.norms(), _norms(deltas), rtol=1e-4, atol=1e-6)
+    for name, value in weighted_sum(deltas, held).items():
+        torch.testing.assert_close(trace.weighted_sum(held)[name], value, rtol=1e-4, atol=1e-5)
+    every = trace.per_client(torch.arange(3))
+    for c, batches in enumerate(clients):
+        expected = reference_update(model, loss, params, batches, kind="delta", lr=0.3)
+        for name in params:
+            torch.testing.assert_close(every[name][c], expected[name], rtol=1e-4, atol=1e-6)
+    # the later steps really run on moved weights: the first step alone gives another delta
+    first = fused_trace(model, loss, params, StackedBatches(stacked.x[:, :1], stacked.y[:, :1], stacked.w[:, :1]), 0.3)
+    assert not torch.allclose(first.per_client(torch.arange(1))[next(iter(params))], every[next(iter(params))][:1])
+
+
+def test_fusing_is_chosen_by_rows_per_client() -> None:
+    from testbed.fused import worth_fusing
+
+    model = build_model("mlp", (1, 28, 28), 10, hidden=[256], activation="relu", seed=0)
+    assert worth_fusing(model, 64)  # the reference workload: two local steps of 32
+    assert not worth_fusing(model, 600)  # nineteen steps: per-client weights are cheaper
