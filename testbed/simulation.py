@@ -255,20 +255,25 @@ def _fused(
     summary: ChunkSummary,
     payload: ChunkPayload,
 ) -> bool:
-    """The chunk by the fused dense-layer path when every client's update is accepted; False otherwise."""
+    """The chunk by the fused dense-layer path when every client's update is accepted; False otherwise.
+
+    Norms (Gram matrices) are formed only under ``max_update_norm``; a non-finite update shows in the sum.
+    """
     algorithm = context.experiment.algorithm
     batches = gather(context, index)
     lr = None if algorithm.name == "fedsgd" else algorithm.lr
     trace = fused_trace(context.model, group.policy.loss, params, batches, lr)
-    norms = trace.norms()
-    if not bool(torch.isfinite(norms).all()) or (
-        algorithm.max_update_norm is not None and bool((norms > algorithm.max_update_norm).any())
-    ):
-        return False
+    if algorithm.max_update_norm is not None:
+        norms = trace.norms()
+        if not bool(torch.isfinite(norms).all()) or bool((norms > algorithm.max_update_norm).any()):
+            return False
     used = batches.w.sum(dim=2)
     weights = _client_weights(context, clients, used)
+    total = trace.weighted_sum(weights)
+    if not all(bool(torch.isfinite(value).all()) for value in total.values()):
+        return False  # some client's update is not finite (or the sum overflowed): screen one by one
     summary.accepted = len(clients)
-    payload.weighted_sum = {key: value.cpu() for key, value in trace.weighted_sum(weights).items()}
+    payload.weighted_sum = {key: value.cpu() for key, value in total.items()}
     payload.weight = summary.weight = float(weights.sum())
     audited = set(task.audited.tolist())
     rows = [row for row, client in enumerate(clients) if int(client) in audited]
