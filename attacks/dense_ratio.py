@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,17 +23,17 @@ def _ranked_distinct_rows(
     drives many rows shows up many times, while each mixture row is unique. Ties go to larger |gb|.
     """
     unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    similarity = unit @ unit.T
-    support = (similarity >= copy_cosine).sum(dim=1)
-    order = sorted(range(candidates.shape[0]), key=lambda i: (-int(support[i]), -float(magnitude[i])))
+    similarity = (unit @ unit.T).numpy()
+    support = (similarity >= copy_cosine).sum(axis=1)
+    order = np.lexsort((-magnitude.numpy(), -support))  # by support, then |gb|, both descending
     kept: list[int] = []
-    for index in order:
-        if kept and float(similarity[index, kept].max()) > dedup_cosine:
+    for index in order.tolist():
+        if kept and similarity[index, kept].max() > dedup_cosine:
             continue
         kept.append(index)
         if len(kept) == limit:
             break
-    return kept, support[kept]
+    return kept, torch.from_numpy(support[kept])
 
 
 class DenseRatio(Attack):

@@ -18,6 +18,9 @@ from metrics.images import as_batch_pair, as_image_pair, clip_unit, is_finite_im
 LEVELS = 255
 """Quantisation levels: images are floored to 8 bits, q(v) = floor(255 v) / 255."""
 
+PAIRWISE_BLOCK = 1 << 22
+"""Elements of one broadcast block of ``pairwise_avd`` (bounds its memory to tens of MiB)."""
+
 
 def quantize(image: np.ndarray) -> np.ndarray:
     """Floor intensities in [0, 1] to the 8-bit grid: q(v) = floor(255 v) / 255."""
@@ -112,9 +115,11 @@ def pairwise_avd(
     g1 = first_order_map(v1).reshape(len(v1), -1)
     h1 = second_order_map(v1).reshape(len(v1), -1)
     costs = np.empty((len(v0), len(v1)))
-    for i in range(len(v0)):
-        first = np.mean((g1 - g0[i]) ** 2, axis=1)
-        second = np.mean((h1 - h0[i]) ** 2, axis=1)
-        costs[i] = np.sqrt(c1 * first + c2 * second)
+    rows = max(1, PAIRWISE_BLOCK // max(1, len(v1) * g0.shape[1]))  # originals per broadcast block
+    for start in range(0, len(v0), rows):
+        block = slice(start, start + rows)
+        first = np.mean((g1[None] - g0[block, None]) ** 2, axis=2)
+        second = np.mean((h1[None] - h0[block, None]) ** 2, axis=2)
+        costs[block] = np.sqrt(c1 * first + c2 * second)
     costs[:, ~finite] = math.inf
     return costs

@@ -3,7 +3,7 @@
 An attack on a batch returns its images unordered, and sometimes fewer or more of them than the batch
 held. ``match`` builds the N x M score matrix with one metric, solves the optimal one-to-one assignment
 (Hungarian method, ``scipy.optimize.linear_sum_assignment``) and scores every matched pair with all
-four metrics.
+four metrics, vectorised over the pairs (``metrics.paired``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from metrics.avd import avd, pairwise_avd
+from metrics.avd import pairwise_avd
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, WORST_SCORE, check_metric_name
 from metrics.images import as_batch_pair, as_image_batch, to_float_array
-from metrics.similarity import mse, pairwise_mse, pairwise_psnr, pairwise_ssim, psnr, ssim
+from metrics.paired import PAIRED
+from metrics.similarity import pairwise_mse, pairwise_psnr, pairwise_ssim
 
 UNMATCHED = -1
 """Assignment entry of an original that no reconstruction was matched to."""
@@ -28,13 +29,6 @@ _PAIRWISE: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "mse": pairwise_mse,
     "psnr": pairwise_psnr,
     "ssim": pairwise_ssim,
-}
-
-_PAIR_SCORE: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "avd": avd,
-    "mse": mse,
-    "psnr": psnr,
-    "ssim": ssim,
 }
 
 
@@ -91,7 +85,6 @@ def match(originals: Any, reconstructions: Any, metric: str = "avd") -> MatchRes
         return MatchResult(assignment=assignment, scores=scores, metric=metric)
     rows, cols = linear_sum_assignment(solver_costs(_PAIRWISE[metric](v0, v1), metric))
     assignment[rows] = cols
-    for i, j in zip(rows, cols, strict=True):
-        for name in METRIC_NAMES:
-            scores[name][i] = _PAIR_SCORE[name](v0[i], v1[j])
+    for name in METRIC_NAMES:
+        scores[name][rows] = PAIRED[name](v0[rows], v1[cols])
     return MatchResult(assignment=assignment, scores=scores, metric=metric)

@@ -49,7 +49,7 @@ def attacker_view(
     return AttackerView(
         model=model,
         global_params=global_params,
-        update=update.update,
+        update={key: value.clone() for key, value in update.update.items()},  # received tensors are read-only
         kind="gradient" if algorithm.name == "fedsgd" else "delta",
         batch_size=update.batch_size,
         num_samples=update.num_samples,

@@ -76,11 +76,11 @@ class FusedTrace:
         """sum_c weights[c] * update_c, one matrix product per layer."""
         total: Params = {}
         for layer in self.layers:
-            signals = layer.signals * weights.to(layer.signals.dtype)[:, None, None]
+            signals = layer.signals * (self.scale * weights.to(layer.signals.dtype))[:, None, None]
             flat = signals.reshape(-1, signals.shape[-1])
-            total[layer.weight_key] = self.scale * (flat.T @ layer.inputs.reshape(-1, layer.inputs.shape[-1]))
+            total[layer.weight_key] = flat.T @ layer.inputs.reshape(-1, layer.inputs.shape[-1])
             if layer.bias_key is not None:
-                total[layer.bias_key] = self.scale * flat.sum(dim=0)
+                total[layer.bias_key] = flat.sum(dim=0)
         return total
 
     def norms(self) -> Tensor:
@@ -98,10 +98,10 @@ class FusedTrace:
         """The full updates of the clients at positions ``rows``, stacked by client."""
         update: Params = {}
         for layer in self.layers:
-            g, a = layer.signals[rows], layer.inputs[rows]
-            update[layer.weight_key] = self.scale * torch.bmm(g.transpose(1, 2), a)
+            g, a = layer.signals[rows] * self.scale, layer.inputs[rows]
+            update[layer.weight_key] = torch.bmm(g.transpose(1, 2), a)
             if layer.bias_key is not None:
-                update[layer.bias_key] = self.scale * g.sum(dim=1)
+                update[layer.bias_key] = g.sum(dim=1)
         return update
 
 

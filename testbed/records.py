@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
@@ -35,6 +38,19 @@ class ClientUpdate:
     batch_size: int
     local_steps: int
     labels: np.ndarray | None  # the batch labels, only when the threat model declares them public
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tensors travel as numpy arrays, which Ray's object store passes without copying them."""
+        state = dict(self.__dict__)
+        state["update"] = {key: value.detach().cpu().numpy() for key, value in self.update.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Arrays from the object store are read-only: the tensors alias them (readers must not write)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            state["update"] = {key: torch.from_numpy(value) for key, value in state["update"].items()}
+        self.__dict__.update(state)
 
 
 @dataclass

@@ -228,7 +228,7 @@ def _hand_off(
                 client=int(client),
                 group=group.config.group,
                 round=task.round,
-                update={key: value[row].detach().cpu().clone() for key, value in update.items()},
+                update={key: value[row].detach().cpu() for key, value in update.items()},  # a view: pickled alone
                 num_samples=len(rows),
                 batch_size=group.config.batch_size,
                 local_steps=int((used[row] > 0).sum()),
