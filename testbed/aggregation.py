@@ -108,17 +108,25 @@ class Aggregator:
         self.expose_mean = expose_mean
         self._next = 0
 
-    def aggregate(self, params: Params, *payloads: ChunkPayload) -> tuple[Params, float, list[Any]]:
-        """Root: new global parameters, the total weight, and references to pending audit outcomes."""
+    def aggregate(
+        self, params: Params, audited_refs: list[Any], *payloads: ChunkPayload
+    ) -> tuple[Params, float, list[Any]]:
+        """Root: new global parameters, the total weight, and references to pending audit outcomes.
+
+        ``audited_refs`` name the raw client updates this aggregator received (chunk order); payloads
+        carry edge aggregates inline, and client updates as metadata only.
+        """
         total = combine(payloads)
         mean = total.mean()
         new_params = params if mean is None else server_step(params, mean, self.algorithm)
-        return new_params, total.weight, self._audit(params, total.audited)
+        return new_params, total.weight, self._audit(params, _inline(total.audited), audited_refs)
 
-    def forward(self, params: Params, *payloads: ChunkPayload) -> tuple[ChunkPayload, list[Any]]:
+    def forward(
+        self, params: Params, audited_refs: list[Any], *payloads: ChunkPayload
+    ) -> tuple[ChunkPayload, list[Any]]:
         """Edge: one payload for the root (its weighted sum), and references to pending audit outcomes."""
         total = combine(payloads)
-        refs = self._audit(params, total.audited)
+        refs = self._audit(params, _inline(total.audited), audited_refs)
         exposed = edge_update(total, self.edge_id, self.name) if self.expose_mean else None
         payload = ChunkPayload(
             index=self.edge_id,
@@ -129,15 +137,21 @@ class Aggregator:
         )
         return payload, refs
 
-    def _audit(self, params: Params, updates: list[ClientUpdate]) -> list[Any]:
-        if not updates or not self.attack_workers:
+    def _audit(self, params: Params, updates: list[ClientUpdate], audited_refs: list[Any]) -> list[Any]:
+        """Share the received updates among the attack actors: inline ones by value, the rest by reference."""
+        if not (updates or audited_refs) or not self.attack_workers:
             return []
         count = len(self.attack_workers)
         refs: list[Any] = []
         for start in range(count):
-            share = updates[start::count]
-            if share:
+            share, by_reference = updates[start::count], audited_refs[start::count]
+            if share or by_reference:
                 worker = self.attack_workers[self._next % count]
                 self._next += 1
-                refs.append(worker.audit.remote(params, share, self.name))
+                refs.append(worker.audit.remote(params, share, self.name, by_reference))
         return refs
+
+
+def _inline(updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """The updates that arrived with their tensors (edge aggregates), not as metadata of referenced ones."""
+    return [update for update in updates if update.update]

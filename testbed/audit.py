@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,8 +79,21 @@ class AttackWorker:
         for edge in experiment.aggregators:
             self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
 
-    def audit(self, global_params: Params, updates: Sequence[ClientUpdate], aggregator: str) -> list[AuditOutcome]:
-        """Attack every update ``aggregator`` received; where the attack does not apply, a one-line reason."""
+    def audit(
+        self,
+        global_params: Params,
+        updates: Sequence[ClientUpdate],
+        aggregator: str,
+        references: Sequence[Any] = (),
+    ) -> list[AuditOutcome]:
+        """Attack every update ``aggregator`` received; where the attack does not apply, a one-line reason.
+
+        ``references`` are object references to lists of further updates (a chunk's audited clients each).
+        """
+        if references:
+            import ray
+
+            updates = [*updates, *(update for batch in ray.get(list(references)) for update in batch)]
         outcomes: list[AuditOutcome] = []
         views: list[AttackerView] = []
         kept: list[ClientUpdate] = []

@@ -210,8 +210,8 @@ def run_experiment(
                 audited = audited_clients(experiment, round_index, sampled)
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
-                summaries, payload_refs = pool.run_round(params_ref, tasks)
-                new_params, audit_refs = tree.aggregate(params_ref, summaries, payload_refs)
+                summaries, payload_refs, audited_refs = pool.run_round(params_ref, tasks)
+                new_params, audit_refs = tree.aggregate(params_ref, summaries, payload_refs, audited_refs)
                 meter.expect(round_index, tree.ground_truth(summaries), audit_refs)
                 metrics = _round_metrics(summaries, experiment)
                 if metrics["accepted"] < experiment.sampling.min_clients:

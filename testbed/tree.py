@@ -30,24 +30,38 @@ class AggregationTree:
     root_sees_edges: bool
 
     def aggregate(
-        self, params_ref: Any, summaries: Sequence[ChunkSummary], payload_refs: Sequence[Any]
+        self,
+        params_ref: Any,
+        summaries: Sequence[ChunkSummary],
+        payload_refs: Sequence[Any],
+        audited_refs: Sequence[Any] = (),
     ) -> tuple[Params, list[Any]]:
-        """One round's aggregation through the tree: new global parameters and pending audit references."""
+        """One round's aggregation through the tree: new global parameters and pending audit references.
+
+        ``audited_refs`` (one per chunk with audited clients, in chunk order) travel inside a list, so
+        Ray passes them on as references: the aggregator hands them to its attack actors unread.
+        """
         import ray
 
         if not self.edges:
-            new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, *payload_refs))
+            new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, list(audited_refs), *payload_refs))
             return new_params, list(refs)
         by_edge: dict[str, list[Any]] = defaultdict(list)
+        audited_by_edge: dict[str, list[Any]] = defaultdict(list)
+        pending = iter(audited_refs)
         for summary, ref in zip(summaries, payload_refs, strict=True):
             by_edge[self.edge_of_group[summary.group]].append(ref)
+            if summary.ground_truth:
+                audited_by_edge[self.edge_of_group[summary.group]].append(next(pending))
         forwarded, edge_refs = [], []
         for name, actor in self.edges.items():
             if by_edge[name]:
-                payload_ref, audit_ref = actor.forward.options(num_returns=2).remote(params_ref, *by_edge[name])
+                payload_ref, audit_ref = actor.forward.options(num_returns=2).remote(
+                    params_ref, audited_by_edge[name], *by_edge[name]
+                )
                 forwarded.append(payload_ref)
                 edge_refs.append(audit_ref)
-        new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, *forwarded))
+        new_params, _, refs = ray.get(self.root.aggregate.remote(params_ref, [], *forwarded))
         audits = list(refs)
         for pending in ray.get(edge_refs):
             audits.extend(pending)

@@ -7,6 +7,7 @@ run again on a fresh worker, so no client update is lost or counted twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import deque
@@ -19,7 +20,7 @@ from ray.exceptions import RayActorError, WorkerCrashedError
 
 from testbed.config import Experiment
 from testbed.partition import Partition
-from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, Params
+from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
 from testbed.simulation import SimulationContext, simulate_chunk
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,16 @@ class ClientWorker:
         """The Ray node id this worker runs on."""
         return str(ray.get_runtime_context().get_node_id())
 
-    def run(self, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload]:
-        """Simulate one chunk of clients against the round's global parameters."""
-        return simulate_chunk(self.context, params, task)
+    def run(self, params: Params, task: ChunkTask) -> tuple[ChunkSummary, ChunkPayload, list[ClientUpdate]]:
+        """Simulate one chunk of clients: its counts, its payload, and its audited clients' raw updates.
+
+        The raw updates are a separate object, so the aggregator can hand them to its attack actors by
+        reference without fetching them; the payload keeps their metadata only.
+        """
+        summary, payload = simulate_chunk(self.context, params, task)
+        audited = payload.audited
+        payload.audited = [dataclasses.replace(update, update={}) for update in audited]
+        return summary, payload, audited
 
 
 class WorkerPool:
@@ -82,18 +90,21 @@ class WorkerPool:
         params_ref: ray.ObjectRef,
         tasks: Sequence[ChunkTask],
         on_done: Callable[[ChunkSummary], None] | None = None,
-    ) -> tuple[list[ChunkSummary], list[ray.ObjectRef]]:
-        """Run every task; return the summaries and payload references, both in task index order."""
+    ) -> tuple[list[ChunkSummary], list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """Run every task; return the summaries, payload references and audited-update references.
+
+        All three are in task index order; the last holds only chunks with audited clients.
+        """
         pending = deque(tasks)
-        running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]] = {}
+        running: dict[ray.ObjectRef, tuple[int, ChunkTask, tuple[ray.ObjectRef, ray.ObjectRef]]] = {}
         summaries: dict[int, ChunkSummary] = {}
-        payloads: dict[int, ray.ObjectRef] = {}
+        payloads: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
         load = [0] * len(self.workers)
 
         def submit(slot: int) -> None:
             task = pending.popleft()
-            summary_ref, payload_ref = self.workers[slot].run.options(num_returns=2).remote(params_ref, task)
-            running[summary_ref] = (slot, task, payload_ref)
+            summary_ref, payload_ref, audit_ref = self.workers[slot].run.options(num_returns=3).remote(params_ref, task)
+            running[summary_ref] = (slot, task, (payload_ref, audit_ref))
             load[slot] += 1
 
         for _ in range(IN_FLIGHT_PER_WORKER):
@@ -119,12 +130,13 @@ class WorkerPool:
             if pending:
                 submit(slot)
         order = sorted(summaries)
-        return [summaries[i] for i in order], [payloads[i] for i in order]
+        audited = [payloads[i][1] for i in order if summaries[i].ground_truth]
+        return [summaries[i] for i in order], [payloads[i][0] for i in order], audited
 
     def _replace(
         self,
         slot: int,
-        running: dict[ray.ObjectRef, tuple[int, ChunkTask, ray.ObjectRef]],
+        running: dict[ray.ObjectRef, tuple[int, ChunkTask, tuple[ray.ObjectRef, ray.ObjectRef]]],
         pending: deque[ChunkTask],
         load: list[int],
     ) -> None:
