@@ -8,14 +8,14 @@ four metrics, vectorised over the pairs (``metrics.paired``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from metrics.avd import pairwise_avd
+from metrics.avd import first_order_map, pairwise_avd, prepare_original, prepare_reconstruction, second_order_map
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, WORST_SCORE, check_metric_name
 from metrics.images import as_batch_pair, as_image_batch, to_float_array
 from metrics.paired import PAIRED
@@ -88,3 +88,74 @@ def match(originals: Any, reconstructions: Any, metric: str = "avd") -> MatchRes
     for name in METRIC_NAMES:
         scores[name][rows] = PAIRED[name](v0[rows], v1[cols])
     return MatchResult(assignment=assignment, scores=scores, metric=metric)
+
+
+def _avd_features(images: np.ndarray, *, reconstruction: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened first- and second-order maps of a batch after AVD pre-processing."""
+    prepared = prepare_reconstruction(images) if reconstruction else prepare_original(images)
+    return (
+        first_order_map(prepared).reshape(len(images), -1),
+        second_order_map(prepared).reshape(len(images), -1),
+    )
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean squared difference of every row of ``a`` with every row of ``b`` (one matrix product)."""
+    squares = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(squares, 0.0) / a.shape[1]
+
+
+def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 0.5) -> list[MatchResult]:
+    """``match(originals, reconstructions, "avd")`` for many (originals, reconstructions) pairs at once.
+
+    The variation maps of all images are formed in one pass, each batch's N x M AVD cost matrix is one
+    matrix product of those maps, and the matched pairs of all batches are scored together; only the
+    assignment runs batch by batch. The images of all batches must share one shape.
+    """
+    prepared = []
+    for originals, reconstructions in batches:
+        v0 = as_image_batch(originals, "originals")
+        recon = to_float_array(reconstructions, "reconstructions")
+        if recon.ndim >= 1 and recon.shape[0] == 0:
+            recon = np.empty((0, *v0.shape[1:]))
+        prepared.append(as_batch_pair(v0, recon))
+    if not prepared:
+        return []
+    shape = prepared[0][0].shape[1:]
+    if any(v0.shape[1:] != shape for v0, _ in prepared):
+        raise ValueError("match_many: every batch must hold images of one shape")
+    all0 = np.concatenate([v0 for v0, _ in prepared])
+    all1 = np.concatenate([v1 for _, v1 in prepared])
+    finite1 = np.isfinite(all1).reshape(len(all1), -1).all(axis=1)
+    g0, h0 = _avd_features(all0, reconstruction=False)
+    g1, h1 = _avd_features(np.where(np.isfinite(all1), all1, 0.0), reconstruction=True)
+    pair0: list[np.ndarray] = []
+    pair1: list[np.ndarray] = []
+    assignments: list[np.ndarray] = []
+    start0 = start1 = 0
+    for v0, v1 in prepared:
+        n, m = len(v0), len(v1)
+        assignment = np.full(n, UNMATCHED, dtype=np.int64)
+        if n and m:
+            s0, s1 = slice(start0, start0 + n), slice(start1, start1 + m)
+            costs = np.sqrt(c1 * _squared_distances(g0[s0], g1[s1]) + c2 * _squared_distances(h0[s0], h1[s1]))
+            costs[:, ~finite1[s1]] = np.inf
+            rows, cols = linear_sum_assignment(solver_costs(costs, "avd"))
+            assignment[rows] = cols
+            pair0.append(rows + start0)
+            pair1.append(cols + start1)
+        assignments.append(assignment)
+        start0, start1 = start0 + n, start1 + m
+    first = np.concatenate(pair0) if pair0 else np.empty(0, dtype=np.int64)
+    second = np.concatenate(pair1) if pair1 else np.empty(0, dtype=np.int64)
+    matched = {name: PAIRED[name](all0[first], all1[second]) for name in METRIC_NAMES} if len(first) else {}
+    results = []
+    offset = 0
+    for assignment in assignments:
+        scores = {name: np.full(len(assignment), WORST_SCORE[name]) for name in METRIC_NAMES}
+        rows = np.flatnonzero(assignment >= 0)
+        for name in matched:
+            scores[name][rows] = matched[name][offset : offset + len(rows)]
+        offset += len(rows)
+        results.append(MatchResult(assignment=assignment, scores=scores, metric="avd"))
+    return results

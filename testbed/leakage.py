@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from metrics import METRIC_NAMES, MatchResult, label_accuracy, match, recovered, summarize
+from metrics import METRIC_NAMES, MatchResult, label_accuracy, match_many, recovered, summarize
 from testbed.audit import AuditOutcome
 from testbed.datasets import Dataset
 from testbed.tracking import Tracker
@@ -25,6 +25,7 @@ from testbed.tracking import Tracker
 log = logging.getLogger(__name__)
 
 GRID_MAX_CLIENTS = 6
+MATCH_BLOCK = 4  # clients matched per vectorised pass: small blocks keep the image maps in cache
 GRID_MAX_IMAGES = 8
 CSV_FIELDS = (
     "round",
@@ -108,23 +109,41 @@ class LeakageMeter:
         for round_index in sorted(by_round):
             self._score_round(round_index, by_round[round_index])
 
-    def _score(self, outcome: AuditOutcome) -> ScoredClient | None:
-        indices = self.ground_truth.pop((outcome.round, outcome.client), None)
-        if indices is None or outcome.reconstruction is None:
-            if outcome.not_applicable:
-                self.not_applicable[outcome.not_applicable] += 1
-            return None
-        originals = self.dataset.train_x[indices]
-        reconstruction = outcome.reconstruction
-        images = reconstruction.images.detach().cpu().numpy().reshape(-1, *originals.shape[1:])
-        result = match(originals, images, metric="avd")
-        labels = None
-        if reconstruction.labels is not None:
-            labels = label_accuracy(self.dataset.train_y[indices], reconstruction.labels.cpu().numpy())
-        return ScoredClient(outcome, indices, result, labels)
+    def _score_all(self, outcomes: list[AuditOutcome]) -> list[ScoredClient]:
+        """Match every outcome's reconstructions with its client's originals (one vectorised pass)."""
+        found: list[tuple[AuditOutcome, np.ndarray]] = []
+        for outcome in outcomes:
+            indices = self.ground_truth.pop((outcome.round, outcome.client), None)
+            if indices is None or outcome.reconstruction is None:
+                if outcome.not_applicable:
+                    self.not_applicable[outcome.not_applicable] += 1
+                continue
+            found.append((outcome, indices))
+        image_shape = self.dataset.train_x.shape[1:]
+        batches = [
+            (
+                self.dataset.train_x[indices],
+                outcome.reconstruction.images.detach().cpu().numpy().reshape(-1, *image_shape),
+            )
+            for outcome, indices in found
+            if outcome.reconstruction is not None
+        ]
+        results = [
+            result
+            for start in range(0, len(batches), MATCH_BLOCK)
+            for result in match_many(batches[start : start + MATCH_BLOCK])
+        ]
+        scored = []
+        for (outcome, indices), result in zip(found, results, strict=True):
+            assert outcome.reconstruction is not None
+            labels = None
+            if outcome.reconstruction.labels is not None:
+                labels = label_accuracy(self.dataset.train_y[indices], outcome.reconstruction.labels.cpu().numpy())
+            scored.append(ScoredClient(outcome, indices, result, labels))
+        return scored
 
     def _score_round(self, round_index: int, outcomes: list[AuditOutcome]) -> None:
-        scored = [item for item in (self._score(outcome) for outcome in outcomes) if item is not None]
+        scored = self._score_all(outcomes)
         metrics: dict[str, float] = {
             "attack_seconds": float(sum(o.seconds for o in outcomes)),
             "audit/not_applicable": float(sum(o.reconstruction is None for o in outcomes)),

@@ -128,3 +128,25 @@ def test_bad_arguments_raise() -> None:
         match(_digits(2), np.zeros((2, 10, 10)))
     with pytest.raises(ValueError, match="originals: expected a batch"):
         match(np.zeros((12, 12)), np.zeros((12, 12)))
+
+
+def test_match_many_equals_match_batch_by_batch() -> None:
+    from metrics import match_many
+
+    rng = np.random.default_rng(7)
+    batches = []
+    for n, m in [(4, 4), (5, 3), (3, 6), (2, 0), (4, 4)]:
+        originals = rng.random((n, 1, 9, 9))
+        reconstructions = rng.random((m, 1, 9, 9))
+        reconstructions[: min(n, m)] = originals[::-1][: min(n, m)] + rng.normal(0, 0.05, (min(n, m), 1, 9, 9))
+        batches.append((originals, reconstructions))
+    batches[4][1][0, 0, 0, 0] = np.inf  # one unrecoverable reconstruction
+    many = match_many(batches)
+    assert len(many) == len(batches)
+    for (originals, reconstructions), got in zip(batches, many, strict=True):
+        expected = match(originals, reconstructions, metric="avd")
+        np.testing.assert_array_equal(got.assignment, expected.assignment)
+        for name in expected.scores:
+            np.testing.assert_allclose(got.scores[name], expected.scores[name], rtol=1e-12)
+    assert (many[0].assignment == [3, 2, 1, 0]).all()  # the reversed copies were found
+    assert (many[3].assignment == -1).all()
