@@ -52,6 +52,7 @@ def main() -> None:
                 "--audit",
             ],
         ),
+        ("Audit cost per client, stage by stage (one thread)", ["audit_profile.py"]),
         ("Memory with 100,000 registered clients", ["memory.py"]),
         (
             "Inverting Gradients throughput: one victim at a time against the batched path",
