@@ -20,6 +20,8 @@ model and ``worth_fusing`` weighs the low-rank corrections against per-client we
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +59,12 @@ def worth_fusing(model: nn.Module, rows: int) -> bool:
 
 @dataclass
 class DenseRows:
-    """One dense layer's inputs and output error signals for every row of every client."""
+    """One dense layer's inputs and output error signals, step by step, for every client."""
 
     weight_key: str
     bias_key: str | None
-    inputs: Tensor  # (C, R, in)
-    signals: Tensor  # (C, R, out)
+    inputs: list[Tensor]  # per local step: (C, B, in)
+    signals: list[Tensor]  # per local step: (C, B, out)
 
 
 @dataclass
@@ -73,36 +75,51 @@ class FusedTrace:
     scale: float  # 1 for gradients, -lr for weight deltas
 
     def weighted_sum(self, weights: Tensor) -> Params:
-        """sum_c weights[c] * update_c, one matrix product per layer."""
+        """sum_c weights[c] * update_c: one matrix product per layer and step."""
         total: Params = {}
         for layer in self.layers:
-            signals = layer.signals * (self.scale * weights.to(layer.signals.dtype))[:, None, None]
-            flat = signals.reshape(-1, signals.shape[-1])
-            total[layer.weight_key] = flat.T @ layer.inputs.reshape(-1, layer.inputs.shape[-1])
+            factor = (self.scale * weights.to(layer.signals[0].dtype))[:, None, None]
+            flat = [(g * factor).reshape(-1, g.shape[-1]) for g in layer.signals]
+            total[layer.weight_key] = _total(
+                g.T @ a.reshape(-1, a.shape[-1]) for g, a in zip(flat, layer.inputs, strict=True)
+            )
             if layer.bias_key is not None:
-                total[layer.bias_key] = flat.sum(dim=0)
+                total[layer.bias_key] = _total(g.sum(dim=0) for g in flat)
         return total
 
     def norms(self) -> Tensor:
         """Each client's global L2 norm of its update, from Gram matrices of its rows."""
-        squares = torch.zeros(self.layers[0].inputs.shape[0], dtype=self.layers[0].inputs.dtype)
-        squares = squares.to(self.layers[0].inputs.device)
+        first = self.layers[0].inputs[0]
+        squares = torch.zeros(first.shape[0], dtype=first.dtype, device=first.device)
         for layer in self.layers:
-            a, g = layer.inputs, layer.signals
-            squares += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+            for a, g in zip(layer.inputs, layer.signals, strict=True):
+                for b, h in zip(layer.inputs, layer.signals, strict=True):
+                    squares += (torch.bmm(a, b.transpose(1, 2)) * torch.bmm(g, h.transpose(1, 2))).sum(dim=(1, 2))
             if layer.bias_key is not None:
-                squares += g.sum(dim=1).pow(2).sum(dim=1)
+                squares += _total(g.sum(dim=1) for g in layer.signals).pow(2).sum(dim=1)
         return squares.clamp_min(0.0).sqrt() * abs(self.scale)
 
     def per_client(self, rows: Tensor) -> Params:
         """The full updates of the clients at positions ``rows``, stacked by client."""
         update: Params = {}
         for layer in self.layers:
-            g, a = layer.signals[rows] * self.scale, layer.inputs[rows]
-            update[layer.weight_key] = torch.bmm(g.transpose(1, 2), a)
+            signals = [g[rows] * self.scale for g in layer.signals]
+            update[layer.weight_key] = _total(
+                torch.bmm(g.transpose(1, 2), a[rows]) for g, a in zip(signals, layer.inputs, strict=True)
+            )
             if layer.bias_key is not None:
-                update[layer.bias_key] = g.sum(dim=1)
+                update[layer.bias_key] = _total(g.sum(dim=1) for g in signals)
         return update
+
+
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of one or more tensors (the first one is not copied when it is the only one)."""
+    return functools.reduce(torch.add, terms)
+
+
+def _joined(steps: list[Tensor]) -> Tensor:
+    """The rows of every step so far, client by client (no copy for a single step)."""
+    return steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
 
 
 def _key(prefix: str, leaf: str) -> str:
@@ -134,11 +151,10 @@ def fused_trace(model: nn.Module, loss: Loss, params: Params, batches: StackedBa
                     else torch.addmm(bias, h.reshape(-1, h.shape[-1]), weight.T).reshape(clients, width, -1)
                 )
                 if step > 0 and lr is not None:
-                    earlier = torch.cat(inputs[position], dim=1)
-                    overlap = torch.bmm(h, earlier.transpose(1, 2))
+                    overlap = torch.bmm(h, _joined(inputs[position]).transpose(1, 2))
                     if bias is not None:
                         overlap = overlap + 1.0
-                    z = z - lr * torch.bmm(overlap, torch.cat(signals[position], dim=1))
+                    z = z - lr * torch.bmm(overlap, _joined(signals[position]))
                 if not z.requires_grad:
                     z.requires_grad_(True)
                 inputs[position].append(h.detach())
@@ -156,8 +172,8 @@ def fused_trace(model: nn.Module, loss: Loss, params: Params, batches: StackedBa
             DenseRows(
                 weight_key=_key(name, "weight"),
                 bias_key=_key(name, "bias") if layer.bias is not None else None,
-                inputs=torch.cat(inputs[position], dim=1),
-                signals=torch.cat(signals[position], dim=1),
+                inputs=inputs[position],
+                signals=signals[position],
             )
             for position, (name, layer) in enumerate(dense)
         ],

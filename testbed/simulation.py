@@ -260,7 +260,8 @@ def _fused(
     Norms (Gram matrices) are formed only under ``max_update_norm``; a non-finite update shows in the sum.
     """
     algorithm = context.experiment.algorithm
-    batches = gather(context, index)
+    by_step = gather(context, np.ascontiguousarray(index.transpose(1, 0, 2)))  # each step's rows contiguous
+    batches = StackedBatches(by_step.x.transpose(0, 1), by_step.y.transpose(0, 1), by_step.w.transpose(0, 1))
     lr = None if algorithm.name == "fedsgd" else algorithm.lr
     trace = fused_trace(context.model, group.policy.loss, params, batches, lr)
     if algorithm.max_update_norm is not None:
