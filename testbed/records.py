@@ -47,9 +47,7 @@ class ClientUpdate:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Arrays from the object store are read-only: the tensors alias them (readers must not write)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            state["update"] = {key: torch.from_numpy(value) for key, value in state["update"].items()}
+        state["update"] = _tensors(state["update"])
         self.__dict__.update(state)
 
 
@@ -80,3 +78,23 @@ class ChunkPayload:
     weighted_sum: Params | None
     weight: float
     audited: list[ClientUpdate] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The weighted sum travels as numpy arrays (no copy into or out of Ray's object store)."""
+        state = dict(self.__dict__)
+        if self.weighted_sum is not None:
+            state["weighted_sum"] = {key: value.detach().cpu().numpy() for key, value in self.weighted_sum.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Read-only tensors over the received arrays (the aggregator copies before adding)."""
+        if state["weighted_sum"] is not None:
+            state["weighted_sum"] = _tensors(state["weighted_sum"])
+        self.__dict__.update(state)
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> Params:
+    """Tensors sharing the memory of (possibly read-only) received arrays."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {key: torch.from_numpy(value) for key, value in arrays.items()}
