@@ -24,8 +24,8 @@ import torch
 from metrics import match_many
 from testbed.audit import AttackWorker
 from testbed.engine import initial_params, prepare_data
-from testbed.leakage import MATCH_BLOCK
 from testbed.records import ChunkTask
+from testbed.scoring import MATCH_BLOCK
 from testbed.simulation import SimulationContext, simulate_chunk
 from testbed.topology import load_experiment
 

@@ -68,6 +68,9 @@ class AttackWorker:
 
     def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> None:
         assert experiment.attack is not None
+        from testbed.scoring import lower_priority
+
+        lower_priority(experiment.resources.attack.nice)
         torch.set_num_threads(max(1, int(experiment.resources.attack.num_cpus)))
         device = "cuda" if experiment.resources.attack.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.experiment = experiment

@@ -179,6 +179,12 @@ class AttackResources(ActorResources):
     """Ray resources of the attack actors that run audits beside the aggregator."""
 
     workers: int = Field(1, ge=1, description="attack actors (audits are spread over them)")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority drop of the attack and scoring actors: audits yield the CPU to client workers",
+    )
 
 
 class ResourcesConfig(Strict):

@@ -146,7 +146,8 @@ def run_experiment(
 
     from testbed.audit import AttackWorker
     from testbed.cluster import check_address, check_resources, ray_session
-    from testbed.leakage import LeakageMeter
+    from testbed.leakage import GRID_MAX_CLIENTS, LeakageMeter
+    from testbed.scoring import LeakageScorer
     from testbed.tree import build_tree
     from testbed.workers import WorkerPool
 
@@ -173,6 +174,7 @@ def run_experiment(
         worker_nodes = pool.nodes()
         attack_workers: list[str] = []
         attack_actors: list[Any] = []
+        scorer: Any = None
         if experiment.attack is not None:
             attack_resources = experiment.resources.attack
             attack_class = ray.remote(num_cpus=attack_resources.num_cpus, num_gpus=attack_resources.num_gpus)(
@@ -184,6 +186,8 @@ def run_experiment(
                 attack_class.options(name=name).remote(experiment, dataset.input_shape, dataset.num_classes)
                 for name in attack_workers
             ]
+            scorer = ray.remote(num_cpus=0)(LeakageScorer).remote(data_ref, attack_resources.nice, GRID_MAX_CLIENTS)
+            attack_actors.append(scorer)
             ray.get([actor.__ray_ready__.remote() for actor in attack_actors])
         tree = build_tree(experiment, attack_workers)
         eval_model = model_for(experiment.model, dataset.input_shape, dataset.num_classes)
@@ -198,7 +202,7 @@ def run_experiment(
             tracker.log_text(run_id, resolved_yaml(experiment), "config.yaml")
         else:
             run_id = resume_run_id
-        meter = LeakageMeter(dataset, tracker, run_id)
+        meter = LeakageMeter(dataset, tracker, run_id, scorer)
         meter.restore(state.get("audits", {}))
         progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         progress.start_at(start_round)

@@ -1,8 +1,10 @@
-"""The leakage meter: joins attack outcomes with the ground truth the simulator kept, and logs them.
+"""The leakage meter: sends attack outcomes to be scored against the ground truth, and logs the scores.
 
 Per audited round and group it logs ``leakage/<group>/<metric>`` (AVD, MSE, PSNR, SSIM means and
 medians, recovered fraction, label accuracy) and, per aggregator, ``leakage/<aggregator>/...``; a PNG
-grid of originals above matched reconstructions; and at the end a CSV of every audited sample.
+grid of originals above matched reconstructions; and at the end a CSV of every audited sample. The
+scoring itself runs in a ``LeakageScorer`` actor (testbed.scoring); a round is logged once every
+attack task of it has been scored, so each step gets its metrics once.
 """
 
 from __future__ import annotations
@@ -17,15 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from metrics import METRIC_NAMES, MatchResult, label_accuracy, match_many, recovered, summarize
-from testbed.audit import AuditOutcome
+from metrics import METRIC_NAMES, MatchResult, recovered, summarize
 from testbed.datasets import Dataset
+from testbed.scoring import ScoredAudit, ScoredClient
 from testbed.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 GRID_MAX_CLIENTS = 6
-MATCH_BLOCK = 4  # clients matched per vectorised pass: small blocks keep the image maps in cache
 GRID_MAX_IMAGES = 8
 CSV_FIELDS = (
     "round",
@@ -40,16 +41,6 @@ CSV_FIELDS = (
 )
 
 
-@dataclasses.dataclass
-class ScoredClient:
-    """One audited client's originals, matched reconstructions and scores."""
-
-    outcome: AuditOutcome
-    sample_indices: np.ndarray
-    result: MatchResult
-    label_accuracy: float | None
-
-
 def _pool(results: Sequence[MatchResult]) -> MatchResult:
     """One MatchResult over the samples of several clients (assignments stay per client)."""
     return MatchResult(
@@ -61,12 +52,14 @@ def _pool(results: Sequence[MatchResult]) -> MatchResult:
 class LeakageMeter:
     """Collects audit outcomes as they arrive and logs leakage for each audited round."""
 
-    def __init__(self, dataset: Dataset, tracker: Tracker, run_id: str) -> None:
+    def __init__(self, dataset: Dataset, tracker: Tracker, run_id: str, scorer: Any) -> None:
         self.dataset = dataset
         self.tracker = tracker
         self.run_id = run_id
-        self.ground_truth: dict[tuple[int, int], np.ndarray] = {}
-        self.pending: list[Any] = []
+        self.scorer = scorer
+        self.pending: dict[Any, int] = {}  # scoring task -> its round
+        self.outstanding: dict[int, int] = defaultdict(int)  # round -> scoring tasks not yet back
+        self.arrived: dict[int, list[ScoredAudit]] = defaultdict(list)
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
         self.failed = 0
@@ -84,69 +77,45 @@ class LeakageMeter:
         self.not_applicable.update(state.get("not_applicable", {}))
 
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
-        """Register a round's ground truth (client -> sample indices) and its pending outcome references."""
-        for client, indices in ground_truth.items():
-            self.ground_truth[(round_index, client)] = indices
-        self.pending.extend(outcome_refs)
+        """Send a round's pending attack outcomes to the scorer with the ground truth (client -> sample indices)."""
+        if not outcome_refs:
+            return
+        import ray
+
+        truth_ref = ray.put(ground_truth)
+        for ref in outcome_refs:
+            self.pending[self.scorer.score.remote(ref, truth_ref, round_index)] = round_index
+            self.outstanding[round_index] += 1
 
     def collect(self, *, wait: bool) -> None:
-        """Score every finished audit (all of them when ``wait``), logging per audited round."""
+        """Take the scored audits that are back (all of them when ``wait``); log every completed round."""
         import ray
 
         if not self.pending:
             return
-        ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=None if wait else 0)
-        by_round: dict[int, list[AuditOutcome]] = defaultdict(list)
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=None if wait else 0)
         for ref in ready:
+            round_index = self.pending.pop(ref)
+            self.outstanding[round_index] -= 1
             try:
-                outcomes = ray.get(ref)
+                self.arrived[round_index].append(ray.get(ref))
             except ray.exceptions.RayError as exc:
                 self.failed += 1
                 log.warning("an audit failed and is skipped: %s", str(exc).strip().splitlines()[0])
-                continue
-            for outcome in outcomes:
-                by_round[outcome.round].append(outcome)
-        for round_index in sorted(by_round):
-            self._score_round(round_index, by_round[round_index])
+        for round_index in sorted(r for r, count in self.outstanding.items() if count == 0):
+            del self.outstanding[round_index]
+            audits = self.arrived.pop(round_index, [])
+            if audits:
+                self._log_round(round_index, audits)
 
-    def _score_all(self, outcomes: list[AuditOutcome]) -> list[ScoredClient]:
-        """Match every outcome's reconstructions with its client's originals (one vectorised pass)."""
-        found: list[tuple[AuditOutcome, np.ndarray]] = []
-        for outcome in outcomes:
-            indices = self.ground_truth.pop((outcome.round, outcome.client), None)
-            if indices is None or outcome.reconstruction is None:
-                if outcome.not_applicable:
-                    self.not_applicable[outcome.not_applicable] += 1
-                continue
-            found.append((outcome, indices))
-        image_shape = self.dataset.train_x.shape[1:]
-        batches = [
-            (
-                self.dataset.train_x[indices],
-                outcome.reconstruction.images.detach().cpu().numpy().reshape(-1, *image_shape),
-            )
-            for outcome, indices in found
-            if outcome.reconstruction is not None
-        ]
-        results = [
-            result
-            for start in range(0, len(batches), MATCH_BLOCK)
-            for result in match_many(batches[start : start + MATCH_BLOCK])
-        ]
-        scored = []
-        for (outcome, indices), result in zip(found, results, strict=True):
-            assert outcome.reconstruction is not None
-            labels = None
-            if outcome.reconstruction.labels is not None:
-                labels = label_accuracy(self.dataset.train_y[indices], outcome.reconstruction.labels.cpu().numpy())
-            scored.append(ScoredClient(outcome, indices, result, labels))
-        return scored
-
-    def _score_round(self, round_index: int, outcomes: list[AuditOutcome]) -> None:
-        scored = self._score_all(outcomes)
+    def _log_round(self, round_index: int, audits: list[ScoredAudit]) -> None:
+        scored = [item for audit in audits for item in audit.scored]
+        reasons = [reason for audit in audits for reason in audit.not_applicable]
+        for reason in reasons:
+            self.not_applicable[reason] += 1
         metrics: dict[str, float] = {
-            "attack_seconds": float(sum(o.seconds for o in outcomes)),
-            "audit/not_applicable": float(sum(o.reconstruction is None for o in outcomes)),
+            "attack_seconds": float(sum(audit.attack_seconds for audit in audits)),
+            "audit/not_applicable": float(len(reasons)),
         }
         for key in sorted({s.outcome.group for s in scored} | {s.outcome.aggregator for s in scored}):
             members = [s for s in scored if key in (s.outcome.group, s.outcome.aggregator)]
@@ -160,8 +129,9 @@ class LeakageMeter:
         self.tracker.log_metrics(self.run_id, metrics, step=round_index + 1)
         for item in scored:
             self._add_rows(item)
-        if scored:
-            self._log_grid(round_index, scored)
+        shown = [item for item in scored if item.outcome.reconstruction is not None][:GRID_MAX_CLIENTS]
+        if shown:
+            self._log_grid(round_index, shown)
 
     def _add_rows(self, item: ScoredClient) -> None:
         flags = recovered(item.result.scores)
@@ -179,13 +149,12 @@ class LeakageMeter:
             row.update({name: float(item.result.scores[name][position]) for name in METRIC_NAMES})
             self.rows.append(row)
 
-    def _log_grid(self, round_index: int, scored: list[ScoredClient]) -> None:
+    def _log_grid(self, round_index: int, shown: list[ScoredClient]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
 
-        shown = scored[:GRID_MAX_CLIENTS]
         columns = max(min(len(s.sample_indices), GRID_MAX_IMAGES) for s in shown)
         figure, axes = plt.subplots(
             2 * len(shown), columns, figsize=(1.3 * columns + 1, 2.7 * len(shown)), squeeze=False
