@@ -136,6 +136,12 @@ class AuditConfig(Strict):
     clients_per_round: int = Field(4, ge=1, description="updates attacked per audited round")
     every: int = Field(1, ge=1, description="audit every k-th round")
     groups: list[str] | None = Field(None, description="groups to audit (default: all)")
+    backlog: int = Field(2, ge=1, description="audited rounds that may still be in the attack and scoring actors")
+    when_busy: Literal["wait", "skip"] = Field(
+        "wait",
+        description="backlog full at an audited round: wait for the oldest audits (inside the round's time) "
+        "or skip this round's audits (rounds keep their pace; coverage then depends on timing)",
+    )
 
 
 class AttackConfig(Strict):

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from testbed.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from testbed.config import Experiment
+from testbed.config import AuditConfig, Experiment
 from testbed.datasets import Dataset, DatasetUnavailable, load_dataset
 from testbed.errors import UserError
 from testbed.local_update import evaluate
@@ -212,6 +212,10 @@ def run_experiment(
                 started = time.perf_counter()
                 sampled = sample_clients(experiment, round_index)
                 audited = audited_clients(experiment, round_index, sampled)
+                audit_wait, skipped = 0.0, 0
+                if len(audited) and experiment.attack is not None:
+                    audit_wait, skipped = _make_room(meter, experiment.attack.audit, len(audited))
+                    audited = audited[:0] if skipped else audited
                 tasks = make_tasks(experiment, round_index, sampled, audited)
                 params_ref = ray.put(params)
                 summaries, payload_refs, audited_refs = pool.run_round(params_ref, tasks)
@@ -228,6 +232,9 @@ def run_experiment(
                 metrics["round_seconds"] = seconds
                 metrics["clients_per_second"] = len(sampled) / seconds if seconds > 0 else 0.0
                 metrics["workers_replaced"] = pool.replaced
+                if experiment.attack is not None:
+                    metrics["audit/wait_seconds"] = audit_wait
+                    metrics["audit/skipped_clients"] = float(skipped)
                 last = round_index + 1 == experiment.rounds
                 if (round_index + 1) % experiment.evaluation.every == 0 or last:
                     eval_started = time.perf_counter()
@@ -275,6 +282,17 @@ def run_experiment(
             if status != "UNREACHABLE":
                 tracker.end_run(run_id, status)
     return RunResult(run_id, params, history, worker_nodes)
+
+
+def _make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:
+    """Keep the audit backlog bounded before an audited round: (seconds waited, clients not audited)."""
+    if meter.busy_rounds() < audit.backlog:
+        return 0.0, 0
+    if audit.when_busy == "skip":
+        return 0.0, clients
+    started = time.perf_counter()
+    meter.wait_below(audit.backlog)
+    return time.perf_counter() - started, 0
 
 
 def _check_same_experiment(experiment: Experiment, state: Mapping[str, Any]) -> None:

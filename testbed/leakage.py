@@ -108,6 +108,19 @@ class LeakageMeter:
             if audits:
                 self._log_round(round_index, audits)
 
+    def busy_rounds(self) -> int:
+        """Audited rounds whose scores are not all back yet."""
+        return sum(1 for count in self.outstanding.values() if count > 0)
+
+    def wait_below(self, limit: int) -> None:
+        """Wait for the oldest audited rounds until fewer than ``limit`` are still busy."""
+        import ray
+
+        while self.busy_rounds() >= limit:
+            oldest = min(r for r, count in self.outstanding.items() if count > 0)
+            ray.wait([ref for ref, r in self.pending.items() if r == oldest], num_returns=self.outstanding[oldest])
+            self.collect(wait=False)
+
     def _log_round(self, round_index: int, audits: list[ScoredAudit]) -> None:
         scored = [item for audit in audits for item in audit.scored]
         reasons = [reason for audit in audits for reason in audit.not_applicable]
