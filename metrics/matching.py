@@ -148,7 +148,11 @@ def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 
         start0, start1 = start0 + n, start1 + m
     first = np.concatenate(pair0) if pair0 else np.empty(0, dtype=np.int64)
     second = np.concatenate(pair1) if pair1 else np.empty(0, dtype=np.int64)
-    matched = {name: PAIRED[name](all0[first], all1[second]) for name in METRIC_NAMES} if len(first) else {}
+    matched: dict[str, np.ndarray] = {}
+    if len(first):
+        matched = {name: PAIRED[name](all0[first], all1[second]) for name in METRIC_NAMES if name != "avd"}
+        distance = c1 * ((g1[second] - g0[first]) ** 2).mean(axis=1) + c2 * ((h1[second] - h0[first]) ** 2).mean(axis=1)
+        matched["avd"] = np.where(finite1[second], np.sqrt(distance), WORST_SCORE["avd"])  # the maps formed above
     results = []
     offset = 0
     for assignment in assignments:
