@@ -186,7 +186,7 @@ class AttackResources(ActorResources):
 
     workers: int = Field(1, ge=1, description="attack actors (audits are spread over them)")
     nice: int = Field(
-        10,
+        19,
         ge=0,
         le=19,
         description="CPU priority drop of the attack and scoring actors: audits yield the CPU to client workers",
