@@ -7,7 +7,9 @@ Usage:
 Every figure of one invocation is measured on the same machine in the same process tree, so ratios
 between engines are meaningful even on a noisy machine. Per configuration: the median of rounds 2-4
 (round 1 warms up), evaluation excluded; the fraction of the machine's fp32 matmul ceiling uses the
-3 x forward FLOPs rule for a forward plus backward pass.
+3 x forward FLOPs rule for a forward plus backward pass. The engine runs benchmarks/workload.yaml with
+``resources.chunk_size`` lowered to N / cores where that is smaller, so that N = 10 or 100 still gives
+every worker a chunk.
 """
 
 from __future__ import annotations
@@ -134,7 +136,13 @@ def engine(
     With ``audit`` ("wait" or "skip", ``attack.audit.when_busy``) the root runs dense-ratio on every
     client's raw update, every round, with the default backlog of audited rounds.
     """
-    overrides = [f"clients.all.count={clients}", f"clients.all.batch_size={batch}", f"algorithm.name={algorithm}"]
+    chunk = min(int(base["resources"]["chunk_size"]), math.ceil(clients / (os.cpu_count() or 1)))
+    overrides = [
+        f"clients.all.count={clients}",
+        f"clients.all.batch_size={batch}",
+        f"algorithm.name={algorithm}",
+        f"resources.chunk_size={chunk}",  # at least one chunk per core, so small federations use every worker
+    ]
     if algorithm == "fedavg":
         overrides.append("algorithm.local_epochs=1")
     if audit:
