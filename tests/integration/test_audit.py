@@ -32,6 +32,7 @@ def test_attack_demo_logs_leakage(local_ray: None, tracking: dict[str, Any]) -> 
     assert metrics["leakage/identical/recovered_fraction"] <= 0.3, metrics
     assert metrics["leakage/distinct/avd_mean"] < metrics["leakage/identical/avd_mean"]
     assert metrics["leakage/distinct/label_accuracy"] == 1.0
+    assert metrics["audit/skipped_clients"] == 0.0  # the default backlog policy waits, so nothing is skipped
     history = client.get_metric_history(result.run_id, "leakage/root/avd_mean")
     assert sorted(point.step for point in history) == [1, 2]
     artifacts = {item.path for item in client.list_artifacts(result.run_id, "audits")}

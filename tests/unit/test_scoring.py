@@ -32,3 +32,31 @@ def test_outcomes_are_matched_with_their_own_clients_samples() -> None:
     assert audit.not_applicable == ["no dense layer"]
     assert audit.attack_seconds == 0.75
     assert first.outcome.reconstruction is not None and second.outcome.reconstruction is None  # keep_images=1
+
+
+class _Meter:
+    """A leakage meter's backlog as _make_room sees it."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.waited_for: list[int] = []
+
+    def busy_rounds(self) -> int:
+        return self.busy
+
+    def wait_below(self, limit: int) -> None:
+        self.waited_for.append(limit)
+        self.busy = limit - 1
+
+
+def test_a_full_backlog_waits_or_skips_as_configured() -> None:
+    from testbed.config import AuditConfig
+    from testbed.engine import _make_room
+
+    room = _Meter(busy=1)
+    assert _make_room(room, AuditConfig(backlog=2), 40) == (0.0, 0) and room.waited_for == []
+    full = _Meter(busy=2)
+    seconds, skipped = _make_room(full, AuditConfig(backlog=2, when_busy="wait"), 40)
+    assert skipped == 0 and seconds >= 0.0 and full.waited_for == [2] and full.busy == 1
+    busy = _Meter(busy=3)
+    assert _make_room(busy, AuditConfig(backlog=2, when_busy="skip"), 40) == (0.0, 40) and busy.waited_for == []
