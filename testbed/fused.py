@@ -179,3 +179,51 @@ def fused_trace(model: nn.Module, loss: Loss, params: Params, batches: StackedBa
         ],
         scale=1.0 if lr is None else -lr,
     )
+
+
+def dense_deltas(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float) -> Params:
+    """FedAvg weight deltas of a dense model, with each client's weights held and updated in place.
+
+    For many local steps, where low-rank corrections would cost more than per-client weights: every
+    step is one batched product per layer forward, and each client's SGD step lands in its weights
+    through one fused ``baddbmm_`` (no per-client gradient is written out). Same result as
+    ``stacked_deltas`` to float tolerance.
+    """
+    clients, width = batches.clients, int(batches.x.shape[2])
+    layers = _layers(model)
+    dense = [(name, layer) for name, layer in layers if isinstance(layer, nn.Linear)]
+    local = {key: value.unsqueeze(0).repeat(clients, *[1] * value.dim()) for key, value in params.items()}
+    for step in range(batches.steps):
+        w = batches.w[:, step]
+        h = batches.x[:, step]
+        inputs: list[Tensor] = []
+        outputs: list[Tensor] = []
+        for name, layer in layers:
+            if isinstance(layer, nn.Flatten):
+                h = h.reshape(clients, width, -1)
+            elif isinstance(layer, nn.Linear):
+                weight = local[_key(name, "weight")].transpose(1, 2)
+                z = (
+                    torch.bmm(h, weight)
+                    if layer.bias is None
+                    else torch.baddbmm(local[_key(name, "bias")].unsqueeze(1), h, weight)
+                )
+                if not z.requires_grad:
+                    z.requires_grad_(True)
+                inputs.append(h.detach())
+                outputs.append(z)
+                h = z
+            else:
+                h = layer(h)
+        per_sample = loss.per_sample(h.reshape(clients * width, -1), batches.y[:, step].reshape(-1))
+        counts = w.sum(dim=1).clamp_min(1.0)
+        total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / counts).sum()
+        grads = torch.autograd.grad(total, outputs)
+        with torch.no_grad():
+            for (name, layer), a, g in zip(dense, inputs, grads, strict=True):
+                local[_key(name, "weight")].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
+                if layer.bias is not None:
+                    local[_key(name, "bias")].sub_(g.sum(dim=1), alpha=lr)
+    for key, value in local.items():
+        value.sub_(params[key].unsqueeze(0))
+    return local

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from defenses import DefencePolicy, build_policy
 from testbed.config import ClientGroupConfig, Experiment
 from testbed.faults import corrupt_values, malformed
-from testbed.fused import fusable, fused_trace, worth_fusing
+from testbed.fused import dense_deltas, fusable, fused_trace, worth_fusing
 from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
 from testbed.models import model_for
 from testbed.partition import Partition
@@ -174,6 +174,8 @@ def _local_updates(
     loss = group.policy.loss
     if experiment.algorithm.name == "fedsgd":
         update = stacked_gradients(context.model, loss, params, batches)
+    elif context.fusable:  # dense model, too many local steps to fuse: per-client weights updated in place
+        update = dense_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
     else:
         update = stacked_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
     if group.policy.transforms:

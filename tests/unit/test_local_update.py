@@ -128,3 +128,19 @@ def test_fusing_is_chosen_by_rows_per_client() -> None:
     model = build_model("mlp", (1, 28, 28), 10, hidden=[256], activation="relu", seed=0)
     assert worth_fusing(model, 64)  # the reference workload: two local steps of 32
     assert not worth_fusing(model, 600)  # nineteen steps: per-client weights are cheaper
+
+
+@pytest.mark.parametrize(("loss_name", "activation"), [("cross-entropy", "relu"), ("mse", "tanh")])
+def test_dense_fedavg_with_per_client_weights_matches_the_vmap_path(loss_name: str, activation: str) -> None:
+    from testbed.fused import dense_deltas
+
+    _, _, clients = _setup("mlp")
+    model = build_model("mlp", (1, 12, 12), 10, hidden=[16, 8], activation=activation, seed=5)
+    params = {name: value.detach().clone() for name, value in model.named_parameters()}
+    loss = build_policy({"loss": loss_name}).loss
+    stacked = _stack(clients)
+    expected = stacked_deltas(model, loss, params, stacked, lr=0.3)
+    got = dense_deltas(model, loss, params, stacked, lr=0.3)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert float(got[next(iter(params))].abs().sum()) > 0
