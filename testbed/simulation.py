@@ -289,12 +289,12 @@ def _fused(
 
 def _fuses(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -> bool:
     """Whether a group's chunk can skip per-client parameters and gradients (see testbed.fused)."""
-    rows = index.shape[1] * index.shape[2]  # FedSGD plans one step
+    steps, width = index.shape[1], index.shape[2]  # FedSGD plans one step
     return (
         context.fusable
         and not group.policy.transforms
         and group.config.faults.fraction == 0
-        and worth_fusing(context.model, rows)
+        and (steps == 1 or worth_fusing(context.model, steps * width))  # one step needs no corrections
     )
 
 
