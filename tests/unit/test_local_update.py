@@ -144,3 +144,32 @@ def test_dense_fedavg_with_per_client_weights_matches_the_vmap_path(loss_name: s
     for name in params:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
     assert float(got[next(iter(params))].abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "steps", "width", "fused"),
+    [("fedsgd", 1, 600, True), ("fedavg", 1, 600, True), ("fedavg", 2, 32, True), ("fedavg", 19, 32, False)],
+)
+def test_which_chunks_take_the_fused_path(algorithm: str, steps: int, width: int, fused: bool) -> None:
+    """One step never needs low-rank corrections; many steps are cheaper with per-client weights."""
+    import numpy as np
+
+    from testbed.partition import partition
+    from testbed.simulation import SimulationContext, _fuses
+    from testbed.topology import validate
+
+    experiment = validate(
+        {
+            "name": "t",
+            "rounds": 1,
+            "dataset": {"name": "synthetic", "synthetic_shape": [1, 28, 28]},
+            "model": {"name": "mlp", "hidden": [256]},
+            "algorithm": {"name": algorithm},
+            "clients": [{"group": "a", "count": 4, "batch_size": 8}],
+        }
+    )
+    labels = np.arange(40) % 10
+    context = SimulationContext.build(
+        experiment, np.zeros((40, 1, 28, 28), np.float32), labels, partition(labels, 4, "iid", seed=0), 10
+    )
+    assert _fuses(context, context.groups[0], np.zeros((4, steps, width), dtype=np.int64)) is fused
