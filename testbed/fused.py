@@ -21,7 +21,7 @@ model and ``worth_fusing`` weighs the low-rank corrections against per-client we
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -126,47 +126,68 @@ def _key(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
+DenseOutput = Callable[[str, nn.Linear, Tensor, int], Tensor]
+"""(module name, layer, its input (C, B, in), its position among the dense layers) -> its output (C, B, out)."""
+
+
+def _local_step(
+    layers: list[tuple[str, nn.Module]], loss: Loss, x: Tensor, y: Tensor, w: Tensor, dense_output: DenseOutput
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One local step of every client: each dense layer's input rows and the error signals at its output.
+
+    The loss is each client's mean over its real (weight-1) samples, summed over clients, so a row's
+    signal is exactly its share of its own client's gradient.
+    """
+    clients, width = int(x.shape[0]), int(x.shape[1])
+    h = x
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for name, layer in layers:
+        if isinstance(layer, nn.Flatten):
+            h = h.reshape(clients, width, -1)
+        elif isinstance(layer, nn.Linear):
+            z = dense_output(name, layer, h, len(outputs))
+            if not z.requires_grad:  # the first dense layer: nothing before it needs a gradient
+                z.requires_grad_(True)
+            inputs.append(h.detach())
+            outputs.append(z)
+            h = z
+        else:
+            h = layer(h)
+    per_sample = loss.per_sample(h.reshape(clients * width, -1), y.reshape(-1))
+    total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).sum()
+    return inputs, [grad.detach() for grad in torch.autograd.grad(total, outputs)]
+
+
 def fused_trace(model: nn.Module, loss: Loss, params: Params, batches: StackedBatches, lr: float | None) -> FusedTrace:
     """Run every client's local steps; ``lr`` None: one FedSGD gradient each, else FedAvg SGD steps."""
     clients, width = batches.clients, int(batches.x.shape[2])
-    steps = 1 if lr is None else batches.steps
     layers = _layers(model)
     dense = [(name, layer) for name, layer in layers if isinstance(layer, nn.Linear)]
     inputs: list[list[Tensor]] = [[] for _ in dense]
     signals: list[list[Tensor]] = [[] for _ in dense]
-    for step in range(steps):
-        w = batches.w[:, step]
-        h = batches.x[:, step]
-        outputs: list[Tensor] = []
-        for name, layer in layers:
-            if isinstance(layer, nn.Flatten):
-                h = h.reshape(clients, width, -1)
-            elif isinstance(layer, nn.Linear):
-                position = len(outputs)
-                weight = params[_key(name, "weight")]
-                bias = params[_key(name, "bias")] if layer.bias is not None else None
-                z = (
-                    torch.matmul(h, weight.T)
-                    if bias is None
-                    else torch.addmm(bias, h.reshape(-1, h.shape[-1]), weight.T).reshape(clients, width, -1)
-                )
-                if step > 0 and lr is not None:
-                    overlap = torch.bmm(h, _joined(inputs[position]).transpose(1, 2))
-                    if bias is not None:
-                        overlap = overlap + 1.0
-                    z = z - lr * torch.bmm(overlap, _joined(signals[position]))
-                if not z.requires_grad:
-                    z.requires_grad_(True)
-                inputs[position].append(h.detach())
-                outputs.append(z)
-                h = z
-            else:
-                h = layer(h)
-        per_sample = loss.per_sample(h.reshape(clients * width, -1), batches.y[:, step].reshape(-1))
-        counts = w.sum(dim=1).clamp_min(1.0)
-        total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / counts).sum()
-        for position, grad in enumerate(torch.autograd.grad(total, outputs)):
-            signals[position].append(grad.detach())
+
+    def shared_weights(name: str, layer: nn.Linear, h: Tensor, position: int) -> Tensor:
+        weight = params[_key(name, "weight")]
+        if layer.bias is None:
+            z = torch.matmul(h, weight.T)
+        else:
+            z = torch.addmm(params[_key(name, "bias")], h.reshape(-1, h.shape[-1]), weight.T)
+            z = z.reshape(clients, width, -1)
+        if inputs[position] and lr is not None:  # later steps: minus the client's own earlier steps
+            overlap = torch.bmm(h, _joined(inputs[position]).transpose(1, 2))
+            if layer.bias is not None:
+                overlap = overlap + 1.0
+            z = z - lr * torch.bmm(overlap, _joined(signals[position]))
+        return z
+
+    for step in range(1 if lr is None else batches.steps):
+        rows, errors = _local_step(
+            layers, loss, batches.x[:, step], batches.y[:, step], batches.w[:, step], shared_weights
+        )
+        for position, (a, g) in enumerate(zip(rows, errors, strict=True)):
+            inputs[position].append(a)
+            signals[position].append(g)
     return FusedTrace(
         layers=[
             DenseRows(
@@ -189,38 +210,23 @@ def dense_deltas(model: nn.Module, loss: Loss, params: Params, batches: StackedB
     through one fused ``baddbmm_`` (no per-client gradient is written out). Same result as
     ``stacked_deltas`` to float tolerance.
     """
-    clients, width = batches.clients, int(batches.x.shape[2])
+    clients = batches.clients
     layers = _layers(model)
     dense = [(name, layer) for name, layer in layers if isinstance(layer, nn.Linear)]
     local = {key: value.unsqueeze(0).repeat(clients, *[1] * value.dim()) for key, value in params.items()}
+
+    def own_weights(name: str, layer: nn.Linear, h: Tensor, position: int) -> Tensor:
+        weight = local[_key(name, "weight")].transpose(1, 2)
+        if layer.bias is None:
+            return torch.bmm(h, weight)
+        return torch.baddbmm(local[_key(name, "bias")].unsqueeze(1), h, weight)
+
     for step in range(batches.steps):
-        w = batches.w[:, step]
-        h = batches.x[:, step]
-        inputs: list[Tensor] = []
-        outputs: list[Tensor] = []
-        for name, layer in layers:
-            if isinstance(layer, nn.Flatten):
-                h = h.reshape(clients, width, -1)
-            elif isinstance(layer, nn.Linear):
-                weight = local[_key(name, "weight")].transpose(1, 2)
-                z = (
-                    torch.bmm(h, weight)
-                    if layer.bias is None
-                    else torch.baddbmm(local[_key(name, "bias")].unsqueeze(1), h, weight)
-                )
-                if not z.requires_grad:
-                    z.requires_grad_(True)
-                inputs.append(h.detach())
-                outputs.append(z)
-                h = z
-            else:
-                h = layer(h)
-        per_sample = loss.per_sample(h.reshape(clients * width, -1), batches.y[:, step].reshape(-1))
-        counts = w.sum(dim=1).clamp_min(1.0)
-        total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / counts).sum()
-        grads = torch.autograd.grad(total, outputs)
+        rows, errors = _local_step(
+            layers, loss, batches.x[:, step], batches.y[:, step], batches.w[:, step], own_weights
+        )
         with torch.no_grad():
-            for (name, layer), a, g in zip(dense, inputs, grads, strict=True):
+            for (name, layer), a, g in zip(dense, rows, errors, strict=True):
                 local[_key(name, "weight")].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
                 if layer.bias is not None:
                     local[_key(name, "bias")].sub_(g.sum(dim=1), alpha=lr)
