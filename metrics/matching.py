@@ -64,6 +64,15 @@ def solver_costs(scores: np.ndarray, metric: str) -> np.ndarray:
     return costs
 
 
+def _batch_pair(originals: Any, reconstructions: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Originals and reconstructions as checked (N, C, H, W) arrays; an empty reconstruction batch takes their shape."""
+    v0 = as_image_batch(originals, "originals")
+    recon = to_float_array(reconstructions, "reconstructions")
+    if recon.ndim >= 1 and recon.shape[0] == 0:
+        recon = np.empty((0, *v0.shape[1:]))
+    return as_batch_pair(v0, recon)
+
+
 def match(originals: Any, reconstructions: Any, metric: str = "avd") -> MatchResult:
     """Optimally pair each original with a distinct reconstruction and score every pair.
 
@@ -74,11 +83,7 @@ def match(originals: Any, reconstructions: Any, metric: str = "avd") -> MatchRes
     extra reconstructions are ignored.
     """
     check_metric_name(metric)
-    v0 = as_image_batch(originals, "originals")
-    recon = to_float_array(reconstructions, "reconstructions")
-    if recon.ndim >= 1 and recon.shape[0] == 0:
-        recon = np.empty((0, *v0.shape[1:]))
-    v0, v1 = as_batch_pair(v0, recon)
+    v0, v1 = _batch_pair(originals, reconstructions)
     assignment = np.full(len(v0), UNMATCHED, dtype=np.int64)
     scores = {name: np.full(len(v0), WORST_SCORE[name]) for name in METRIC_NAMES}
     if len(v0) == 0 or len(v1) == 0:
@@ -112,13 +117,7 @@ def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 
     matrix product of those maps, and the matched pairs of all batches are scored together; only the
     assignment runs batch by batch. The images of all batches must share one shape.
     """
-    prepared = []
-    for originals, reconstructions in batches:
-        v0 = as_image_batch(originals, "originals")
-        recon = to_float_array(reconstructions, "reconstructions")
-        if recon.ndim >= 1 and recon.shape[0] == 0:
-            recon = np.empty((0, *v0.shape[1:]))
-        prepared.append(as_batch_pair(v0, recon))
+    prepared = [_batch_pair(originals, reconstructions) for originals, reconstructions in batches]
     if not prepared:
         return []
     shape = prepared[0][0].shape[1:]
