@@ -1,6 +1,8 @@
-"""The ``testbed`` command: run, validate, schema, ui.
+"""The ``testbed`` command: run, validate, schema, report, ui.
 
-User mistakes print one line on stderr and exit with status 2; nothing else is printed for them.
+User mistakes print one line on stderr and exit with status 2; nothing else is printed for them. Any
+other failure prints one line with its type and message and exits with status 1 (``--debug`` shows the
+traceback instead).
 """
 
 from __future__ import annotations
@@ -13,18 +15,28 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from testbed.errors import UserError
 
 DEFAULT_UI_PORT = 5000
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit status 2), like every other input mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``testbed: error: ...`` with a pointer to --help, and exit 2."""
+        self.exit(UserError.exit_code, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="testbed",
         description="Federated-learning privacy testbed: run topologies, attack updates, track leakage.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of unexpected errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="run a topology YAML file")
     run.add_argument("file", nargs="?", help="topology YAML file (optional with --resume)")
@@ -90,9 +102,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from testbed.store_check import check_tracking_uri
     from testbed.topology import load_experiment
 
-    load_experiment(args.file, args.overrides)
+    experiment = load_experiment(args.file, args.overrides)
+    check_tracking_uri(experiment.tracking.uri)
     print(f"{args.file}: OK")
     return 0
 
@@ -153,6 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last line of defence: one line, the traceback only on request
+        if args.debug:
+            raise
+        detail = " ".join(str(exc).split())[:500]
+        print(
+            f"testbed: unexpected error: {type(exc).__name__}: {detail} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from testbed.partition import Partition, PartitionError, partition
 from testbed.progress import Progress
 from testbed.records import ChunkSummary, Params
 from testbed.scheduling import audited_clients, group_bounds, make_tasks, sample_clients
+from testbed.store_check import check_tracking_uri
 from testbed.tracking import Tracker, TrackingUnavailable, flatten
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def run_experiment(
     from testbed.tree import build_tree
     from testbed.workers import WorkerPool
 
+    check_tracking_uri(experiment.tracking.uri)
     data = prepare_data(experiment)
     state: dict[str, Any] = {}
     if resume_run_id is not None:

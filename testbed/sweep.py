@@ -18,6 +18,7 @@ from typing import Any
 from testbed.config import Experiment
 from testbed.errors import UserError
 from testbed.progress import Progress
+from testbed.store_check import check_tracking_uri
 from testbed.topology import set_path, validate
 from testbed.tracking import Tracker, flatten
 
@@ -107,6 +108,7 @@ def run_sweep(
     from testbed.engine import prepare_data, run_experiment
 
     cells = plan(experiment)
+    check_tracking_uri(experiment.tracking.uri)
     for _, cell in cells:
         prepare_data(cell)
     check_address(experiment.resources)

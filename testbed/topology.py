@@ -26,7 +26,11 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{file}: no such topology file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read the topology file ({exc.strerror or type(exc).__name__})") from None
+    text = _decode(raw, file)
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -35,9 +39,29 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{file}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{file}: the YAML is nested too deeply to be a topology file") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's 4,300-digit conversion limit
+        raise UserError(f"{file}: a value cannot be read: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{file}: the top level must be a mapping of fields (name, rounds, clients, ...)")
     return data, node
+
+
+def _decode(raw: bytes, file: Path) -> str:
+    """The file's text: UTF-8 (a byte-order mark is allowed); anything else is a one-line UserError."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and (raw[0] == 0 or raw[1] == 0)):
+        raise UserError(f"{file}: the file is UTF-16 (or binary), not UTF-8 text; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{file}: not UTF-8 text (byte {exc.start + 1}, line {line}); a topology file is UTF-8 YAML"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"{file}: the file holds NUL bytes; a topology file is UTF-8 YAML text")
+    return text
 
 
 def _line_of(node: yaml.Node | None, loc: Path_) -> int | None:

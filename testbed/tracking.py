@@ -77,7 +77,10 @@ class Tracker:
         self.uri = uri
         self.experiment_name = experiment
         self.artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as exc:  # a store MLflow cannot open is the user's address to fix
+            raise UserError(f"tracking.uri: MLflow cannot open {uri!r}: {_reason(exc)}") from None
         self.experiment_id: str | None = None
 
     @classmethod

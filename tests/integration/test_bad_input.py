@@ -11,8 +11,10 @@ as markdown (docs/reliability.md shows it).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,7 @@ class Case:
     expected: str
     data: dict[str, Any] | None = None
     text: str | None = None
+    raw: bytes | None = None
     args: tuple[str, ...] = ()
     with_file: bool = True
     starts_ray: bool = False
@@ -77,6 +80,17 @@ CASES = [
     Case("malformed YAML", f"{FILE}: malformed YAML (line 3", text="name: x\nrounds: 2\nseed: 0: 1\n"),
     Case("top level is a list", f"{FILE}: the top level must be a mapping", text="- name: x\n- rounds: 2\n"),
     Case("missing file", "nope.yaml: no such topology file", args=("nope.yaml",), with_file=False),
+    Case("random bytes", f"{FILE}: not UTF-8 text (byte ", raw=bytes(random.Random(7).randbytes(400))),
+    Case(
+        "UTF-16 file",
+        f"{FILE}: the file is UTF-16 (or binary), not UTF-8 text; save it as UTF-8",
+        raw=yaml.safe_dump(GOOD).encode("utf-16"),
+    ),
+    Case(
+        "sqlite folder that cannot be made",
+        "tracking.uri: cannot make the sqlite database under /proc",
+        _good(tracking={"uri": "sqlite:////proc/nope/b.db"}),
+    ),
     Case("wrong type (rounds)", "rounds: Input should be a valid integer", _good(rounds="many")),
     Case("wrong type (clients)", "clients: Input should be a valid list", _good(clients={"group": "a"})),
     Case("unknown top-level field", "roundz: unknown field", _good(roundz=3)),
@@ -191,11 +205,29 @@ CASES = [
     ),
 ]
 
-SUBPROCESS = ("malformed YAML", "more clients than samples", "unreachable cluster address")
+if importlib.util.find_spec("psycopg") is None:  # with the [postgres] extra installed the driver is there
+    CASES.append(
+        Case(
+            "database store without its driver",
+            "tracking.uri: the postgresql store needs the database driver 'psycopg', which is not installed; "
+            'pip install -e ".[postgres]"',
+            _good(tracking={"uri": "postgresql://user:secret@127.0.0.1:5432/mlflow"}),
+        )
+    )
+
+SUBPROCESS = (
+    "random bytes",
+    "UTF-16 file",
+    "malformed YAML",
+    "more clients than samples",
+    "unreachable cluster address",
+)
 
 
 def _prepare(case: Case, folder: Path) -> None:
-    if case.text is not None:
+    if case.raw is not None:
+        (folder / FILE).write_bytes(case.raw)
+    elif case.text is not None:
         (folder / FILE).write_text(case.text, encoding="utf-8")
     elif case.data is not None:
         (folder / FILE).write_text(yaml.safe_dump(case.data, sort_keys=False), encoding="utf-8")
