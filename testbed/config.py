@@ -59,12 +59,18 @@ class DatasetConfig(Strict):
         return value
 
 
+DEFAULT_ACTIVATIONS: dict[str, str] = {"mlp": "relu", "lenet": "sigmoid", "cnn": "relu"}
+"""Each model's activation when the topology names none (LeNet: sigmoid, as in the DLG papers)."""
+
+
 class ModelConfig(Strict):
     """The architecture every client trains."""
 
     name: Literal["softmax", "mlp", "lenet", "cnn"] = Field("mlp", description="architecture")
     hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths (mlp)")
-    activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation (mlp)")
+    activation: Literal["relu", "sigmoid", "tanh"] | None = Field(
+        None, description="hidden activation (mlp, lenet, cnn; default: relu, but sigmoid for lenet as in DLG)"
+    )
 
     @field_validator("hidden")
     @classmethod
@@ -72,6 +78,16 @@ class ModelConfig(Strict):
         if any(width < 1 for width in value):
             raise ValueError(f"hidden widths must be >= 1, got {value}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_activation(cls, data: Any) -> Any:
+        """An unnamed activation becomes the model's default, so the resolved config (and reports) say it."""
+        if isinstance(data, dict) and data.get("activation") is None:
+            default = DEFAULT_ACTIVATIONS.get(str(data.get("name", "mlp")))
+            if default is not None:
+                return {**data, "activation": default}
+        return data
 
 
 class AlgorithmConfig(Strict):

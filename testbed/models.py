@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from testbed.config import DEFAULT_ACTIVATIONS
+
 if TYPE_CHECKING:
     from testbed.config import ModelConfig
 
@@ -32,36 +34,43 @@ def softmax_regression(input_shape: Sequence[int], num_classes: int) -> nn.Modul
     return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
 
 
-def mlp(
-    input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,), activation: str = "relu"
-) -> nn.Module:
-    """A fully connected network with the given hidden widths and activation."""
+def _activation(activation: str) -> Callable[[], nn.Module]:
     if activation not in ACTIVATIONS:
         raise UnknownModelError(
             f"model.activation: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}"
         )
+    return ACTIVATIONS[activation]
+
+
+def mlp(
+    input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,), activation: str = "relu"
+) -> nn.Module:
+    """A fully connected network with the given hidden widths and activation."""
+    layer = _activation(activation)
     layers: list[nn.Module] = [nn.Flatten()]
     width = prod(input_shape)
     for size in hidden:
-        layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, size), layer()]
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
 
-def lenet(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The sigmoid LeNet of the DLG / iDLG papers: three 5x5 convolutions (12 channels) and one dense layer.
+def lenet(input_shape: Sequence[int], num_classes: int, activation: str = "sigmoid") -> nn.Module:
+    """The LeNet of the DLG / iDLG papers: three 5x5 convolutions (12 channels) and one dense layer.
 
-    Works for 1x28x28 (MNIST) and 3x32x32 (CIFAR-10) inputs; strides 2, 2, 1 with padding 2.
+    Works for 1x28x28 (MNIST) and 3x32x32 (CIFAR-10) inputs; strides 2, 2, 1 with padding 2. The papers
+    use sigmoid (the default); ``activation`` swaps it for relu or tanh.
     """
     channels, height, width = input_shape
+    layer = _activation(activation)
     body = nn.Sequential(
         nn.Conv2d(channels, 12, kernel_size=5, padding=2, stride=2),
-        nn.Sigmoid(),
+        layer(),
         nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=2),
-        nn.Sigmoid(),
+        layer(),
         nn.Conv2d(12, 12, kernel_size=5, padding=2, stride=1),
-        nn.Sigmoid(),
+        layer(),
         nn.Flatten(),
     )
     with torch.no_grad():
@@ -69,21 +78,22 @@ def lenet(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*body, nn.Linear(features, num_classes))
 
 
-def small_cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """A small ReLU convolutional network: two conv + max-pool blocks, then two dense layers."""
+def small_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "relu") -> nn.Module:
+    """A small convolutional network (ReLU by default): two conv + max-pool blocks, then two dense layers."""
     channels, height, width = input_shape
+    layer = _activation(activation)
     body = nn.Sequential(
         nn.Conv2d(channels, 16, kernel_size=3, padding=1),
-        nn.ReLU(),
+        layer(),
         nn.MaxPool2d(2),
         nn.Conv2d(16, 32, kernel_size=3, padding=1),
-        nn.ReLU(),
+        layer(),
         nn.MaxPool2d(2),
         nn.Flatten(),
     )
     with torch.no_grad():
         features = body(torch.zeros(1, channels, height, width)).shape[1]
-    return nn.Sequential(*body, nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, num_classes))
+    return nn.Sequential(*body, nn.Linear(features, 64), layer(), nn.Linear(64, num_classes))
 
 
 MODEL_NAMES = ("softmax", "mlp", "lenet", "cnn")
@@ -95,25 +105,29 @@ def build_model(
     num_classes: int,
     *,
     hidden: Sequence[int] = (256,),
-    activation: str = "relu",
+    activation: str | None = None,
     seed: int | None = None,
 ) -> nn.Module:
-    """Build a registered model; with ``seed`` its initial weights depend only on that seed."""
+    """Build a registered model; with ``seed`` its initial weights depend only on that seed.
+
+    ``activation`` None takes the model's default (``DEFAULT_ACTIVATIONS``); softmax regression has none.
+    """
     if len(input_shape) != 3:
         raise UnknownModelError(f"model: input shape must be C x H x W, got {tuple(input_shape)}")
     generator_state = None
     if seed is not None:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
+    chosen = activation or DEFAULT_ACTIVATIONS.get(name, "relu")
     try:
         if name == "softmax":
             return softmax_regression(input_shape, num_classes)
         if name == "mlp":
-            return mlp(input_shape, num_classes, hidden, activation)
+            return mlp(input_shape, num_classes, hidden, chosen)
         if name == "lenet":
-            return lenet(input_shape, num_classes)
+            return lenet(input_shape, num_classes, chosen)
         if name == "cnn":
-            return small_cnn(input_shape, num_classes)
+            return small_cnn(input_shape, num_classes, chosen)
         raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
     finally:
         if generator_state is not None:

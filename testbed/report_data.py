@@ -208,13 +208,16 @@ def groups_of(params: Mapping[str, str]) -> list[str]:
 
 
 def describe_model(params: Mapping[str, str]) -> str:
-    """The model's name; for an MLP also its activation and hidden widths."""
+    """The model's name with its activation (none for softmax regression); for an MLP also its hidden widths."""
     name = params.get("model.name", "?")
-    if name != "mlp":
+    activation = params.get("model.activation")
+    if name == "softmax" or activation in (None, "None"):
         return name
+    if name != "mlp":
+        return f"{name} {activation}"
     hidden = param_value(params.get("model.hidden", "[]"))
     widths = ",".join(str(width) for width in hidden) if isinstance(hidden, list) else str(hidden)
-    return f"mlp {params.get('model.activation', '?')} [{widths}]"
+    return f"mlp {activation} [{widths}]"
 
 
 def describe_attack(params: Mapping[str, str]) -> str:

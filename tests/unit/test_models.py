@@ -46,3 +46,19 @@ def test_unknown_names() -> None:
         build_model("resnet", (1, 28, 28), 10)
     with pytest.raises(UnknownModelError, match=r"model\.activation"):
         build_model("mlp", (1, 28, 28), 10, activation="gelu")
+
+
+@pytest.mark.parametrize(("name", "default", "count"), [("lenet", nn.Sigmoid, 3), ("cnn", nn.ReLU, 3)])
+def test_convolutional_models_honour_their_activation(name: str, default: type[nn.Module], count: int) -> None:
+    from testbed.config import ModelConfig
+    from testbed.models import model_for
+    from testbed.report_data import describe_model
+
+    assert sum(isinstance(m, default) for m in build_model(name, (1, 28, 28), 10)) == count
+    tanh = model_for(ModelConfig(name=name, activation="tanh"), (1, 28, 28), 10)
+    assert sum(isinstance(m, nn.Tanh) for m in tanh) == count
+    assert not any(isinstance(m, nn.Sigmoid | nn.ReLU) for m in tanh)
+    resolved = ModelConfig(name=name)  # an unnamed activation resolves to the model's default, as reports show it
+    assert resolved.activation == {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}[default]
+    assert describe_model({"model.name": name, "model.activation": "tanh"}) == f"{name} tanh"
+    assert describe_model({"model.name": "softmax", "model.activation": "None"}) == "softmax"
