@@ -15,6 +15,12 @@ from testbed.errors import UserError
 
 PROJECT_PACKAGES = ("testbed", "attacks", "defenses", "metrics")
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_HINT = (
+    "the Ray cluster at {address!r} refused this machine's authentication token (InvalidAuthToken); copy the head "
+    "node's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN to its contents), set RAY_AUTH_MODE=token "
+    "and run again (README: Joining a multi-node Ray cluster)"
+)
+"""The one-line hint when a cluster with token authentication (Ray's default) does not accept ours."""
 
 
 class _TokenNotice(logging.Filter):
@@ -54,10 +60,31 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _check_token(address: str) -> None:
+    """Fail in one line when the cluster's token authentication refuses this machine.
+
+    ``ray.init`` would retry for about 20 s, printing a warning each second, and then report a generic
+    connection failure; a direct client of the cluster's control store is refused at once.
+    """
+    import ray
+
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:  # a Ray without this client: ray.init reports the problem itself
+        return
+    try:
+        GcsClient(address=address.split("://", 1)[-1])
+    except ray.exceptions.AuthenticationError:
+        raise UserError(f"resources.address: {TOKEN_HINT.format(address=address)}") from None
+    except Exception:  # any other problem is reported by ray.init, with its own words
+        return
+
+
 def check_address(resources: ResourcesConfig) -> None:
-    """Fail fast when a host:port cluster address does not answer (before anything is written)."""
+    """Fail fast when a host:port cluster address does not answer or refuses our token (before anything is written)."""
     if resources.address not in (None, "auto"):
         _check_reachable(resources.address)
+        _check_token(resources.address)
 
 
 @contextmanager
@@ -84,8 +111,11 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
         kwargs.update(address=resources.address, runtime_env={"py_modules": _project_modules()})
     try:
         ray.init(**kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
+        text = str(exc).strip()
+        if isinstance(exc, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in text:
+            raise UserError(f"resources.address: {TOKEN_HINT.format(address=resources.address)}") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(f"resources.address: cannot reach the Ray cluster {resources.address!r}: {first}") from None
     try:
         yield dict(ray.cluster_resources())
