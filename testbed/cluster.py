@@ -69,7 +69,7 @@ def _check_token(address: str) -> None:
     import ray
 
     try:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
     except ImportError:  # a Ray without this client: ray.init reports the problem itself
         return
     try:
