@@ -97,7 +97,13 @@ def _run(args: argparse.Namespace) -> int:
     except RunAborted as exc:
         print(f"testbed: run stopped: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"run_id": result.run_id, "final_test_accuracy": result.final_accuracy}))
+    line: dict[str, object] = {"run_id": result.run_id, "final_test_accuracy": result.final_accuracy}
+    if experiment.attack is not None:
+        line["leakage"] = {
+            group: {key: int(value) if key == "audited_samples" else round(value, 4) for key, value in row.items()}
+            for group, row in result.leakage.items()
+        }
+    print(json.dumps(line))
     return 0
 
 

@@ -54,6 +54,7 @@ class RunResult:
     params: Params
     history: list[dict[str, float]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
+    leakage: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float:
@@ -209,6 +210,7 @@ def run_experiment(
         progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         progress.start_at(start_round)
         status = "FAILED"
+        leakage: dict[str, dict[str, float]] = {}
         try:
             for round_index in range(start_round, experiment.rounds):
                 started = time.perf_counter()
@@ -263,11 +265,14 @@ def run_experiment(
                     status = "UNREACHABLE"
                     raise RunAborted(f"{exc}; resume with: testbed run --resume {run_id}") from None
                 shown = {"acc": metrics["test_accuracy"]} if "test_accuracy" in metrics else {}
-                progress.update(round_index + 1, {**shown, "s/round": seconds})
+                leaked = {f"rec[{group}]": value for group, value in meter.take_fresh().items()}
+                progress.update(round_index + 1, {**shown, **leaked, "s/round": seconds})
             try:
                 meter.finish()
                 tracker.flush()
+                leakage = meter.summary_by_group()
                 _log_final(tracker, run_id, experiment, params, history)
+                tracker.set_note(run_id, run_note(experiment, history, leakage, meter.grids))
             except TrackingUnavailable as exc:
                 status = "UNREACHABLE"
                 raise RunAborted(f"{exc}; resume with: testbed run --resume {run_id}") from None
@@ -283,7 +288,7 @@ def run_experiment(
                 ray.kill(actor)
             if status != "UNREACHABLE":
                 tracker.end_run(run_id, status)
-    return RunResult(run_id, params, history, worker_nodes)
+    return RunResult(run_id, params, history, worker_nodes, leakage)
 
 
 def _make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:
@@ -308,6 +313,36 @@ def _check_same_experiment(experiment: Experiment, state: Mapping[str, Any]) -> 
         raise UserError(
             f"--resume: the checkpoint was written with a different configuration (differs in: {', '.join(changed)})"
         )
+
+
+def run_note(
+    experiment: Experiment,
+    history: list[dict[str, float]],
+    leakage: Mapping[str, Mapping[str, float]],
+    grids: list[str],
+) -> str:
+    """The run's MLflow description (markdown): final accuracy, leakage per group, where the audit grids are."""
+    accuracy = next((row["test_accuracy"] for row in reversed(history) if "test_accuracy" in row), float("nan"))
+    lines = [f"**{experiment.name}**: {experiment.rounds} rounds, final test accuracy {accuracy:.4f}."]
+    if experiment.attack is None:
+        lines.append("")
+        lines.append("No attack audited this run.")
+        return "\n".join(lines)
+    lines += ["", f"Leakage under `{experiment.attack.name}` (every audited sample of the run):", ""]
+    lines += ["| group | audited samples | recovered | mean SSIM | mean AVD |", "| --- | --- | --- | --- | --- |"]
+    for group, row in leakage.items():
+        lines.append(
+            f"| {group} | {int(row['audited_samples'])} | {row['recovered_fraction']:.3f} | "
+            f"{row['ssim_mean']:.3f} | {row['avd_mean']:.3f} |"
+        )
+    if not leakage:
+        lines.append("| (no audited sample was scored) | 0 | | | |")
+    lines.append("")
+    if grids:
+        span = f"`{grids[0]}` ... `{grids[-1]}` ({len(grids)} rounds)" if len(grids) > 1 else f"`{grids[0]}`"
+        lines.append(f"Audit grids (originals above matched reconstructions): {span}.")
+    lines.append("Every audited sample: `audits/samples.csv`.")
+    return "\n".join(lines)
 
 
 def _log_final(

@@ -63,18 +63,21 @@ class LeakageMeter:
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
         self.failed = 0
+        self.fresh: dict[str, float] = {}  # group -> recovered fraction of the rounds logged since take_fresh()
+        self.grids: list[str] = []  # artifact paths of the audit grids logged so far
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the audits: the scored rows so far and the not-applicable counts.
 
         Audits still running when a run is interrupted are not kept; their rounds have no leakage rows.
         """
-        return {"rows": list(self.rows), "not_applicable": dict(self.not_applicable)}
+        return {"rows": list(self.rows), "not_applicable": dict(self.not_applicable), "grids": list(self.grids)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's audit state."""
         self.rows = list(state.get("rows", []))
         self.not_applicable.update(state.get("not_applicable", {}))
+        self.grids = list(state.get("grids", []))
 
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
         """Send a round's pending attack outcomes to the scorer with the ground truth (client -> sample indices)."""
@@ -139,6 +142,8 @@ class LeakageMeter:
                 weighted = sum(a * n for a, n in labels) / max(sum(n for _, n in labels), 1)
                 summary = dataclasses.replace(summary, label_accuracy=weighted)
             metrics.update(summary.as_metrics(prefix=f"leakage/{key}/"))
+            if any(s.outcome.group == key for s in members):
+                self.fresh[key] = summary.recovered_fraction
         self.tracker.log_metrics(self.run_id, metrics, step=round_index + 1)
         for item in scored:
             self._add_rows(item)
@@ -195,6 +200,27 @@ class LeakageMeter:
             path = folder / f"round_{round_index + 1:04d}.png"
             path.write_bytes(buffer.getvalue())
             self.tracker.log_file(self.run_id, path, "audits")
+        self.grids.append(f"audits/{path.name}")
+
+    def take_fresh(self) -> dict[str, float]:
+        """The recovered fraction per group of the rounds logged since the last call (for the progress line)."""
+        fresh, self.fresh = self.fresh, {}
+        return fresh
+
+    def summary_by_group(self) -> dict[str, dict[str, float]]:
+        """Leakage over every audited sample of the run, per client group: samples, recovered, mean SSIM and AVD."""
+        result: dict[str, dict[str, float]] = {}
+        for group in sorted({str(row["group"]) for row in self.rows}):
+            rows = [row for row in self.rows if row["group"] == group]
+            ssim = [row["ssim"] for row in rows if np.isfinite(row["ssim"])]
+            avd = [row["avd"] for row in rows if np.isfinite(row["avd"])]
+            result[group] = {
+                "audited_samples": float(len(rows)),
+                "recovered_fraction": float(np.mean([bool(row["recovered"]) for row in rows])),
+                "ssim_mean": float(np.mean(ssim)) if ssim else float("nan"),
+                "avd_mean": float(np.mean(avd)) if avd else float("nan"),
+            }
+        return result
 
     def finish(self) -> None:
         """Wait for every outstanding audit and store the per-sample CSV."""

@@ -238,6 +238,10 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="testbed-") as folder:
             yield Path(folder)
 
+    def set_note(self, run_id: str, text: str) -> None:
+        """The run's description (MLflow's note, markdown), shown first by the MLflow UI."""
+        self._patiently(lambda: self.client.set_tag(run_id, "mlflow.note.content", text))
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Deliver every queued metric, then close the run with FINISHED, FAILED or KILLED.
 
