@@ -32,18 +32,24 @@ def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
 
 
 def test_mnist_5k_has_5000_images_split_stratified_and_loads_fast() -> None:
+    """Parsing the CSV costs 0.1-0.15 s of CPU (measured); a second split of it parses nothing.
+
+    The bound is on this thread's CPU time, not wall time: on a shared or loaded machine wall time also
+    counts the other processes' work (measured up to 4 times the CPU time here). That the file is parsed
+    once is read from the cache's own counters rather than from a second, faster, timing.
+    """
     datasets._mnist_5k.cache_clear()
-    start = time.perf_counter()
+    start = time.thread_time()
     ds = load_dataset("mnist-5k")
-    cold = time.perf_counter() - start
+    cold = time.thread_time() - start
     _check_layout(ds, (1, 28, 28), 4000, 1000)
     assert ds.num_classes == 10
     assert np.bincount(ds.train_y).tolist() == [400] * 10
     assert np.bincount(ds.test_y).tolist() == [100] * 10
     assert cold < 2.0
-    start = time.perf_counter()
     load_dataset("mnist-5k", seed=1)
-    assert time.perf_counter() - start < cold
+    parsed = datasets._mnist_5k.cache_info()
+    assert parsed.misses == 1 and parsed.hits >= 1
 
 
 def test_split_is_seeded_and_disjoint() -> None:

@@ -122,9 +122,14 @@ def test_bad_requests_raise_one_line_partition_errors(kwargs: dict[str, Any], me
 
 @pytest.mark.parametrize("scheme", PARTITIONS)
 def test_ten_thousand_clients_over_sixty_thousand_samples_is_fast(scheme: str) -> None:
+    """The partition is vectorised: measured 1-40 ms of CPU here, where a loop over clients x samples takes minutes.
+
+    The bound is on this thread's CPU time, not wall time: on a shared or loaded machine wall time also
+    counts the other processes' work (measured up to 4 times the CPU time here).
+    """
     labels = np.random.default_rng(0).integers(0, 10, size=60000)
-    start = time.perf_counter()
+    start = time.thread_time()
     p = partition(labels, 10000, scheme, seed=0, alpha=0.3, min_samples=2)
-    elapsed = time.perf_counter() - start
+    elapsed = time.thread_time() - start
     assert p.num_clients == 10000 and p.sizes().min() >= 2
     assert elapsed < 1.0
