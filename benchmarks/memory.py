@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.throughput import PeakMemory
-from testbed.engine import prepare_data, run_experiment
-from testbed.topology import validate
+from testbed.config.topology import validate
+from testbed.engine import run_experiment
+from testbed.runtime.preparation import prepare_data
 
 
 def main() -> None:

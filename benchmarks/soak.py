@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.checkpoint import load_checkpoint
+from testbed.tracking.checkpoint import load_checkpoint
 
 WINDOW = 10
 BOUND = 0.10

@@ -33,9 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.datasets import load_dataset
+from testbed.config.topology import apply_overrides, validate
+from testbed.data.datasets import load_dataset
 from testbed.engine import run_experiment
-from testbed.topology import apply_overrides, validate
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = 4

@@ -76,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from testbed.checkpoint import experiment_from_checkpoint
+    from testbed.config.load import load_experiment
     from testbed.engine import RunAborted, run_experiment
     from testbed.sweep import run_sweep
-    from testbed.topology import load_experiment
+    from testbed.tracking.checkpoint import experiment_from_checkpoint
 
     if args.file is None:
         if args.resume is None:
@@ -108,8 +108,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from testbed.store_check import check_tracking_uri
-    from testbed.topology import load_experiment
+    from testbed.config.load import load_experiment
+    from testbed.tracking.store_check import check_tracking_uri
 
     experiment = load_experiment(args.file, args.overrides)
     check_tracking_uri(experiment.tracking.uri)
@@ -118,15 +118,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from testbed.config import Experiment
-    from testbed.schema_docs import markdown
+    from testbed.config.schema import Experiment
+    from testbed.config.schema_docs import markdown
 
     print(markdown() if args.markdown else json.dumps(Experiment.model_json_schema(), indent=2))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from testbed.report import report_command
+    from testbed.report.command import report_command
 
     out = args.out or Path("reports") / args.target
     path = report_command(args.target, uri=args.uri, out=out)

@@ -18,8 +18,8 @@ import psutil
 import pytest
 import yaml
 
+from testbed.config.topology import validate
 from testbed.engine import run_experiment
-from testbed.topology import validate
 from tests.conftest import small_experiment
 
 pytestmark = pytest.mark.ray

@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from testbed.config.topology import validate
 from testbed.engine import run_experiment
-from testbed.topology import validate
 from tests.conftest import small_experiment
 
 pytestmark = pytest.mark.ray

@@ -21,12 +21,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from testbed.checkpoint import load_checkpoint
-from testbed.engine import RunAborted, RunResult, initial_params, prepare_data, run_experiment
-from testbed.records import ChunkTask
-from testbed.scheduling import group_bounds, sample_clients
-from testbed.simulation import STREAM_BEHAVIOUR, SimulationContext, client_rng, simulate_chunk
-from testbed.topology import validate
+from testbed.config.topology import validate
+from testbed.engine import RunAborted, RunResult, run_experiment
+from testbed.runtime.preparation import initial_params, prepare_data
+from testbed.runtime.records import ChunkTask
+from testbed.runtime.scheduling import group_bounds, sample_clients
+from testbed.runtime.simulation import STREAM_BEHAVIOUR, SimulationContext, client_rng, simulate_chunk
+from testbed.tracking.checkpoint import load_checkpoint
 from tests.conftest import small_experiment, wait_for
 
 pytestmark = pytest.mark.ray

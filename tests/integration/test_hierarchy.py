@@ -8,8 +8,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from testbed.config.load import load_experiment
 from testbed.engine import run_experiment
-from testbed.topology import load_experiment
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.ray

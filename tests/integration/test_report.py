@@ -15,11 +15,12 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from testbed.audit.leakage import CSV_FIELDS
+from testbed.config.load import load_experiment
+from testbed.config.topology import validate
 from testbed.errors import UserError
-from testbed.leakage import CSV_FIELDS
-from testbed.report import report_command
-from testbed.topology import load_experiment, validate
-from testbed.tracking import flatten
+from testbed.report.command import report_command
+from testbed.tracking.store import flatten
 from tests.conftest import REPO, small_experiment
 
 INF = math.inf

@@ -23,10 +23,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from testbed.checkpoint import checkpoint_path, load_checkpoint
 from testbed.cli import main
+from testbed.config.topology import validate
 from testbed.engine import RunResult, run_experiment
-from testbed.topology import validate
+from testbed.tracking.checkpoint import checkpoint_path, load_checkpoint
 from tests.conftest import small_experiment, wait_for
 
 pytestmark = pytest.mark.ray
@@ -83,7 +83,8 @@ def _run_and_kill(folder: Path, args: list[str], kill_at: int) -> int:
 
         def reached() -> bool:
             if driver.poll() is not None:
-                pytest.fail(f"the driver exited ({driver.returncode}) before round {kill_at}: {driver.stderr}")
+                err = driver.stderr.read().decode(errors="replace")[-2000:] if driver.stderr else ""
+                pytest.fail(f"the driver exited ({driver.returncode}) before round {kill_at}: {err}")
             return _checkpointed_round(folder) >= kill_at
 
         wait_for(reached, f"round {kill_at} to be checkpointed", timeout=DEADLINE_S)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from testbed.report import report_command
+from testbed.config.topology import apply_overrides, read_yaml, validate
+from testbed.report.command import report_command
 from testbed.sweep import run_sweep
-from testbed.topology import apply_overrides, read_yaml, validate
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

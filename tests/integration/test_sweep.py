@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from testbed.config.sweep_plan import expand, plan
+from testbed.config.topology import validate
 from testbed.errors import UserError
-from testbed.sweep import COMBINATION_TAG, expand, plan, run_sweep
-from testbed.topology import validate
+from testbed.sweep import COMBINATION_TAG, run_sweep
 from tests.conftest import small_experiment
 
 pytestmark = pytest.mark.ray

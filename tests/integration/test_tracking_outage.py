@@ -25,9 +25,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from testbed.checkpoint import load_checkpoint
 from testbed.cli import main
-from testbed.tracking import Tracker
+from testbed.tracking.checkpoint import load_checkpoint
+from testbed.tracking.store import Tracker
 from tests.conftest import free_port, small_experiment, wait_for
 
 pytestmark = pytest.mark.ray

@@ -7,7 +7,7 @@ import torch
 
 import metrics
 from attacks import AttackerView, build_attack
-from testbed.models import build_model
+from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)

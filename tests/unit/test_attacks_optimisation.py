@@ -14,7 +14,7 @@ from torch.func import vmap
 import metrics
 from attacks import AttackerView, InvertingGradients, build_attack, inverting_gradients
 from attacks.simulate import autograd_gradient
-from testbed.models import build_model
+from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)

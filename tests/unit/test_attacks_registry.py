@@ -15,7 +15,7 @@ from attacks import (
     AttackNotApplicable,
     build_attack,
 )
-from testbed.models import build_model
+from testbed.runtime.models import build_model
 from tests.conftest import REPO
 from tests.unit.test_attacks_support import make_view, mnist_digits
 

@@ -172,7 +172,7 @@ def test_an_unexpected_error_is_one_line_with_a_debug_hint(monkeypatch: pytest.M
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr("testbed.topology.validate", broken)
+    monkeypatch.setattr("testbed.config.load.validate", broken)
     status, out, err = _validate(path)
     assert status == 1 and out == ""
     expected = "RuntimeError: disk on fire second line (run with --debug for the traceback)"

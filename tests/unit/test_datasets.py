@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testbed import datasets
-from testbed.datasets import DATASETS, Dataset, DatasetUnavailable, load_dataset, read_idx, stratified_order
+from testbed.data import datasets
+from testbed.data.datasets import DATASETS, Dataset, DatasetUnavailable, load_dataset, read_idx, stratified_order
 
 
 def _check_layout(ds: Dataset, shape: tuple[int, int, int], n_train: int, n_test: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from testbed.schema_docs import markdown
+from testbed.config.schema_docs import markdown
 from tests.conftest import REPO
 
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from defenses import build_policy
-from testbed.local_update import StackedBatches, reference_update, stacked_deltas, stacked_gradients, weighted_sum
-from testbed.models import build_model
+from testbed.runtime.local_update import (
+    StackedBatches,
+    reference_update,
+    stacked_deltas,
+    stacked_gradients,
+    weighted_sum,
+)
+from testbed.runtime.models import build_model
 
 SIZES = [[5, 5, 2], [5, 3], [4]]  # per client: the sizes of its local batches (ragged on purpose)
 
@@ -75,7 +81,7 @@ def _norms(update: dict[str, torch.Tensor]) -> torch.Tensor:
     [("mlp", "cross-entropy"), ("softmax", "mse"), ("mlp", "mse"), ("mlp", "sigmoid-bce")],
 )
 def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: str) -> None:
-    from testbed.fused import fusable, fused_trace
+    from testbed.runtime.fused import fusable, fused_trace
 
     model, params, clients = _setup(model_name)
     loss = build_policy({"loss": loss_name}).loss
@@ -99,7 +105,7 @@ def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: st
 )
 def test_fused_fedavg_matches_the_per_client_path(model_name: str, loss_name: str, activation: str) -> None:
     """Low-rank local steps give each client's delta, its norm and the weighted sum of the vmap path."""
-    from testbed.fused import fused_trace
+    from testbed.runtime.fused import fused_trace
 
     _, params, clients = _setup(model_name)
     model = build_model(model_name, (1, 12, 12), 10, hidden=[16, 8], activation=activation, seed=3)
@@ -123,7 +129,7 @@ def test_fused_fedavg_matches_the_per_client_path(model_name: str, loss_name: st
 
 
 def test_fusing_is_chosen_by_rows_per_client() -> None:
-    from testbed.fused import worth_fusing
+    from testbed.runtime.fused import worth_fusing
 
     model = build_model("mlp", (1, 28, 28), 10, hidden=[256], activation="relu", seed=0)
     assert worth_fusing(model, 64)  # the reference workload: two local steps of 32
@@ -132,7 +138,7 @@ def test_fusing_is_chosen_by_rows_per_client() -> None:
 
 @pytest.mark.parametrize(("loss_name", "activation"), [("cross-entropy", "relu"), ("mse", "tanh")])
 def test_dense_fedavg_with_per_client_weights_matches_the_vmap_path(loss_name: str, activation: str) -> None:
-    from testbed.fused import dense_deltas
+    from testbed.runtime.fused import dense_deltas
 
     _, _, clients = _setup("mlp")
     model = build_model("mlp", (1, 12, 12), 10, hidden=[16, 8], activation=activation, seed=5)
@@ -154,9 +160,9 @@ def test_which_chunks_take_the_fused_path(algorithm: str, steps: int, width: int
     """One step never needs low-rank corrections; many steps are cheaper with per-client weights."""
     import numpy as np
 
-    from testbed.partition import partition
-    from testbed.simulation import SimulationContext, _fuses
-    from testbed.topology import validate
+    from testbed.config.topology import validate
+    from testbed.data.partition import partition
+    from testbed.runtime.simulation import SimulationContext, _fuses
 
     experiment = validate(
         {

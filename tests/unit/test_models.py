@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from testbed.models import UnknownModelError, build_model
+from testbed.runtime.models import UnknownModelError, build_model
 
 
 @pytest.mark.parametrize("name", ["softmax", "mlp", "lenet", "cnn"])
@@ -50,9 +50,9 @@ def test_unknown_names() -> None:
 
 @pytest.mark.parametrize(("name", "default", "count"), [("lenet", nn.Sigmoid, 3), ("cnn", nn.ReLU, 3)])
 def test_convolutional_models_honour_their_activation(name: str, default: type[nn.Module], count: int) -> None:
-    from testbed.config import ModelConfig
-    from testbed.models import model_for
-    from testbed.report_data import describe_model
+    from testbed.config.schema import ModelConfig
+    from testbed.report.data import describe_model
+    from testbed.runtime.models import model_for
 
     assert sum(isinstance(m, default) for m in build_model(name, (1, 28, 28), 10)) == count
     tanh = model_for(ModelConfig(name=name, activation="tanh"), (1, 28, 28), 10)

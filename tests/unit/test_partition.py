@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from testbed.partition import PARTITIONS, Partition, PartitionError, partition
+from testbed.data.partition import PARTITIONS, Partition, PartitionError, partition
 
 LABELS = np.random.default_rng(42).integers(0, 10, size=5000)
 

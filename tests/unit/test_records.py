@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from testbed.records import ChunkPayload, ClientUpdate
+from testbed.runtime.records import ChunkPayload, ClientUpdate
 
 
 def _roundtrip(value: object) -> object:
@@ -46,7 +46,7 @@ def test_client_update_and_payload_survive_pickling_out_of_band() -> None:
 
 def test_audit_actors_lower_their_own_priority() -> None:
     code = (
-        "import os; from testbed.scoring import lower_priority; "
+        "import os; from testbed.audit.priority import lower_priority; "
         "before = os.nice(0); lower_priority(5); print(before, os.nice(0))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

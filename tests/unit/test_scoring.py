@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from attacks import Reconstruction
-from testbed.audit import AuditOutcome
-from testbed.scoring import score_outcomes
+from testbed.audit.outcome import AuditOutcome
+from testbed.audit.scoring import score_outcomes
 
 
 def test_outcomes_are_matched_with_their_own_clients_samples() -> None:
@@ -50,13 +50,13 @@ class _Meter:
 
 
 def test_a_full_backlog_waits_or_skips_as_configured() -> None:
-    from testbed.config import AuditConfig
-    from testbed.engine import _make_room
+    from testbed.audit.leakage import make_room
+    from testbed.config.schema import AuditConfig
 
     room = _Meter(busy=1)
-    assert _make_room(room, AuditConfig(backlog=2), 40) == (0.0, 0) and room.waited_for == []
+    assert make_room(room, AuditConfig(backlog=2), 40) == (0.0, 0) and room.waited_for == []
     full = _Meter(busy=2)
-    seconds, skipped = _make_room(full, AuditConfig(backlog=2, when_busy="wait"), 40)
+    seconds, skipped = make_room(full, AuditConfig(backlog=2, when_busy="wait"), 40)
     assert skipped == 0 and seconds >= 0.0 and full.waited_for == [2] and full.busy == 1
     busy = _Meter(busy=3)
-    assert _make_room(busy, AuditConfig(backlog=2, when_busy="skip"), 40) == (0.0, 40) and busy.waited_for == []
+    assert make_room(busy, AuditConfig(backlog=2, when_busy="skip"), 40) == (0.0, 40) and busy.waited_for == []

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.sweep import plan
-from testbed.topology import load_experiment
+from testbed.config.load import load_experiment
+from testbed.config.sweep_plan import plan
 from tests.conftest import REPO
 
 FILES = [*sorted((REPO / "topologies").glob("*.yaml")), REPO / "benchmarks" / "workload.yaml"]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from testbed.config import Experiment
+from testbed.config.schema import Experiment
 from testbed.errors import UserError
 
 MAX_PARAM_LENGTH = 6000

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from testbed.config import Experiment
+from testbed.config.schema import Experiment
 from testbed.errors import UserError
 
 Path_ = tuple[str | int, ...]
@@ -204,16 +204,3 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         seen[key] = value
         set_path(result, key, value)
     return result
-
-
-def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
-    """Read, override and validate a topology file."""
-    data, node = read_yaml(path)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    experiment = validate(data, source=str(path), node=node)
-    if experiment.sweep is not None:
-        from testbed.sweep import plan
-
-        plan(experiment)
-    return experiment

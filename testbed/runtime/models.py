@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from testbed.config import DEFAULT_ACTIVATIONS
+from testbed.config.schema import DEFAULT_ACTIVATIONS
 
 if TYPE_CHECKING:
-    from testbed.config import ModelConfig
+    from testbed.config.schema import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

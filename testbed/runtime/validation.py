@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from testbed.local_update import flat_norms
-from testbed.records import Params
+from testbed.runtime.local_update import flat_norms
+from testbed.runtime.records import Params
 
 
 def structure_problem(update: Mapping[str, Tensor], params: Params, *, stacked: int | None = None) -> str | None:

@@ -1,66 +1,24 @@
-"""The curious aggregator's audits: attacker views of received updates, and the attack actor pool.
+"""The attack actor: runs the configured attack on the attacker views of audited updates.
 
-The aggregator turns each audited ``ClientUpdate`` into an ``AttackerView`` (model, global parameters,
-update, public hyper-parameters; never the client's data) and hands it to an ``AttackWorker``. The
-worker answers with ``AuditOutcome`` records that the driver later joins with its ground truth.
+The aggregator turns each audited ``ClientUpdate`` into an ``AttackerView`` (testbed.audit.outcome) and
+hands it to an ``AttackWorker``. The worker answers with ``AuditOutcome`` records that the scorer later
+joins with the simulator's ground truth.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack
+from attacks import AttackerView, AttackNotApplicable, build_attack
 from defenses import build_policy
-from testbed.config import Experiment
-from testbed.models import model_for
-from testbed.records import ClientUpdate, Params
-
-
-@dataclass
-class AuditOutcome:
-    """One attacked update: who it came from and what the attack made of it (or why it could not)."""
-
-    client: int
-    group: str
-    round: int
-    aggregator: str
-    reconstruction: Reconstruction | None
-    not_applicable: str | None = None
-    seconds: float = 0.0
-
-
-def attacker_view(
-    update: ClientUpdate,
-    global_params: Params,
-    model: nn.Module,
-    experiment: Experiment,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    loss_name: str,
-) -> AttackerView:
-    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss)."""
-    labels = torch.as_tensor(update.labels) if update.labels is not None else None
-    algorithm = experiment.algorithm
-    return AttackerView(
-        model=model,
-        global_params=global_params,
-        update={key: value.clone() for key, value in update.update.items()},  # received tensors are read-only
-        kind="gradient" if algorithm.name == "fedsgd" else "delta",
-        batch_size=update.batch_size,
-        num_samples=update.num_samples,
-        local_steps=update.local_steps,
-        lr=algorithm.lr,
-        loss=loss_name,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        labels=labels,
-    )
+from testbed.audit.outcome import AuditOutcome, attacker_view
+from testbed.config.schema import Experiment
+from testbed.runtime.models import model_for
+from testbed.runtime.records import ClientUpdate, Params
 
 
 class AttackWorker:
@@ -68,7 +26,7 @@ class AttackWorker:
 
     def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> None:
         assert experiment.attack is not None
-        from testbed.scoring import lower_priority
+        from testbed.audit.priority import lower_priority
 
         lower_priority(experiment.resources.attack.nice)
         torch.set_num_threads(max(1, int(experiment.resources.attack.num_cpus)))

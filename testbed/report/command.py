@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from testbed.report_data import (
+from testbed.report.data import (
     COMBINATION_TAG,
     LeakageRow,
     Selection,
@@ -24,7 +24,7 @@ from testbed.report_data import (
     read_results,
     select_runs,
 )
-from testbed.report_plots import plot_leakage_vs_batch, plot_privacy_utility
+from testbed.report.plots import plot_leakage_vs_batch, plot_privacy_utility
 
 ARTIFACT_FOLDER = "report"
 CSV_COLUMNS = (

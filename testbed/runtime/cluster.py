@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from testbed.config import ResourcesConfig
+from testbed.config.schema import ResourcesConfig
 from testbed.errors import UserError
 
 PROJECT_PACKAGES = ("testbed", "attacks", "defenses", "metrics")

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from testbed.aggregation import Aggregator
-from testbed.config import Experiment
-from testbed.records import ChunkSummary, Params
+from testbed.config.schema import Experiment
+from testbed.runtime.aggregation import Aggregator
+from testbed.runtime.records import ChunkSummary, Params
 
 
 @dataclass

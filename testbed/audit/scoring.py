@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from metrics import MatchResult, label_accuracy, match_many
-from testbed.audit import AuditOutcome
+from testbed.audit.outcome import AuditOutcome
+from testbed.audit.priority import lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,6 @@ def score_outcomes(
         kept = outcome if position < keep_images else dataclasses.replace(outcome, reconstruction=None)
         scored.append(ScoredClient(kept, indices, result, labels))
     return ScoredAudit(round_index, scored, reasons, float(sum(o.seconds for o in outcomes)))
-
-
-def lower_priority(nice: int) -> None:
-    """Raise this process's nice value by ``nice`` (Linux and macOS), so client workers get the CPU first."""
-    if nice > 0 and hasattr(os, "nice"):
-        try:
-            os.nice(nice)
-        except OSError as exc:  # not permitted here: keep the normal priority
-            log.warning("could not lower the priority of an audit actor: %s", exc)
 
 
 class LeakageScorer:

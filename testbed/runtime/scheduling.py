@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.config import Experiment
-from testbed.records import ChunkTask
+from testbed.config.schema import Experiment
+from testbed.runtime.records import ChunkTask
 
 STREAM_SAMPLING = 101
 STREAM_AUDIT = 102

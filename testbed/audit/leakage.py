@@ -3,7 +3,7 @@
 Per audited round and group it logs ``leakage/<group>/<metric>`` (AVD, MSE, PSNR, SSIM means and
 medians, recovered fraction, label accuracy) and, per aggregator, ``leakage/<aggregator>/...``; a PNG
 grid of originals above matched reconstructions; and at the end a CSV of every audited sample. The
-scoring itself runs in a ``LeakageScorer`` actor (testbed.scoring); a round is logged once every
+scoring itself runs in a ``LeakageScorer`` actor (testbed.audit.scoring); a round is logged once every
 attack task of it has been scored, so each step gets its metrics once.
 """
 
@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -20,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from metrics import METRIC_NAMES, MatchResult, recovered, summarize
-from testbed.datasets import Dataset
-from testbed.scoring import ScoredAudit, ScoredClient
-from testbed.tracking import Tracker
+from testbed.audit.scoring import ScoredAudit, ScoredClient
+from testbed.config.schema import AuditConfig
+from testbed.data.datasets import Dataset
+from testbed.tracking.store import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -243,3 +245,17 @@ def _display(image: np.ndarray) -> np.ndarray:
     if array.ndim == 3:
         array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
     return array
+
+
+def make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:
+    """Keep the audit backlog bounded before an audited round: (seconds waited, clients not audited).
+
+    ``meter`` is a LeakageMeter (or anything with ``busy_rounds`` and ``wait_below``).
+    """
+    if meter.busy_rounds() < audit.backlog:
+        return 0.0, 0
+    if audit.when_busy == "skip":
+        return 0.0, clients
+    started = time.perf_counter()
+    meter.wait_below(audit.backlog)
+    return time.perf_counter() - started, 0

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from testbed.config import AlgorithmConfig
-from testbed.records import ChunkPayload, ClientUpdate, Params
+from testbed.config.schema import AlgorithmConfig
+from testbed.runtime.records import ChunkPayload, ClientUpdate, Params
 
 
 @dataclass

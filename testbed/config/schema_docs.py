@@ -10,11 +10,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from testbed.config import Experiment
+from testbed.config.schema import Experiment
 
 INTRO = """# Configuration reference
 
-Generated from `testbed/config.py` by `testbed schema --markdown`; do not edit by hand. Every block
+Generated from `testbed/config/schema.py` by `testbed schema --markdown`; do not edit by hand. Every block
 rejects unknown fields. `testbed schema` prints the same as JSON Schema, and `testbed validate FILE`
 checks a file against it.
 """

@@ -18,10 +18,10 @@ import ray
 import torch
 from ray.exceptions import RayActorError, WorkerCrashedError
 
-from testbed.config import Experiment
-from testbed.partition import Partition
-from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
-from testbed.simulation import SimulationContext, simulate_chunk
+from testbed.config.schema import Experiment
+from testbed.data.partition import Partition
+from testbed.runtime.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
+from testbed.runtime.simulation import SimulationContext, simulate_chunk
 
 log = logging.getLogger(__name__)
 

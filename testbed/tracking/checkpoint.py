@@ -12,7 +12,7 @@ import torch
 from testbed.errors import UserError
 
 if TYPE_CHECKING:
-    from testbed.config import Experiment
+    from testbed.config.schema import Experiment
 
 FILE_NAME = "state.pt"
 
@@ -42,7 +42,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def experiment_from_checkpoint(folder: str | Path, run_id: str, overrides: Sequence[str] = ()) -> Experiment:
     """The configuration a checkpointed run was started with (``--set`` may still change ``rounds``)."""
-    from testbed.topology import apply_overrides, validate
+    from testbed.config.topology import apply_overrides, validate
 
     state = load_checkpoint(checkpoint_path(folder, run_id))
     data = apply_overrides(dict(state["config"]), overrides)

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from defenses import Loss
-from testbed.local_update import StackedBatches
-from testbed.records import Params
+from testbed.runtime.local_update import StackedBatches
+from testbed.runtime.records import Params
 
 ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh)
 LAYERS = (nn.Linear, nn.Flatten, *ACTIVATIONS)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.report_data import GroupResult, LeakageRow, Policy
+from testbed.report.data import GroupResult, LeakageRow, Policy
 
 AVD_AXIS = "mean AVD over audited samples\n(lower = reconstruction closer to the original)"
 RECOVERED_AXIS = "recovered fraction of audited samples"

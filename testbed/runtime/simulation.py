@@ -17,14 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from defenses import DefencePolicy, build_policy
-from testbed.config import ClientGroupConfig, Experiment
-from testbed.faults import corrupt_values, malformed
-from testbed.fused import dense_deltas, fusable, fused_trace, worth_fusing
-from testbed.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
-from testbed.models import model_for
-from testbed.partition import Partition
-from testbed.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
-from testbed.validation import structure_problem, validate_stack
+from testbed.config.schema import ClientGroupConfig, Experiment
+from testbed.data.partition import Partition
+from testbed.runtime.faults import corrupt_values, malformed
+from testbed.runtime.fused import dense_deltas, fusable, fused_trace, worth_fusing
+from testbed.runtime.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
+from testbed.runtime.models import model_for
+from testbed.runtime.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
+from testbed.runtime.validation import structure_problem, validate_stack
 
 STREAM_BATCHES = 0
 STREAM_BEHAVIOUR = 1
@@ -288,7 +288,7 @@ def _fused(
 
 
 def _fuses(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -> bool:
-    """Whether a group's chunk can skip per-client parameters and gradients (see testbed.fused)."""
+    """Whether a group's chunk can skip per-client parameters and gradients (see testbed.runtime.fused)."""
     steps, width = index.shape[1], index.shape[2]  # FedSGD plans one step
     return (
         context.fusable

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from testbed.datasets import DATASETS
-from testbed.partition import PARTITIONS
+from testbed.data.datasets import DATASETS
+from testbed.data.partition import PARTITIONS
 
 
 class Strict(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.records import Params
+from testbed.runtime.records import Params
 
 HUGE = 1e6
 

@@ -1,0 +1,58 @@
+"""What an attack sees and what it answers, as the aggregator records them.
+
+``attacker_view`` turns one received ``ClientUpdate`` into an ``AttackerView`` (model, global parameters,
+update, public hyper-parameters; never the client's data); an ``AuditOutcome`` is the attack's answer for
+that client, which the scorer later joins with the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attacks import AttackerView, Reconstruction
+from testbed.config.schema import Experiment
+from testbed.runtime.records import ClientUpdate, Params
+
+
+@dataclass
+class AuditOutcome:
+    """One attacked update: who it came from and what the attack made of it (or why it could not)."""
+
+    client: int
+    group: str
+    round: int
+    aggregator: str
+    reconstruction: Reconstruction | None
+    not_applicable: str | None = None
+    seconds: float = 0.0
+
+
+def attacker_view(
+    update: ClientUpdate,
+    global_params: Params,
+    model: nn.Module,
+    experiment: Experiment,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    loss_name: str,
+) -> AttackerView:
+    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss)."""
+    labels = torch.as_tensor(update.labels) if update.labels is not None else None
+    algorithm = experiment.algorithm
+    return AttackerView(
+        model=model,
+        global_params=global_params,
+        update={key: value.clone() for key, value in update.update.items()},  # received tensors are read-only
+        kind="gradient" if algorithm.name == "fedsgd" else "delta",
+        batch_size=update.batch_size,
+        num_samples=update.num_samples,
+        local_steps=update.local_steps,
+        lr=algorithm.lr,
+        loss=loss_name,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        labels=labels,
+    )

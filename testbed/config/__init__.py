@@ -1,0 +1,1 @@
+"""Stage 0, what to run: the topology schema, reading YAML files with overrides, sweep plans."""
