@@ -7,6 +7,7 @@ See docs/metrics.md.
 """
 
 from metrics.avd import avd, first_order_map, pairwise_avd, quantize, second_order_map
+from metrics.baselines import BASELINES, ClassPrototypes, baseline_scores, best_baseline, recovered_beyond
 from metrics.classification import accuracy
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, PSNR_CEILING_DB, WORST_SCORE
 from metrics.matching import UNMATCHED, MatchResult, match, match_many
@@ -15,6 +16,7 @@ from metrics.similarity import mse, pairwise_mse, pairwise_psnr, pairwise_ssim, 
 from metrics.summary import LeakageSummary, label_accuracy, summarize
 
 __all__ = [
+    "BASELINES",
     "DEFAULT_AVD_THRESHOLD",
     "DEFAULT_SSIM_THRESHOLD",
     "HIGHER_IS_BETTER",
@@ -22,10 +24,13 @@ __all__ = [
     "PSNR_CEILING_DB",
     "UNMATCHED",
     "WORST_SCORE",
+    "ClassPrototypes",
     "LeakageSummary",
     "MatchResult",
     "accuracy",
     "avd",
+    "baseline_scores",
+    "best_baseline",
     "first_order_map",
     "label_accuracy",
     "match",
@@ -38,6 +43,7 @@ __all__ = [
     "psnr",
     "quantize",
     "recovered",
+    "recovered_beyond",
     "second_order_map",
     "ssim",
     "summarize",

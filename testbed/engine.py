@@ -136,7 +136,8 @@ class RoundLoop:
         self.tree = build_tree(experiment, attack_workers)
         self.eval_model = model_for(experiment.model, self.dataset.input_shape, self.dataset.num_classes)
         self.test_x, self.test_y = torch.as_tensor(self.dataset.test_x), torch.as_tensor(self.dataset.test_y)
-        self.meter = LeakageMeter(self.dataset, self.tracker, "", scorer)
+        attacks = experiment.attack.names if experiment.attack is not None else []
+        self.meter = LeakageMeter(self.dataset, self.tracker, "", scorer, attacks)
         self.meter.restore(self.state.get("audits", {}))
         self.progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         self.progress.start_at(self.start_round)
@@ -149,7 +150,7 @@ class RoundLoop:
         import ray
 
         from testbed.audit.attack_worker import AttackWorker
-        from testbed.audit.leakage import GRID_MAX_CLIENTS
+        from testbed.audit.grid import GRID_MAX_CLIENTS
         from testbed.audit.scoring import LeakageScorer
 
         resources = self.experiment.resources.attack
@@ -158,7 +159,10 @@ class RoundLoop:
         names = [f"testbed-attack-{token}-{index}" for index in range(resources.workers)]
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
         actors: list[Any] = [attack_class.options(name=name).remote(self.experiment, shape, classes) for name in names]
-        scorer = ray.remote(num_cpus=0)(LeakageScorer).remote(data_ref, resources.nice, GRID_MAX_CLIENTS)
+        held_out = {"x": self.dataset.test_x, "y": self.dataset.test_y}  # the baselines' class means and images
+        scorer = ray.remote(num_cpus=0)(LeakageScorer).remote(
+            data_ref, resources.nice, GRID_MAX_CLIENTS, held_out, self.experiment.seed
+        )
         actors.append(scorer)
         ray.get([actor.__ray_ready__.remote() for actor in actors])
         return names, actors, scorer

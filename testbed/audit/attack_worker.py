@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attacks import AttackerView, AttackNotApplicable, build_attack
+from attacks import Attack, AttackerView, AttackNotApplicable, build_attack
 from defenses import build_policy
 from testbed.audit.outcome import AuditOutcome, attacker_view
 from testbed.config.schema import Experiment
@@ -22,7 +22,11 @@ from testbed.runtime.records import ClientUpdate, Params
 
 
 class AttackWorker:
-    """An actor that runs the configured attack on batches of attacker views (on its GPU when it has one)."""
+    """An actor that runs the configured attacks on batches of attacker views (on its GPU when it has one).
+
+    With a portfolio (``attack.name`` a list), every attack that applies runs on every view, each batched
+    over the views; each (update, attack) pair gives one ``AuditOutcome``.
+    """
 
     def __init__(self, experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> None:
         assert experiment.attack is not None
@@ -35,7 +39,9 @@ class AttackWorker:
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.model = model_for(experiment.model, input_shape, num_classes)
-        self.attack = build_attack(experiment.attack.name, experiment.attack.params, device=device)
+        self.attacks = [
+            build_attack(name, experiment.attack.params_of(name), device=device) for name in experiment.attack.names
+        ]
         self.losses = {group.group: build_policy(group.defence).loss.name for group in experiment.clients}
         for edge in experiment.aggregators:
             self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
@@ -47,7 +53,7 @@ class AttackWorker:
         aggregator: str,
         references: Sequence[Any] = (),
     ) -> list[AuditOutcome]:
-        """Attack every update ``aggregator`` received; where the attack does not apply, a one-line reason.
+        """Run every attack on every update ``aggregator`` received; where one does not apply, a one-line reason.
 
         ``references`` are object references to lists of further updates (a chunk's audited clients each).
         """
@@ -55,11 +61,8 @@ class AttackWorker:
             import ray
 
             updates = [*updates, *(update for batch in ray.get(list(references)) for update in batch)]
-        outcomes: list[AuditOutcome] = []
-        views: list[AttackerView] = []
-        kept: list[ClientUpdate] = []
-        for update in updates:
-            view = attacker_view(
+        views = [
+            attacker_view(
                 update,
                 global_params,
                 self.model,
@@ -68,19 +71,36 @@ class AttackWorker:
                 self.num_classes,
                 self.losses[update.group],
             )
+            for update in updates
+        ]
+        outcomes: list[AuditOutcome] = []
+        for attack in self.attacks:
+            outcomes += self._run(attack, updates, views, aggregator)
+        return outcomes
+
+    @staticmethod
+    def _run(
+        attack: Attack, updates: Sequence[ClientUpdate], views: Sequence[AttackerView], aggregator: str
+    ) -> list[AuditOutcome]:
+        """One attack on the views it applies to, batched; a not-applicable outcome for the others."""
+        outcomes: list[AuditOutcome] = []
+        runnable: list[tuple[ClientUpdate, AttackerView]] = []
+        for update, view in zip(updates, views, strict=True):
             try:
-                self.attack.check(view)
+                attack.check(view)
             except AttackNotApplicable as exc:
-                outcomes.append(AuditOutcome(update.client, update.group, update.round, aggregator, None, str(exc)))
+                who = (update.client, update.group, update.round, aggregator)
+                outcomes.append(AuditOutcome(*who, None, str(exc), 0.0, attack.name))
                 continue
-            views.append(view)
-            kept.append(update)
-        if views:
+            runnable.append((update, view))
+        if runnable:
             started = time.perf_counter()
-            results = self.attack.reconstruct_many(views)
-            seconds = (time.perf_counter() - started) / len(views)
-            for update, result in zip(kept, results, strict=True):
+            results = attack.reconstruct_many([view for _, view in runnable])
+            seconds = (time.perf_counter() - started) / len(runnable)
+            for (update, _), result in zip(runnable, results, strict=True):
                 outcomes.append(
-                    AuditOutcome(update.client, update.group, update.round, aggregator, result, seconds=seconds)
+                    AuditOutcome(
+                        update.client, update.group, update.round, aggregator, result, None, seconds, attack.name
+                    )
                 )
         return outcomes

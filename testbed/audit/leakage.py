@@ -1,16 +1,19 @@
 """The leakage meter: sends attack outcomes to be scored against the ground truth, and logs the scores.
 
 Per audited round and group it logs ``leakage/<group>/<metric>`` (AVD, MSE, PSNR, SSIM means and
-medians, recovered fraction, label accuracy) and, per aggregator, ``leakage/<aggregator>/...``; a PNG
-grid of originals above matched reconstructions; and at the end a CSV of every audited sample. The
-scoring itself runs in a ``LeakageScorer`` actor (testbed.audit.scoring); a round is logged once every
-attack task of it has been scored, so each step gets its metrics once.
+medians, recovered fraction beyond the no-information baselines, the baselines' best scores as
+``<metric>_baseline``, label accuracy and exact label histograms) and, per aggregator,
+``leakage/<aggregator>/...``. With a portfolio of attacks these are the worst case over the attacks
+(testbed.audit.worst_case) and each attack also logs ``leakage/<key>/<attack>/...``. A PNG grid of
+originals above matched reconstructions per audited round, and at the end a CSV of every audited sample
+(``samples.csv``, the worst case; ``samples_by_attack.csv`` with a portfolio). The scoring itself runs
+in a ``LeakageScorer`` actor (testbed.audit.scoring); a round is logged once every attack task of it
+has been scored, so each step gets its metrics once.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import time
@@ -20,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from metrics import METRIC_NAMES, MatchResult, recovered, summarize
+from metrics import METRIC_NAMES, best_baseline
+from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
 from testbed.audit.scoring import ScoredAudit, ScoredClient
+from testbed.audit.worst_case import summarise, worst_cases
 from testbed.config.schema import AuditConfig
 from testbed.data.datasets import Dataset
 from testbed.tracking.store import Tracker
 
 log = logging.getLogger(__name__)
 
-GRID_MAX_CLIENTS = 6
-GRID_MAX_IMAGES = 8
 CSV_FIELDS = (
     "round",
     "aggregator",
@@ -37,25 +40,29 @@ CSV_FIELDS = (
     "client",
     "sample",
     "label",
+    "attack",
     "matched",
     *METRIC_NAMES,
+    *(f"{name}_baseline" for name in METRIC_NAMES),
     "recovered",
 )
 
 
-def _pool(results: Sequence[MatchResult]) -> MatchResult:
-    """One MatchResult over the samples of several clients (assignments stay per client)."""
-    return MatchResult(
-        assignment=np.concatenate([r.assignment for r in results]),
-        scores={name: np.concatenate([r.scores[name] for r in results]) for name in METRIC_NAMES},
-    )
+def _at(items: Sequence[ScoredClient], key: str) -> list[ScoredClient]:
+    """The scored clients of group ``key``, or received by aggregator ``key``."""
+    return [item for item in items if key in (item.outcome.group, item.outcome.aggregator)]
 
 
 class LeakageMeter:
     """Collects audit outcomes as they arrive and logs leakage for each audited round."""
 
-    def __init__(self, dataset: Dataset, tracker: Tracker, run_id: str, scorer: Any) -> None:
+    def __init__(
+        self, dataset: Dataset, tracker: Tracker, run_id: str, scorer: Any, attacks: Sequence[str] = ()
+    ) -> None:
         self.dataset = dataset
+        self.attacks = list(attacks)
+        self.said: set[tuple[str, str]] = set()  # (group, attack) pairs whose not-applicable reason was logged
+        self.attack_rows: list[dict[str, Any]] = []  # with a portfolio: one row per sample per attack
         self.tracker = tracker
         self.run_id = run_id
         self.scorer = scorer
@@ -73,13 +80,19 @@ class LeakageMeter:
 
         Audits still running when a run is interrupted are not kept; their rounds have no leakage rows.
         """
-        return {"rows": list(self.rows), "not_applicable": dict(self.not_applicable), "grids": list(self.grids)}
+        return {
+            "rows": list(self.rows),
+            "attack_rows": list(self.attack_rows),
+            "not_applicable": dict(self.not_applicable),
+            "grids": list(self.grids),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's audit state."""
         self.rows = list(state.get("rows", []))
         self.not_applicable.update(state.get("not_applicable", {}))
         self.grids = list(state.get("grids", []))
+        self.attack_rows = list(state.get("attack_rows", []))
 
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
         """Send a round's pending attack outcomes to the scorer with the ground truth (client -> sample indices)."""
@@ -129,32 +142,48 @@ class LeakageMeter:
     def _log_round(self, round_index: int, audits: list[ScoredAudit]) -> None:
         scored = [item for audit in audits for item in audit.scored]
         reasons = [reason for audit in audits for reason in audit.not_applicable]
-        for reason in reasons:
+        for group, attack, reason in reasons:
             self.not_applicable[reason] += 1
+            if (group, attack) not in self.said:
+                self.said.add((group, attack))
+                log.warning("group %s: %s (counted in audit/not_applicable)", group, reason)
         metrics: dict[str, float] = {
             "attack_seconds": float(sum(audit.attack_seconds for audit in audits)),
             "audit/not_applicable": float(len(reasons)),
         }
-        for key in sorted({s.outcome.group for s in scored} | {s.outcome.aggregator for s in scored}):
-            members = [s for s in scored if key in (s.outcome.group, s.outcome.aggregator)]
-            pooled = _pool([s.result for s in members])
-            summary = summarize(pooled)
-            labels = [(s.label_accuracy, s.result.n) for s in members if s.label_accuracy is not None]
-            if labels:
-                weighted = sum(a * n for a, n in labels) / max(sum(n for _, n in labels), 1)
-                summary = dataclasses.replace(summary, label_accuracy=weighted)
-            metrics.update(summary.as_metrics(prefix=f"leakage/{key}/"))
-            if any(s.outcome.group == key for s in members):
-                self.fresh[key] = summary.recovered_fraction
+        for attack in self.attacks if len(self.attacks) > 1 else ():
+            metrics[f"audit/{attack}/not_applicable"] = float(sum(1 for _, name, _ in reasons if name == attack))
+        cases = worst_cases(scored)
+        for key in sorted({c.client.outcome.group for c in cases} | {c.client.outcome.aggregator for c in cases}):
+            members = _at([c.client for c in cases], key)
+            summary = summarise(members)
+            metrics.update({f"leakage/{key}/{name}": value for name, value in summary.items()})
+            if any(c.client.outcome.group == key for c in cases):
+                self.fresh[key] = summary["recovered_fraction"]
+            for attack in self.attacks if len(self.attacks) > 1 else ():
+                mine = [s for s in _at(scored, key) if s.outcome.attack == attack]
+                if mine:
+                    metrics.update({f"leakage/{key}/{attack}/{name}": value for name, value in summarise(mine).items()})
         self.tracker.log_metrics(self.run_id, metrics, step=round_index + 1)
-        for item in scored:
-            self._add_rows(item)
-        shown = [item for item in scored if item.outcome.reconstruction is not None][:GRID_MAX_CLIENTS]
+        for case in cases:
+            self.rows += self._rows(case.client, case.chosen)
+            if len(self.attacks) > 1:
+                for item in case.by_attack.values():
+                    self.attack_rows += self._rows(item, [item.outcome.attack] * item.result.n)
+        shown = [c for c in cases if any(i.outcome.reconstruction is not None for i in c.by_attack.values())]
         if shown:
-            self._log_grid(round_index, shown)
+            several = len(self.attacks) > 1
+            png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, name_attacks=several)
+            with self.tracker.staging() as folder:
+                path = folder / f"round_{round_index + 1:04d}.png"
+                path.write_bytes(png)
+                self.tracker.log_file(self.run_id, path, "audits")
+            self.grids.append(f"audits/{path.name}")
 
-    def _add_rows(self, item: ScoredClient) -> None:
-        flags = recovered(item.result.scores)
+    def _rows(self, item: ScoredClient, attacks: list[str]) -> list[dict[str, Any]]:
+        """One CSV row per sample of a scored client: scores, the best baseline's scores, the attack behind it."""
+        best = best_baseline(item.baselines) if item.baselines else {}
+        rows = []
         for position, sample in enumerate(item.sample_indices):
             row: dict[str, Any] = {
                 "round": item.outcome.round + 1,
@@ -163,46 +192,14 @@ class LeakageMeter:
                 "client": item.outcome.client,
                 "sample": int(sample),
                 "label": int(self.dataset.train_y[sample]),
+                "attack": attacks[position],
                 "matched": int(item.result.assignment[position]),
-                "recovered": bool(flags[position]),
+                "recovered": bool(item.flags[position]),
             }
             row.update({name: float(item.result.scores[name][position]) for name in METRIC_NAMES})
-            self.rows.append(row)
-
-    def _log_grid(self, round_index: int, shown: list[ScoredClient]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        columns = max(min(len(s.sample_indices), GRID_MAX_IMAGES) for s in shown)
-        figure, axes = plt.subplots(
-            2 * len(shown), columns, figsize=(1.3 * columns + 1, 2.7 * len(shown)), squeeze=False
-        )
-        for block, item in enumerate(shown):
-            images = item.outcome.reconstruction.images.detach().cpu().numpy() if item.outcome.reconstruction else None
-            for column in range(columns):
-                top, bottom = axes[2 * block, column], axes[2 * block + 1, column]
-                top.axis("off")
-                bottom.axis("off")
-                if column >= min(len(item.sample_indices), GRID_MAX_IMAGES):
-                    continue
-                top.imshow(_display(self.dataset.train_x[item.sample_indices[column]]), cmap="gray", vmin=0, vmax=1)
-                matched = int(item.result.assignment[column])
-                if images is not None and matched >= 0:
-                    bottom.imshow(_display(images[matched]), cmap="gray", vmin=0, vmax=1)
-                bottom.set_title(f"AVD {item.result.scores['avd'][column]:.3f}", fontsize=7, y=-0.28)
-            axes[2 * block, 0].set_title(f"client {item.outcome.client} ({item.outcome.group})", fontsize=8, loc="left")
-        figure.suptitle(f"Round {round_index + 1}: originals (upper) and matched reconstructions (lower)", fontsize=9)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=90)
-        plt.close(figure)
-        with self.tracker.staging() as folder:
-            path = folder / f"round_{round_index + 1:04d}.png"
-            path.write_bytes(buffer.getvalue())
-            self.tracker.log_file(self.run_id, path, "audits")
-        self.grids.append(f"audits/{path.name}")
+            row.update({f"{name}_baseline": float(best[name][position]) if best else "" for name in METRIC_NAMES})
+            rows.append(row)
+        return rows
 
     def take_fresh(self) -> dict[str, float]:
         """The recovered fraction per group of the rounds logged since the last call (for the progress line)."""
@@ -234,17 +231,14 @@ class LeakageMeter:
         writer.writeheader()
         writer.writerows(self.rows)
         self.tracker.log_text(self.run_id, text.getvalue(), "audits/samples.csv")
+        if self.attack_rows:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.attack_rows)
+            self.tracker.log_text(self.run_id, text.getvalue(), "audits/samples_by_attack.csv")
         if self.not_applicable:
             self.tracker.log_json(self.run_id, dict(self.not_applicable), "audits/not_applicable.json")
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    """An image as matplotlib shows it: H x W for one channel, H x W x C otherwise, clipped to [0, 1]."""
-    array = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
-    array = np.clip(np.abs(array), 0.0, 1.0)
-    if array.ndim == 3:
-        array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
-    return array
 
 
 def make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:

@@ -28,6 +28,7 @@ class AuditOutcome:
     reconstruction: Reconstruction | None
     not_applicable: str | None = None
     seconds: float = 0.0
+    attack: str = ""
 
 
 def attacker_view(

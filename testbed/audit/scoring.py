@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from metrics import MatchResult, label_accuracy, match_many
+from metrics.baselines import ClassPrototypes, baseline_scores, recovered_beyond
 from testbed.audit.outcome import AuditOutcome
 from testbed.audit.priority import lower_priority
 
@@ -28,12 +29,21 @@ MATCH_BLOCK = 4  # clients matched per vectorised pass: small blocks keep the im
 
 @dataclasses.dataclass
 class ScoredClient:
-    """One audited client's sample indices, matched reconstructions and scores."""
+    """One audited client's sample indices, matched reconstructions and scores, for one attack.
+
+    ``baselines`` holds, per no-information baseline and metric, the baseline's score against each of
+    the client's originals; ``flags`` says which samples were recovered beyond every baseline
+    (metrics.recovered_beyond). ``labels_exact`` is whether the inferred labels equal the true label
+    histogram (None when the attack inferred none).
+    """
 
     outcome: AuditOutcome  # its reconstruction is dropped unless kept for an image grid
     sample_indices: np.ndarray
     result: MatchResult
     label_accuracy: float | None
+    baselines: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    flags: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
+    labels_exact: bool | None = None
 
 
 @dataclasses.dataclass
@@ -42,7 +52,7 @@ class ScoredAudit:
 
     round: int
     scored: list[ScoredClient]
-    not_applicable: list[str]  # one reason per outcome the attack could not run on
+    not_applicable: list[tuple[str, str, str]]  # (group, attack, reason) per outcome an attack could not run on
     attack_seconds: float
 
 
@@ -53,15 +63,23 @@ def score_outcomes(
     train_y: np.ndarray,
     round_index: int,
     keep_images: int = 0,
+    prototypes: ClassPrototypes | None = None,
+    seed: int = 0,
 ) -> ScoredAudit:
-    """Match every outcome with the originals behind it; keep the reconstructions of the first ``keep_images``."""
+    """Match every outcome with the originals behind it; keep the reconstructions of the first ``keep_images``
+    clients (of every attack, so a grid can show each client's worst case).
+
+    With ``prototypes`` (a held-out split), each sample is also scored against the no-information
+    baselines, drawn with a generator seeded by (seed, round, client), and ``flags`` marks the samples
+    recovered beyond them; without, ``flags`` is the plain threshold rule.
+    """
     found: list[tuple[AuditOutcome, np.ndarray]] = []
-    reasons: list[str] = []
+    reasons: list[tuple[str, str, str]] = []
     for outcome in outcomes:
         indices = truth.get(outcome.client)
         if outcome.reconstruction is None or indices is None:
             if outcome.not_applicable:
-                reasons.append(outcome.not_applicable)
+                reasons.append((outcome.group, outcome.attack, outcome.not_applicable))
             continue
         found.append((outcome, indices))
     shape = train_x.shape[1:]
@@ -75,27 +93,49 @@ def score_outcomes(
         for start in range(0, len(batches), MATCH_BLOCK)
         for result in match_many(batches[start : start + MATCH_BLOCK])
     ]
+    baselines_of: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # per client: one draw shared by its attacks
+    shown = list(dict.fromkeys(outcome.client for outcome, _ in found))[:keep_images]  # every attack's images
     scored = []
-    for position, ((outcome, indices), result) in enumerate(zip(found, results, strict=True)):
+    for (outcome, indices), result in zip(found, results, strict=True):
         reconstruction = outcome.reconstruction
         assert reconstruction is not None
-        labels = None
+        labels, exact = None, None
         if reconstruction.labels is not None:
-            labels = label_accuracy(train_y[indices], reconstruction.labels.cpu().numpy())
-        kept = outcome if position < keep_images else dataclasses.replace(outcome, reconstruction=None)
-        scored.append(ScoredClient(kept, indices, result, labels))
+            inferred = reconstruction.labels.cpu().numpy()
+            labels = label_accuracy(train_y[indices], inferred)
+            exact = bool(np.array_equal(np.sort(train_y[indices]), np.sort(inferred.astype(train_y.dtype))))
+        baselines: dict[str, dict[str, np.ndarray]] = {}
+        if prototypes is not None:
+            if outcome.client not in baselines_of:
+                rng = np.random.default_rng([seed, round_index, outcome.client])
+                drawn = prototypes.draw(train_y[indices], rng)
+                baselines_of[outcome.client] = baseline_scores(train_x[indices], drawn)
+            baselines = baselines_of[outcome.client]
+        flags = recovered_beyond(result.scores, baselines)
+        kept = outcome if outcome.client in shown else dataclasses.replace(outcome, reconstruction=None)
+        scored.append(ScoredClient(kept, indices, result, labels, baselines, flags, exact))
     return ScoredAudit(round_index, scored, reasons, float(sum(o.seconds for o in outcomes)))
 
 
 class LeakageScorer:
-    """An actor holding the training set that scores attack outcomes against the simulator's ground truth."""
+    """An actor holding the training set (and a held-out split for the baselines) that scores attack outcomes.
 
-    def __init__(self, data: dict[str, Any], nice: int, keep_images: int) -> None:
+    ``held_out`` holds ``x`` and ``y`` of the held-out split; the class means and random class images of
+    the no-information baselines come from it, never from the clients' training data.
+    """
+
+    def __init__(
+        self, data: dict[str, Any], nice: int, keep_images: int, held_out: dict[str, Any] | None = None, seed: int = 0
+    ) -> None:
         lower_priority(nice)
         self.train_x = np.asarray(data["x"])
         self.train_y = np.asarray(data["y"])
         self.keep_images = keep_images
+        self.seed = seed
+        self.prototypes = ClassPrototypes(held_out["x"], held_out["y"]) if held_out is not None else None
 
     def score(self, outcomes: list[AuditOutcome], truth: dict[int, np.ndarray], round_index: int) -> ScoredAudit:
         """Score one attack task's outcomes (Ray resolves both arguments before the call)."""
-        return score_outcomes(outcomes, truth, self.train_x, self.train_y, round_index, self.keep_images)
+        return score_outcomes(
+            outcomes, truth, self.train_x, self.train_y, round_index, self.keep_images, self.prototypes, self.seed
+        )

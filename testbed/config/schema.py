@@ -161,11 +161,33 @@ class AuditConfig(Strict):
 
 
 class AttackConfig(Strict):
-    """The gradient-inversion attack the aggregator runs on audited updates."""
+    """The gradient-inversion attack (or portfolio of attacks) the aggregator runs on audited updates."""
 
-    name: str = Field(description="attack name")
-    params: dict[str, Any] = Field(default_factory=dict, description="the attack's parameters")
+    name: str | list[str] = Field(
+        description="attack name, or a list of attacks: every applicable one runs on each audited update and "
+        "each sample's leakage is the best reconstruction over them (the worst case for the client)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the attack's parameters; with a list of attacks, a mapping from attack name to its parameters",
+    )
     aggregator: str | list[str] = Field("root", description="which aggregator(s) run it: root and/or edge names")
+
+    @property
+    def names(self) -> list[str]:
+        """The attacks that run, in the configured order."""
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    def params_of(self, name: str) -> dict[str, Any]:
+        """The parameters of attack ``name`` (its defaults where none are given)."""
+        if isinstance(self.name, str):
+            return dict(self.params)
+        return dict(self.params.get(name) or {})
+
+    @property
+    def label(self) -> str:
+        """The attack, or the portfolio, in a few words (for descriptions and progress)."""
+        return self.name if isinstance(self.name, str) else "worst case of " + ", ".join(self.name)
 
     @property
     def positions(self) -> list[str]:
@@ -179,7 +201,23 @@ class AttackConfig(Strict):
     def _known_attack(self) -> AttackConfig:
         from attacks import build_attack
 
-        build_attack(self.name, self.params)
+        if isinstance(self.name, list):
+            if not self.name:
+                raise ValueError("attack.name: give an attack or a non-empty list of attacks")
+            repeated = sorted({name for name in self.name if self.name.count(name) > 1})
+            if repeated:
+                raise ValueError(f"attack.name: {', '.join(repeated)} listed more than once")
+            stray = sorted(set(self.params) - set(self.name))
+            if stray:
+                raise ValueError(
+                    f"attack.params: {', '.join(stray)} is not in attack.name; with a list of attacks, params maps "
+                    f"each listed attack to its parameters (listed: {', '.join(self.name)})"
+                )
+        for name in self.names:
+            given = self.params if isinstance(self.name, str) else self.params.get(name) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"attack.params.{name}: expected a mapping of parameters, got {given!r}")
+            build_attack(name, given)
         return self
 
 

@@ -225,6 +225,9 @@ def describe_attack(params: Mapping[str, str]) -> str:
     name = params.get("attack.name")
     if name is None:
         return "none"
+    listed = param_value(name)
+    if isinstance(listed, list):  # a portfolio: its worst case
+        name = "worst case of " + ", ".join(str(item) for item in listed)
     settings = sorted(
         (key.removeprefix("attack.params."), value) for key, value in params.items() if key.startswith("attack.params.")
     )

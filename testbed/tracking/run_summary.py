@@ -48,7 +48,12 @@ def run_note(
         lines.append("")
         lines.append("No attack audited this run.")
         return "\n".join(lines)
-    lines += ["", f"Leakage under `{experiment.attack.name}` (every audited sample of the run):", ""]
+    lines += [
+        "",
+        f"Leakage under {experiment.attack.label}, over every audited sample of the run (recovered: past the "
+        "threshold and beyond the no-information baselines):",
+        "",
+    ]
     lines += ["| group | audited samples | recovered | mean SSIM | mean AVD |", "| --- | --- | --- | --- | --- |"]
     for group, row in leakage.items():
         lines.append(

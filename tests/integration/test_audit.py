@@ -50,3 +50,33 @@ def test_attack_demo_logs_leakage(local_ray: None, tracking: dict[str, Any]) -> 
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 2 * 8 * 4  # rounds x audited clients x batch size
     assert {row["group"] for row in rows} == {"distinct", "identical"}
+
+
+def test_a_portfolio_logs_each_attack_and_the_worst_case(local_ray: None, tracking: dict[str, Any]) -> None:
+    overrides = [f"tracking.{key}={value}" for key, value in tracking.items()] + [
+        "rounds=1",
+        "attack.name=[dense-ratio, ce-demix, inverting-gradients]",
+        "attack.params={inverting-gradients: {iterations: 10}}",
+    ]
+    experiment = load_experiment(REPO / "topologies" / "attack-demo.yaml", overrides)
+    result = run_experiment(experiment, show_progress=False)
+    client = MlflowClient(tracking_uri=tracking["uri"])
+    run = client.get_run(result.run_id)
+    metrics = run.data.metrics
+    for group in ("distinct", "identical"):
+        per_attack = [metrics[f"leakage/{group}/{name}/recovered_fraction"] for name in experiment.attack.names]
+        worst = metrics[f"leakage/{group}/recovered_fraction"]
+        assert worst >= max(per_attack), (group, worst, per_attack)  # per sample, the best of the attacks
+        assert metrics[f"leakage/{group}/ssim_mean"] >= max(
+            metrics[f"leakage/{group}/{name}/ssim_mean"] for name in experiment.attack.names
+        )
+        assert 0.2 < metrics[f"leakage/{group}/avd_baseline"] < 0.5  # blank / class mean / class image
+        assert metrics[f"leakage/{group}/label_histogram_exact"] == 1.0
+    assert metrics["audit/inverting-gradients/not_applicable"] == 0.0
+    text = open(client.download_artifacts(result.run_id, "audits/samples_by_attack.csv"), encoding="utf-8").read()
+    by_attack = list(csv.DictReader(io.StringIO(text)))
+    assert len(by_attack) == 3 * 8 * 4 and {row["attack"] for row in by_attack} == set(experiment.attack.names)
+    text = open(client.download_artifacts(result.run_id, "audits/samples.csv"), encoding="utf-8").read()
+    worst_rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(worst_rows) == 8 * 4 and all(row["ssim_baseline"] for row in worst_rows)
+    assert "worst case of dense-ratio, ce-demix, inverting-gradients" in run.data.tags["mlflow.note.content"]

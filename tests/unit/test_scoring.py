@@ -29,7 +29,7 @@ def test_outcomes_are_matched_with_their_own_clients_samples() -> None:
     assert (first.result.assignment == [1, 2, 0]).all()
     np.testing.assert_allclose(first.result.scores["avd"], 0.0, atol=1e-12)
     assert (second.result.scores["avd"] > 0.3).all()
-    assert audit.not_applicable == ["no dense layer"]
+    assert audit.not_applicable == [("g", "", "no dense layer")]  # (group, attack, reason)
     assert audit.attack_seconds == 0.75
     assert first.outcome.reconstruction is not None and second.outcome.reconstruction is None  # keep_images=1
 

@@ -1,0 +1,113 @@
+"""The attack portfolio and the no-information baselines: config, worst case per sample, recovery beyond
+what the attacker knew anyway."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import Reconstruction
+from metrics import BASELINES, ClassPrototypes, baseline_scores, best_baseline, recovered, recovered_beyond
+from metrics.paired import paired_avd, paired_ssim
+from testbed.audit.outcome import AuditOutcome
+from testbed.audit.scoring import score_outcomes
+from testbed.audit.worst_case import summarise, worst_cases
+from testbed.config.schema import AttackConfig
+from testbed.data.datasets import load_dataset
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    data = load_dataset("mnist-5k", seed=0)
+    return data.train_x, data.train_y, data.test_x, data.test_y
+
+
+def test_portfolio_config_lists_attacks_with_their_own_parameters() -> None:
+    names = ["dense-ratio", "inverting-gradients"]
+    config = AttackConfig(name=names, params={"inverting-gradients": {"iterations": 5}})
+    assert config.names == ["dense-ratio", "inverting-gradients"]
+    assert config.params_of("inverting-gradients") == {"iterations": 5} and config.params_of("dense-ratio") == {}
+    assert AttackConfig(name="dlg", params={"iterations": 3}).params_of("dlg") == {"iterations": 3}
+    for bad, message in [
+        ({"name": []}, "non-empty list"),
+        ({"name": ["dlg", "dlg"]}, "dlg listed more than once"),
+        ({"name": ["dlg"], "params": {"iterations": 3}}, "iterations is not in attack.name"),
+        ({"name": ["dlg"], "params": {"dlg": 3}}, "attack.params.dlg: expected a mapping"),
+        ({"name": ["dlg", "nope"]}, "unknown attack 'nope'"),
+        ({"name": ["dlg"], "params": {"dlg": {"iterations": 0}}}, "iterations"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AttackConfig(**bad)
+
+
+def test_baselines_score_what_the_attacker_knew_anyway(mnist: tuple[np.ndarray, ...]) -> None:
+    train_x, train_y, test_x, test_y = mnist
+    prototypes = ClassPrototypes(test_x, test_y)
+    originals, labels = train_x[:600], train_y[:600]
+    drawn = prototypes.draw(labels, np.random.default_rng(0))
+    assert set(drawn) == set(BASELINES)
+    assert np.array_equal(drawn["class_mean"][0], test_x[test_y == labels[0]].mean(axis=0))
+    for image, label in zip(drawn["class_random"][:20], labels[:20], strict=True):
+        assert int(test_y[np.flatnonzero((test_x == image).all(axis=(1, 2, 3)))[0]]) == label
+    scores = baseline_scores(originals, drawn)
+    as64 = originals.astype(np.float64), drawn["class_mean"].astype(np.float64)  # baselines are scored in float64
+    np.testing.assert_allclose(scores["class_mean"]["avd"], paired_avd(*as64), rtol=1e-12)
+    # docs/metrics.md: a blank image scores about 0.42 AVD on MNIST and a class mean about 0.36, both far
+    # better than a failed reconstruction (1.0-1.7), though neither holds any information about the sample
+    assert 0.38 < float(np.mean(scores["blank"]["avd"])) < 0.46
+    assert 0.32 < float(np.mean(scores["class_mean"]["avd"])) < 0.40
+    assert float(np.mean(scores["class_mean"]["ssim"])) > float(np.mean(scores["blank"]["ssim"]))
+    best = best_baseline(scores)
+    assert np.all(best["avd"] <= scores["blank"]["avd"]) and np.all(best["ssim"] >= scores["class_random"]["ssim"])
+
+
+def test_a_class_mean_is_not_a_reconstruction(mnist: tuple[np.ndarray, ...]) -> None:
+    train_x, train_y, test_x, test_y = mnist
+    prototypes = ClassPrototypes(test_x, test_y)
+    labels = train_y[:50]
+    drawn = prototypes.draw(labels, np.random.default_rng(1))
+    # originals that ARE their class mean, "reconstructed" as that class mean: past every threshold, yet no
+    # better than the baseline, so not recovered; an exact copy of a real sample is recovered
+    means = drawn["class_mean"]
+    scores = {"ssim": paired_ssim(means, means), "avd": paired_avd(means, means)}
+    assert recovered(scores).all()
+    assert not recovered_beyond(scores, baseline_scores(means, drawn)).any()
+    originals = train_x[:50]
+    exact = {"ssim": paired_ssim(originals, originals), "avd": paired_avd(originals, originals)}
+    assert recovered_beyond(exact, baseline_scores(originals, drawn)).all()
+
+
+def _outcome(client: int, attack: str, images: np.ndarray, labels: np.ndarray | None = None) -> AuditOutcome:
+    tensor_labels = torch.as_tensor(labels) if labels is not None else None
+    return AuditOutcome(client, "g", 0, "root", Reconstruction(torch.as_tensor(images), tensor_labels), attack=attack)
+
+
+def test_worst_case_takes_each_sample_from_the_attack_that_recovered_it(mnist: tuple[np.ndarray, ...]) -> None:
+    train_x, train_y, test_x, test_y = mnist
+    indices = np.arange(4)
+    originals = train_x[indices]
+    # attack a recovers samples 0 and 1 exactly (blank for 2, 3); attack b the other way round
+    a = originals.copy()
+    a[2:] = 0.0
+    b = originals.copy()
+    b[:2] = 0.0
+    outcomes = [
+        _outcome(7, "a", a, train_y[indices]),
+        _outcome(7, "b", b, np.zeros(4, dtype=np.int64)),
+        AuditOutcome(7, "g", 0, "root", None, "c: does not apply", attack="c"),
+    ]
+    audit = score_outcomes(outcomes, {7: indices}, train_x, train_y, 0, 1, ClassPrototypes(test_x, test_y), seed=3)
+    assert audit.not_applicable == [("g", "c", "c: does not apply")]
+    by_attack = {item.outcome.attack: item for item in audit.scored}
+    assert by_attack["a"].flags.tolist() == [True, True, False, False]
+    assert by_attack["b"].flags.tolist() == [False, False, True, True]
+    assert all(item.outcome.reconstruction is not None for item in audit.scored)  # the grid client, every attack
+    [case] = worst_cases(audit.scored)
+    assert case.chosen == ["a", "a", "b", "b"]
+    assert case.client.flags.all() and np.allclose(case.client.result.scores["ssim"], 1.0)
+    assert case.client.label_accuracy == 1.0 and case.client.labels_exact is True  # the better label leak
+    summary = summarise([case.client])
+    assert summary["recovered_fraction"] == 1.0 and summary["label_histogram_exact"] == 1.0
+    assert summarise([by_attack["a"]])["recovered_fraction"] == 0.5
+    assert 0.3 < summary["avd_baseline"] < 0.5  # the best baseline's AVD, logged beside the attack's
