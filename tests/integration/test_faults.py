@@ -131,7 +131,9 @@ def test_killed_client_worker_is_replaced_and_parameters_are_unchanged(
     result = run.finish()
 
     assert killed_in_round < 6, "the kill must land before the last round"
-    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    # is_running compares the process's start time too: a Ray process started since may hold the same pid
+    # (pid_max is 32768 on many machines), where pid_exists would say the killed worker still lives
+    assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
     assert result.history[-1]["workers_replaced"] >= 1
     assert [row["workers_replaced"] for row in result.history[: killed_in_round - 1]] == [0] * (killed_in_round - 1)
     assert all(row["accepted"] == 40 for row in result.history)
