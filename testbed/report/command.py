@@ -38,6 +38,7 @@ CSV_COLUMNS = (
     "recovered_fraction",
     "unrecoverable",
     "label_accuracy",
+    "label_histogram_exact",
     "final_test_accuracy",
     "runs",
     "run_ids",
@@ -79,11 +80,28 @@ def write_csv(rows: list[LeakageRow], path: Path) -> None:
                     _plain(row.recovered_fraction),
                     _plain(row.unrecoverable),
                     _plain(row.label_accuracy),
+                    _plain(row.label_histogram_exact),
                     _plain(row.accuracy),
                     len(row.run_ids),
                     " ".join(row.run_ids),
                 ]
             )
+
+
+def label_leak_notes(rows: list[LeakageRow]) -> list[str]:
+    """One note per identical-label row whose labels were inferred: that defence makes the label leak certain."""
+    notes = []
+    for row in rows:
+        if "identical-labels" not in row.policy.defence or not math.isfinite(row.label_histogram_exact):
+            continue
+        notes.append(
+            f"{row.policy.model} / {row.policy.attack} / {row.policy.defence}, batch {row.policy.batch_size}: "
+            f"identical-label batching gives every audited update a single class, and label inference recovered "
+            f"the exact label histogram of {number(row.label_histogram_exact)} of the updates (label accuracy "
+            f"{number(row.label_accuracy)}): this defence makes the class of every sample in a batch known to "
+            "the server, whatever the image reconstructions show."
+        )
+    return notes
 
 
 def _cell(text: str) -> str:
@@ -111,6 +129,7 @@ def markdown_table(rows: list[LeakageRow]) -> list[str]:
         "recovered",
         "unrecoverable",
         "label accuracy",
+        "exact label histogram",
         "audited samples",
         "final test accuracy",
         "runs",
@@ -127,6 +146,7 @@ def markdown_table(rows: list[LeakageRow]) -> list[str]:
             number(row.recovered_fraction),
             number(row.unrecoverable),
             number(row.label_accuracy),
+            number(row.label_histogram_exact),
             str(row.samples),
             number(row.accuracy),
             ", ".join(f"`{run_id}`" for run_id in row.run_ids),
@@ -210,6 +230,7 @@ def report_command(target: str, *, uri: str, out: Path) -> Path:
     selection = select_runs(client, target, uri)
     results, notes = read_results(client, selection.runs)
     rows = leakage_rows(results)
+    notes += label_leak_notes(rows)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "leakage.csv"
     write_csv(rows, table)

@@ -2,7 +2,8 @@
 
 A *policy* is one client group's defence in one run, together with the run's model, attack and the
 group's batch size. Leakage numbers come from each run's ``audits/samples.csv`` (one row per audited
-sample); label accuracy from the ``leakage/<group>/label_accuracy`` metric; utility from the last
+sample); label accuracy and exact label histograms from the ``leakage/<group>/label_accuracy`` and
+``label_histogram_exact`` metrics; utility from the last
 logged ``test_accuracy``.
 """
 
@@ -75,6 +76,7 @@ class GroupResult:
     ssim: np.ndarray
     recovered: np.ndarray
     label_accuracy: float = math.nan
+    label_histogram_exact: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class LeakageRow:
     label_accuracy: float
     accuracy: float
     run_ids: list[str]
+    label_histogram_exact: float = math.nan
 
 
 def open_store(uri: str) -> Any:
@@ -312,8 +315,9 @@ def _download(client: Any, run_id: str, artifact: str, folder: str) -> Path | No
             os.environ[PROGRESS_BAR] = quiet
 
 
-def _weighted_label_accuracy(client: Any, run_id: str, group: str) -> float:
-    history = client.get_metric_history(run_id, f"leakage/{group}/label_accuracy")
+def _weighted_label_accuracy(client: Any, run_id: str, group: str, metric: str = "label_accuracy") -> float:
+    """A per-round label metric of a group averaged over its audited rounds, weighted by audited samples."""
+    history = client.get_metric_history(run_id, f"leakage/{group}/{metric}")
     if not history:
         return math.nan
     counts = {item.step: item.value for item in client.get_metric_history(run_id, f"leakage/{group}/n")}
@@ -369,6 +373,7 @@ def read_results(client: Any, runs: list[Any]) -> tuple[list[GroupResult], list[
                         np.array([_float(row["ssim"]) for row in rows], dtype=np.float64),
                         np.array([row["recovered"] == "True" for row in rows], dtype=bool),
                         _weighted_label_accuracy(client, run_id, group),
+                        _weighted_label_accuracy(client, run_id, group, "label_histogram_exact"),
                     )
                 )
     return results, notes
@@ -401,6 +406,7 @@ def leakage_rows(results: list[GroupResult]) -> list[LeakageRow]:
                 label_accuracy=_nanmean(member.label_accuracy for member in members),
                 accuracy=_nanmean({member.run_id: member.accuracy for member in members}.values()),
                 run_ids=sorted({member.run_id for member in members}),
+                label_histogram_exact=_nanmean(member.label_histogram_exact for member in members),
             )
         )
     return sorted(rows, key=lambda row: (row.policy.model, row.policy.attack, row.policy.label, row.policy.batch_size))

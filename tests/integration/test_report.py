@@ -39,6 +39,7 @@ class Child:
     samples: dict[str, list[tuple[float, float, bool]]]  # group -> (avd, ssim, recovered) per sample
     status: str = "FINISHED"
     label_accuracy: tuple[tuple[float, int], ...] = ()  # (value, n) of the mixed group per audited round
+    label_exact: tuple[float, ...] = ()  # the mixed group's share of exact label histograms per audited round
     not_applicable: dict[str, int] | None = None
 
 
@@ -53,6 +54,7 @@ CHILDREN = [
             "plain": [(0.05, 0.97, True)] * 4,
         },
         label_accuracy=((0.5, 1), (1.0, 3)),
+        label_exact=(0.0, 1.0),
     ),
     Child(
         "softmax",
@@ -96,6 +98,8 @@ def _log_child(client: MlflowClient, run_id: str, child: Child) -> None:
     metrics = [Metric("test_accuracy", value, now, step) for step, value in enumerate(child.accuracy, start=1)]
     for step, (value, n) in enumerate(child.label_accuracy, start=1):
         metrics += [Metric("leakage/mixed/label_accuracy", value, now, step), Metric("leakage/mixed/n", n, now, step)]
+    for step, value in enumerate(child.label_exact, start=1):
+        metrics.append(Metric("leakage/mixed/label_histogram_exact", value, now, step))
     client.log_batch(run_id, metrics=metrics)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
@@ -165,6 +169,7 @@ def test_sweep_report_holds_the_logged_numbers(store: Store, tmp_path: Path) -> 
     assert float(mixed4["recovered_fraction"]) == 0.25
     assert float(mixed4["unrecoverable"]) == 0.25
     assert float(mixed4["label_accuracy"]) == pytest.approx((0.5 * 1 + 1.0 * 3) / 4)  # weighted by n
+    assert float(mixed4["label_histogram_exact"]) == pytest.approx((0.0 * 1 + 1.0 * 3) / 4)
     assert float(mixed4["final_test_accuracy"]) == pytest.approx(0.83)  # the last round, not the best
     plain4 = rows[("softmax", PLAIN, 4)]
     assert float(plain4["avd_mean"]) == pytest.approx(0.05) and float(plain4["recovered_fraction"]) == 1.0
@@ -179,7 +184,10 @@ def test_sweep_report_holds_the_logged_numbers(store: Store, tmp_path: Path) -> 
     assert (
         f"| softmax | ce-demix | {MIXED} | 4 | 0.400 ± 0.163 | 0.400 [0.300, 0.500] | 0.567 ± 0.249 | 0.250 |" in text
     )
-    assert f"| softmax | ce-demix | {PLAIN} | 8 | - | - | - | - | - | - | 0 | 0.810 |" in text
+    assert f"| softmax | ce-demix | {PLAIN} | 8 | - | - | - | - | - | - | - | 0 | 0.810 |" in text
+    # identical-label batching with labels inferred: the report says the label leak is certain
+    assert f"softmax / ce-demix / {MIXED}, batch 4: identical-label batching gives every audited update" in text
+    assert "exact label histogram of 0.750 of the updates (label accuracy 0.875)" in text
     assert "attack not applicable to 3 audited updates (transform hides the gradient)" in text
     figures = ["leakage_vs_batch_softmax_ce-demix.png", "leakage_vs_batch_mlp-relu-32_ce-demix.png",
                "privacy_utility.png"]  # fmt: skip
@@ -257,6 +265,10 @@ def test_report_on_a_real_sweep(local_ray: None, tracking: dict[str, Any], tmp_p
     assert sorted(pooled["run_ids"].split()) == sorted(metrics)
     assert int(pooled["samples"]) == sum(m["leakage/identical/n"] for m in metrics.values())
     assert float(pooled["final_test_accuracy"]) == pytest.approx(sum(m["test_accuracy"] for m in metrics.values()) / 2)
-    assert float(pooled["recovered_fraction"]) < 0.5
+    # the logit-space ce-demix separates identical-label batches of 4 too; the report says the labels leak
+    assert float(pooled["recovered_fraction"]) >= 0.5
+    assert float(pooled["label_histogram_exact"]) == 1.0
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert f"softmax / ce-demix / {identical}, batch 4: identical-label batching gives every audited update" in report
     logged = {item.path for item in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/leakage.csv", "report/privacy_utility.png"} <= logged
