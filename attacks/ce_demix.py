@@ -1,13 +1,17 @@
-"""Closed-form de-mixing of a batch through softmax + cross-entropy (Eloul et al. 2022).
+"""De-mixing a batch through the final dense layer's logit gradients (Eloul et al. 2022).
 
-For the final dense layer, gW = (1/B) G^T H with G = P - Y (B x C), so H = B pinv(G^T) gW once the
-predicted probabilities P are known; P is re-estimated from H by a few fixed-point solves. On a dense
-network the per-sample error signals are then carried back layer by layer (the activation's slope is
-read from the recovered activations) and the same solve recovers each layer's input, down to the image.
+For the final dense layer ``z = W h + b`` with logit gradients ``E = dL/dZ`` (N x C, batch-mean loss),
+``gW = E^T H``, so ``H = pinv(E^T) gW`` once ``E`` is known. ``E`` is found by solving the update for the
+logits (``attacks.logit_solve``: ``gW W^T = E^T (Z - 1 b^T)`` and ``gb = E^T 1``). On a dense network the
+per-sample error signals are then carried back layer by layer (the activation's slope is read from the
+recovered activations) and the same solve recovers each layer's input, down to the image.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from math import prod
 from typing import ClassVar
 
@@ -15,38 +19,83 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
-from attacks.label_inference import infer_labels
-from attacks.layers import activation_slope, dense_chain, summed_gradient
+from attacks.label_inference import infer_labels, label_multisets, label_neighbours, present_classes
+from attacks.layers import DenseLayer, activation_slope, dense_chain, summed_gradient
+from attacks.logit_gradients import DERIVATIVES
+from attacks.logit_solve import LogitProblem, LogitSolution, solve_logits
 from attacks.params import Param
 from attacks.view import AttackerView, AttackNotApplicable, Reconstruction
 
+SCREEN_RESTARTS = 4
+"""Starting points of the short solve that screens each candidate label multiset."""
+SCREEN_ITERATIONS = 50
+"""Most Levenberg-Marquardt steps of the screening solve."""
+GOOD_ENOUGH = 0.1
+"""A full solve stops once a start converges below this fraction of ``fit_tolerance``."""
+SEARCH_ROUNDS = 3
+"""Most rounds of the label search (each: screen the candidates, fully solve the best)."""
+PRESENCE_LOSSES = ("cross-entropy", "sigmoid-bce")
+"""Losses whose logit gradient is prediction minus one-hot target: a negative bias entry proves its class present."""
+CENTRED_LOSSES = ("cross-entropy", "label-smoothing", "mse")
+"""Losses whose logit gradients sum to zero over the classes (softmax), so E has rank at most C - 1."""
 
-def _solve_inputs(error: Tensor, weight_gradient: Tensor, rtol: float) -> Tensor:
-    """The layer inputs H (B x D) with (1/B) error^T H = weight_gradient, by least squares."""
-    batch = error.shape[0]
-    return batch * torch.linalg.pinv(error.T, rtol=rtol) @ weight_gradient
+
+def largest_batch(loss: str, num_classes: int) -> int:
+    """The most samples whose logit gradients can be independent: C - 1 for softmax losses, else C."""
+    return num_classes - 1 if loss in CENTRED_LOSSES else num_classes
+
+
+def _float64(view: AttackerView, key: str) -> Tensor:
+    return view.global_params[key].detach().cpu().to(torch.float64)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the solve needs from one view: its dense layers, activations, labels and logit problem."""
+
+    layers: list[DenseLayer]
+    activations: list[torch.nn.Module]
+    labels: Tensor
+    problem: LogitProblem
 
 
 class CrossEntropyDemix(Attack):
-    """Recovers every sample of a batch in closed form from a dense network trained with cross-entropy.
+    """Recovers every sample of a batch from a dense network's update, through its logit gradients.
 
-    Exact when the labels are distinct and B <= C - 1 (G has rank B); with repeated labels G loses rank
-    and the solve returns mixtures (with identical labels, copies of the batch mean).
+    Exact (to the conditioning of ``E``) when N is at most C - 1 (C for sigmoid-bce), for any label
+    pattern: samples of one label have different predictions, so ``E`` has rank N.
     """
 
     name: ClassVar[str] = "ce-demix"
     parameters: ClassVar[dict[str, Param]] = {
-        "iterations": Param(20, int, minimum=1, help="fixed-point solves re-estimating the probabilities P"),
-        "rtol": Param(1e-6, float, minimum=0.0, help="relative singular-value cut-off of the pseudo-inverse"),
+        "iterations": Param(100, int, minimum=1, help="most Levenberg-Marquardt steps of the logit solve"),
+        "restarts": Param(8, int, minimum=1, help="seeded starting points of the logit solve; the best residual wins"),
+        "seed": Param(0, int, minimum=0, help="seed of the starting points"),
+        "rtol": Param(1e-9, float, minimum=0.0, help="relative singular-value cut-off of the pseudo-inverse"),
+        "fit_tolerance": Param(
+            1e-5, float, minimum=0.0, help="relative residual above which inferred labels are searched for better ones"
+        ),
+        "label_candidates": Param(
+            64, int, minimum=0, help="most label multisets a search round screens (0: keep the inferred labels)"
+        ),
     }
 
     def check(self, view: AttackerView) -> None:
-        """Cross-entropy, one gradient step, and a dense network whose first layer reads the image."""
-        if view.loss != "cross-entropy":
-            raise AttackNotApplicable(f"{self.name}: needs the cross-entropy loss, the client declared {view.loss!r}")
+        """A known loss, one gradient step, at most C - 1 samples, a dense network reading the image."""
+        if view.loss not in DERIVATIVES:
+            raise AttackNotApplicable(
+                f"{self.name}: cannot differentiate loss {view.loss!r}; known losses: {', '.join(DERIVATIVES)}"
+            )
         if view.kind == "delta" and view.local_steps != 1:
             raise AttackNotApplicable(
-                f"{self.name}: needs one gradient step; the delta spans {view.local_steps} local steps"
+                f"{self.name}: needs one gradient step; the delta spans {view.local_steps} local steps "
+                "(each step moves W, so the update is no longer E^T H at the global weights)"
+            )
+        limit = largest_batch(view.loss, view.num_classes)
+        if view.num_samples > limit:
+            raise AttackNotApplicable(
+                f"{self.name}: {view.num_samples} samples exceed the {limit} independent logit gradients "
+                f"of {view.loss} over {view.num_classes} classes; the update cannot be de-mixed"
             )
         layers, _ = dense_chain(view.model, self.name)
         if layers[0].module.in_features != prod(view.input_shape):
@@ -54,48 +103,145 @@ class CrossEntropyDemix(Attack):
         if layers[-1].module.out_features != view.num_classes:
             raise AttackNotApplicable(f"{self.name}: the final dense layer does not produce {view.num_classes} logits")
 
-    def _labels(self, view: AttackerView) -> Tensor:
+    def _prepare(self, view: AttackerView, labels: Tensor) -> _Prepared:
+        layers, activations = dense_chain(view.model, self.name)
+        last = layers[-1]
+        problem = LogitProblem(
+            weight=_float64(view, last.weight_key),
+            bias=_float64(view, last.bias_key),
+            weight_gradient=summed_gradient(view, last.weight_key),
+            bias_gradient=summed_gradient(view, last.bias_key),
+            targets=torch.nn.functional.one_hot(labels, view.num_classes).to(torch.float64),
+        )
+        return _Prepared(layers, activations, labels, problem)
+
+    def _first_labels(self, view: AttackerView) -> Tensor:
         if view.labels is not None:
             return view.labels.detach().cpu().long()
         return infer_labels(view, self.name)
 
-    def _reconstruct(self, view: AttackerView) -> Reconstruction:
-        layers, activations = dense_chain(view.model, self.name)
-        rtol = self.params["rtol"]
-        labels = self._labels(view)
-        batch, classes = labels.shape[0], view.num_classes
-        targets = torch.nn.functional.one_hot(labels, classes).to(torch.float64)
-        last = layers[-1]
-        weight = view.global_params[last.weight_key].detach().cpu().to(torch.float64)
-        bias = view.global_params[last.bias_key].detach().cpu().to(torch.float64)
-        last_gradient = summed_gradient(view, last.weight_key)
-        probabilities = torch.full((batch, classes), 1.0 / classes, dtype=torch.float64)
-        solves = 0
-        while solves < self.params["iterations"]:
-            solves += 1
-            features = _solve_inputs(probabilities - targets, last_gradient, rtol)
-            updated = torch.softmax(features @ weight.T + bias, dim=1)
-            change = float((updated - probabilities).abs().max())
-            probabilities = updated
-            if change < 1e-12:
+    def _candidates(
+        self, view: AttackerView, current: _Prepared, seen: set[tuple[int, ...]], first: bool
+    ) -> list[Tensor]:
+        """Label multisets not yet tried: every one holding the proven classes when few enough (first
+        round), else those one label away from the current labels."""
+        limit = self.params["label_candidates"]
+        gradient = current.problem.bias_gradient
+        required = present_classes(gradient, view.num_samples) if view.loss in PRESENCE_LOSSES else []
+        options = label_multisets(view.num_samples, view.num_classes, required, limit) if first else None
+        if options is None:
+            options = label_neighbours(current.labels, view.num_classes, required)
+        return [option for option in options if tuple(option.tolist()) not in seen][:limit]
+
+    def _search(
+        self, loss: str, views: Sequence[AttackerView], chosen: list[_Prepared], solutions: list[LogitSolution]
+    ) -> list[int]:
+        """Replace inferred labels whose solve does not fit by better-fitting label multisets.
+
+        Each round screens every view's candidates with a short solve (all in one batch); each view's best
+        candidate then gets the full solve and is kept when it fits better. A view leaves the search when
+        it fits (``fit_tolerance``), stops improving, or after ``SEARCH_ROUNDS`` rounds. Returns how many
+        candidates each view screened.
+        """
+        tried = [0] * len(views)
+        seen = [{tuple(item.labels.tolist())} for item in chosen]
+        pending = [index for index, view in enumerate(views) if view.labels is None]
+        for round_index in range(SEARCH_ROUNDS):
+            pending = [index for index in pending if solutions[index].residual > self.params["fit_tolerance"]]
+            owners, problems = [], []
+            for index in pending:
+                for labels in self._candidates(views[index], chosen[index], seen[index], round_index == 0):
+                    seen[index].add(tuple(labels.tolist()))
+                    owners.append(index)
+                    problems.append(self._prepare(views[index], labels))
+                    tried[index] += 1
+            if not problems:
                 break
-        error = probabilities - targets
-        features = _solve_inputs(error, last_gradient, rtol)
-        misfit = (error.T @ features / batch - last_gradient).norm()
-        residual = float(misfit / last_gradient.norm().clamp_min(1e-30))
-        rank = int(torch.linalg.matrix_rank(error, rtol=rtol))
+            screened = solve_logits(
+                loss,
+                [item.problem for item in problems],
+                restarts=min(SCREEN_RESTARTS, self.params["restarts"]),
+                iterations=min(SCREEN_ITERATIONS, self.params["iterations"]),
+                seed=self.params["seed"],
+            )
+            best: dict[int, int] = {}
+            for position, (owner, solution) in enumerate(zip(owners, screened, strict=True)):
+                if owner not in best or solution.residual < screened[best[owner]].residual:
+                    best[owner] = position
+            finalists = [problems[position] for position in best.values()]
+            pending = []
+            for owner, item, solution in zip(best, finalists, self._solve_prepared(loss, finalists), strict=True):
+                if solution.residual < solutions[owner].residual:
+                    chosen[owner], solutions[owner] = item, solution
+                    pending.append(owner)
+        return tried
+
+    def _solve_prepared(self, loss: str, prepared: Sequence[_Prepared]) -> list[LogitSolution]:
+        return solve_logits(
+            loss,
+            [item.problem for item in prepared],
+            restarts=self.params["restarts"],
+            iterations=self.params["iterations"],
+            seed=self.params["seed"],
+            good_enough=GOOD_ENOUGH * self.params["fit_tolerance"],
+        )
+
+    def _finish(self, view: AttackerView, prepared: _Prepared, solution: LogitSolution, tried: int) -> Reconstruction:
+        rtol = self.params["rtol"]
+        layers, error = prepared.layers, solution.error
+        singular = torch.linalg.svdvals(error)
+        condition = float(singular[0] / singular[-1]) if float(singular[-1]) > 0 else float("inf")
+        features = torch.linalg.pinv(error.T, rtol=rtol) @ prepared.problem.weight_gradient
         for index in range(len(layers) - 2, -1, -1):
-            above = view.global_params[layers[index + 1].weight_key].detach().cpu().to(torch.float64)
-            error = activation_slope(activations[index], features) * (error @ above)
-            features = _solve_inputs(error, summed_gradient(view, layers[index].weight_key), rtol)
-        images = features.to(torch.float32).reshape(batch, *view.input_shape)
+            above = _float64(view, layers[index + 1].weight_key)
+            error = activation_slope(prepared.activations[index], features) * (error @ above)
+            features = torch.linalg.pinv(error.T, rtol=rtol) @ summed_gradient(view, layers[index].weight_key)
+        batch = prepared.labels.shape[0]
         return Reconstruction(
-            images=images,
-            labels=labels,
+            images=features.to(torch.float32).reshape(batch, *view.input_shape),
+            labels=prepared.labels,
             diagnostics={
-                "iterations": float(solves),
-                "rank": float(rank),
-                "residual": residual,
-                "distinct_labels": float(labels.unique().numel()),
+                "residual": solution.residual,
+                "condition": condition,
+                "rank": float(torch.linalg.matrix_rank(solution.error, rtol=rtol)),
+                "restarts": float(solution.restarts),
+                "iterations": float(solution.iterations),
+                "label_candidates": float(tried),
+                "distinct_labels": float(prepared.labels.unique().numel()),
             },
         )
+
+    def _solve(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Views of one loss and sample count, solved as one batch (the label search too)."""
+        loss = views[0].loss
+        chosen = [self._prepare(view, self._first_labels(view)) for view in views]
+        solutions = self._solve_prepared(loss, chosen)
+        tried = self._search(loss, views, chosen, solutions)
+        return [
+            self._finish(view, item, solution, count)
+            for view, item, solution, count in zip(views, chosen, solutions, tried, strict=True)
+        ]
+
+    def _reconstruct(self, view: AttackerView) -> Reconstruction:
+        return self._solve([view])[0]
+
+    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Check every view, then solve the views that share a loss and a sample count as one batch.
+
+        Raises AttackNotApplicable for the first view that does not qualify, as ``reconstruct`` would.
+        """
+        for view in views:
+            self.check(view)
+        groups: dict[tuple[str, int, int], list[int]] = {}
+        for index, view in enumerate(views):
+            groups.setdefault((view.loss, view.num_samples, view.num_classes), []).append(index)
+        results: list[Reconstruction | None] = [None] * len(views)
+        for indices in groups.values():
+            start = time.perf_counter()
+            with torch.enable_grad():
+                solved = self._solve([views[i] for i in indices])
+            share = (time.perf_counter() - start) / len(indices)
+            for index, result in zip(indices, solved, strict=True):
+                result.diagnostics["seconds"] = share
+                results[index] = result
+        return [result for result in results if result is not None]
