@@ -1,8 +1,15 @@
-"""Deep Leakage from Gradients (Zhu et al. 2019): match the update with L2 distance and L-BFGS."""
+"""Deep Leakage from Gradients (Zhu et al. 2019): match the update with L2 distance and L-BFGS.
+
+The budget is that of the original code: an outer loop of ``iterations`` L-BFGS steps, each running up
+to ``inner_iterations`` L-BFGS iterations (torch's ``max_iter``), on one optimiser whose curvature
+history carries over between outer steps. An objective plateau stops the outer loop early.
+"""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +17,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
+from attacks.early_stop import Plateau
 from attacks.layers import final_dense
 from attacks.params import Param
 from attacks.simulate import autograd_gradient, simulated_update, squared_distance
@@ -41,16 +49,20 @@ class DeepLeakage(Attack):
     ``label_mode="soft"`` is DLG's joint optimisation of label logits; ``"infer"`` fixes the labels by
     label inference first (iDLG). Public labels in the view are always used. Delta views unroll the
     declared local SGD steps and are compared in gradient units (divided by the learning rate). The
-    best (lowest) objective seen is kept; images come back clipped to [0, 1].
+    best (lowest) objective seen is kept; images come back clipped to [0, 1]. The run stops after
+    ``patience`` outer steps in which the best objective fell by less than ``min_delta`` (relative).
     """
 
     name: ClassVar[str] = "dlg"
     parameters: ClassVar[dict[str, Param]] = {
-        "iterations": Param(300, int, minimum=1, help="L-BFGS iterations (each may evaluate several times)"),
+        "iterations": Param(300, int, minimum=1, help="outer L-BFGS steps (the original code's loop)"),
+        "inner_iterations": Param(20, int, minimum=1, help="L-BFGS iterations per outer step (torch's max_iter)"),
         "lr": Param(1.0, float, minimum=0.0, strictly_above=True, help="L-BFGS step length"),
         "seed": Param(0, int, minimum=0, help="seed of the dummy images and label logits"),
         "init": Param("uniform", str, choices=INITS, help="dummy image initialisation"),
         "label_mode": Param("soft", str, choices=("soft", "infer"), help="soft (DLG) or inferred (iDLG) labels"),
+        "patience": Param(10, int, minimum=0, help="outer steps without a min_delta improvement (0: no early stop)"),
+        "min_delta": Param(0.01, float, minimum=0.0, maximum=0.5, help="relative improvement that counts"),
     }
 
     def check(self, view: AttackerView) -> None:
@@ -59,7 +71,24 @@ class DeepLeakage(Attack):
         if view.labels is None and self.params["label_mode"] == "infer":
             final_dense(view.model, view.num_classes, self.name)
 
+    def trace(self, view: AttackerView, checkpoints: Sequence[int]) -> list[Reconstruction]:
+        """The reconstruction as it stood after each of ``checkpoints`` outer steps of ONE run.
+
+        L-BFGS has no schedule tied to the budget, so the state after ``k`` outer steps of a longer run
+        is what a run with ``iterations = k`` returns (early stop included): one run gives a whole
+        budget curve. Checkpoints must lie in 1..``iterations``; ``seconds`` is the time up to each.
+        """
+        if any(not 1 <= point <= self.params["iterations"] for point in checkpoints):
+            raise ValueError(f"checkpoints must lie in 1..{self.params['iterations']}, got {list(checkpoints)}")
+        self.check(view)
+        with torch.enable_grad():
+            return self._run(view, sorted(set(checkpoints)))
+
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
+        return self._run(view, [self.params["iterations"]])[-1]
+
+    def _run(self, view: AttackerView, checkpoints: Sequence[int]) -> list[Reconstruction]:
+        start = time.perf_counter()
         loss = check_simulable(view, self.name)
         device = self.device
         model = working_model(view, device)
@@ -104,20 +133,38 @@ class DeepLeakage(Attack):
         optimiser = torch.optim.LBFGS(
             variables,
             lr=self.params["lr"],
-            max_iter=self.params["iterations"],
+            max_iter=self.params["inner_iterations"],
             history_size=100,
             tolerance_grad=1e-12,
             tolerance_change=1e-15,
             line_search_fn="strong_wolfe",
         )
-        optimiser.step(closure)
-        labels = torch.argmax(best.label_logits, dim=-1).cpu() if known_labels is None else known_labels
-        return Reconstruction(
-            images=best.images.clamp(0, 1).to(torch.float32).cpu(),
-            labels=labels,
-            diagnostics={
-                "iterations": float(optimiser.state[images].get("n_iter", 0)),
-                "evaluations": float(evaluations),
-                "objective": best.objective,
-            },
-        )
+        plateau = Plateau(1, self.params["patience"], self.params["min_delta"], torch.device("cpu"))
+        results: list[Reconstruction] = []
+        pending = list(checkpoints)
+        outer = 0
+        stopped = False
+        while pending:
+            if not stopped:
+                optimiser.step(closure)
+                outer += 1
+                plateau.observe(torch.tensor([best.objective]))
+                stopped = bool(plateau.check(outer)[0])
+            if stopped or outer == pending[0]:
+                pending.pop(0)
+                labels = torch.argmax(best.label_logits, dim=-1).cpu() if known_labels is None else known_labels
+                results.append(
+                    Reconstruction(
+                        images=best.images.clamp(0, 1).to(torch.float32).cpu(),
+                        labels=labels,
+                        diagnostics={
+                            "iterations": float(self.params["iterations"]),
+                            "outer_iterations_run": float(outer),
+                            "iterations_run": float(optimiser.state[images].get("n_iter", 0)),
+                            "evaluations": float(evaluations),
+                            "objective": best.objective,
+                            "seconds": time.perf_counter() - start,
+                        },
+                    )
+                )
+        return results

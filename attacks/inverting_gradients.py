@@ -2,7 +2,8 @@
 
 ``reconstruct`` runs one victim with plain autograd. ``reconstruct_many`` runs every victim and every
 restart as one lane of a single ``torch.func.vmap`` computation (one Adam over the stacked dummies),
-so a GPU stays busy; the two paths compute the same thing.
+so a GPU stays busy; the two paths compute the same thing. Each lane keeps its own step-size stage and
+its own early stop (``attacks.early_stop``), so a lane that has converged stops costing compute.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from attacks.base import Attack
+from attacks.early_stop import Plateau
 from attacks.layers import final_dense
 from attacks.losses import SoftTargetLoss
 from attacks.params import Param
@@ -42,6 +44,14 @@ from attacks.view import AttackerView, Reconstruction
 
 INITS = ("uniform", "normal", "constant")
 MILESTONES = (3 / 8, 5 / 8, 7 / 8)
+"""Fractions of ``iterations`` at which the step size is divided by 10 (the reference implementation's)."""
+DECAY = 0.1
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+"""Adam's moment decay rates and denominator offset (torch's defaults, which the reference code used)."""
+
+LaneStep = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
+"""(images of some lanes, which lanes or None for all) -> (their objective values, signs of their gradients)."""
 
 
 @dataclass(frozen=True)
@@ -61,19 +71,27 @@ class InvertingGradients(Attack):
     """Dummy images optimised to minimise 1 - cos(simulated update, real update) + tv_weight * TV.
 
     Adam steps on the sign of the gradient, pixels projected to [0, 1] after each step, the step size
-    divided by 10 at 3/8, 5/8 and 7/8 of the iterations; of ``restarts`` runs the lowest final objective
-    wins (a NaN objective counts as +inf). Labels are the public ones or inferred. Delta views unroll
-    the declared local SGD steps.
+    divided by 10 at 3/8, 5/8 and 7/8 of the iterations (the defaults are those of the reference
+    implementation: 4,800 iterations, step 0.1, one restart). An objective plateau (no relative
+    improvement of ``min_delta`` in the best objective for ``patience`` iterations, checked every
+    ``check_every``) ends the current step-size stage early, and ends the run in the last stage. Of
+    ``restarts`` runs the lowest final objective wins (a NaN objective counts as +inf). Labels are the
+    public ones or inferred. Delta views unroll the declared local SGD steps.
     """
 
     name: ClassVar[str] = "inverting-gradients"
     parameters: ClassVar[dict[str, Param]] = {
-        "iterations": Param(1000, int, minimum=1, help="Adam steps per restart"),
+        "iterations": Param(4800, int, minimum=1, help="most Adam steps per restart"),
         "lr": Param(0.1, float, minimum=0.0, strictly_above=True, help="initial Adam step size"),
         "tv_weight": Param(1e-7, float, minimum=0.0, help="weight of the total-variation prior"),
         "restarts": Param(1, int, minimum=1, help="independent initialisations; the best objective is kept"),
         "seed": Param(0, int, minimum=0, help="seed of the initialisations"),
         "init": Param("uniform", str, choices=INITS, help="dummy image initialisation"),
+        "patience": Param(
+            200, int, minimum=0, help="steps without a min_delta improvement that end a stage (0: no early stop)"
+        ),
+        "min_delta": Param(0.01, float, minimum=0.0, maximum=0.5, help="relative improvement that counts"),
+        "check_every": Param(25, int, minimum=1, help="steps between two checks of the plateau rule"),
     }
 
     def check(self, view: AttackerView) -> None:
@@ -122,43 +140,83 @@ class InvertingGradients(Attack):
 
         return objective
 
-    def _optimise(self, images: Tensor, signed_gradient: Callable[[Tensor], Tensor]) -> None:
-        """Adam on the sign of the gradient with the step-size schedule and the [0, 1] box, in place."""
+    def _optimise(self, images: Tensor, value_and_sign: LaneStep) -> Tensor:
+        """Signed Adam on the lanes of ``images`` (lanes first), in place; returns the steps each lane ran.
+
+        ``value_and_sign(images, lanes)`` gives the objective values and the sign of their gradients
+        for the lanes listed in ``lanes`` (``None``: all of them, in order). A lane's step size is
+        ``lr * 0.1**stage``; its stage rises at the milestones and, earlier, when the lane plateaus;
+        a plateau in the last stage freezes the lane. The loop ends when every lane is frozen.
+        """
         iterations = self.params["iterations"]
-        optimiser = torch.optim.Adam([images], lr=self.params["lr"])
+        lanes = images.shape[0]
         milestones = [int(iterations * fraction) for fraction in MILESTONES]
+        plateau = Plateau(lanes, self.params["patience"], self.params["min_delta"], images.device)
+        adam = _LaneAdam(images)
+        stage = torch.zeros(lanes, dtype=torch.long)
+        active = torch.ones(lanes, dtype=torch.bool)
+        run = torch.full((lanes,), iterations, dtype=torch.long)
+        subset: Tensor | None = None
+        step_size = self._step_sizes(stage, images.device)
         for step in range(iterations):
-            optimiser.param_groups[0]["lr"] = self.params["lr"] * 0.1 ** sum(step >= m for m in milestones)
-            images.grad = signed_gradient(images.detach())
-            optimiser.step()
-            with torch.no_grad():
-                images.clamp_(0, 1)
+            scheduled = sum(step >= milestone for milestone in milestones)
+            raised = active & (stage < scheduled)
+            if bool(raised.any()):
+                stage = torch.where(raised, scheduled, stage)
+                plateau.restart(raised, step)
+                step_size = self._step_sizes(stage, images.device)
+            values, signs = value_and_sign(images if subset is None else images[subset], subset)
+            plateau.observe(values, subset)
+            adam.step(images, signs, step_size, subset)
+            done = step + 1
+            if done % self.params["check_every"] or done == iterations:
+                continue
+            flat = plateau.check(done) & active
+            if not bool(flat.any()):
+                continue
+            last = flat & (stage == len(MILESTONES))
+            run = torch.where(last, done, run)
+            active &= ~last
+            stage = torch.where(flat & ~last, stage + 1, stage)
+            plateau.restart(flat & ~last, done)
+            step_size = self._step_sizes(stage, images.device)
+            if not bool(active.any()):
+                break
+            if bool(last.any()):
+                subset = active.nonzero().squeeze(1).to(images.device)
+        return run
+
+    def _step_sizes(self, stage: Tensor, device: torch.device) -> Tensor:
+        """Each lane's Adam step size for its stage, on ``device``."""
+        return (self.params["lr"] * DECAY ** stage.to(torch.float64)).to(device=device, dtype=torch.float32)
 
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
         setup = self._setup(view)
         objective = self._objective(setup, autograd_gradient)
         params = {name: value.clone().requires_grad_(True) for name, value in setup.params.items()}
 
-        def signed_gradient(images: Tensor) -> Tensor:
-            images = images.requires_grad_(True)
+        def value_and_sign(lane_images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+            images = lane_images[0].detach().requires_grad_(True)
             value = objective(images, setup.one_hot, params, setup.target)
-            return torch.autograd.grad(value, images)[0].sign()
+            (gradient,) = torch.autograd.grad(value, images)
+            return value.detach().reshape(1), gradient.sign().unsqueeze(0)
 
-        finals: list[tuple[float, Tensor]] = []
+        finals: list[tuple[float, Tensor, int]] = []
         for start in self._initial(view):
-            images = start.to(self.device).requires_grad_(True)
-            self._optimise(images, signed_gradient)
-            final = float(objective(images.detach(), setup.one_hot, params, setup.target).detach())
-            finals.append((math.inf if math.isnan(final) else final, images.detach()))
+            images = start.to(self.device).unsqueeze(0)
+            run = int(self._optimise(images, value_and_sign)[0])
+            final = float(objective(images[0], setup.one_hot, params, setup.target).detach())
+            finals.append((math.inf if math.isnan(final) else final, images[0], run))
         best = min(range(len(finals)), key=lambda index: finals[index][0])
-        return self._result(setup, finals[best][1], finals[best][0], best)
+        return self._result(setup, finals[best][1], finals[best][0], best, finals[best][2])
 
-    def _result(self, setup: _Setup, images: Tensor, objective: float, restart: int) -> Reconstruction:
+    def _result(self, setup: _Setup, images: Tensor, objective: float, restart: int, run: int) -> Reconstruction:
         return Reconstruction(
             images=images.to(torch.float32).cpu(),
             labels=setup.labels,
             diagnostics={
                 "iterations": float(self.params["iterations"]),
+                "iterations_run": float(run),
                 "objective": objective,
                 "best_restart": float(restart),
             },
@@ -206,23 +264,60 @@ class InvertingGradients(Attack):
         lane_step = vmap(grad_and_value(objective), in_dims=in_dims)
         lane_value = vmap(objective, in_dims=in_dims)
 
-        def signed_gradient(images: Tensor) -> Tensor:
-            gradient, _ = lane_step(images, lane_one_hot, params, lane_target)
-            return gradient.sign()
+        def value_and_sign(images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+            if lanes is None:
+                gradient, values = lane_step(images, lane_one_hot, params, lane_target)
+            else:
+                lane_params = params if shared else {name: value[lanes] for name, value in params.items()}
+                targets = {name: value[lanes] for name, value in lane_target.items()}
+                gradient, values = lane_step(images, lane_one_hot[lanes], lane_params, targets)
+            return values, gradient.sign()
 
-        images = lane_images.requires_grad_(True)
-        self._optimise(images, signed_gradient)
-        finals = lane_value(images.detach(), lane_one_hot, params, lane_target).detach().cpu()
+        images = lane_images.detach().clone()
+        runs = self._optimise(images, value_and_sign)
+        finals = lane_value(images, lane_one_hot, params, lane_target).detach().cpu()
         finals = torch.nan_to_num(finals, nan=math.inf)
         seconds = (time.perf_counter() - start) / len(views)
         results = []
         for index, setup in enumerate(setups):
             lanes = finals[index * restarts : (index + 1) * restarts]
             best = int(torch.argmin(lanes))
-            result = self._result(setup, images.detach()[index * restarts + best], float(lanes[best]), best)
+            lane = index * restarts + best
+            result = self._result(setup, images[lane], float(lanes[best]), best, int(runs[lane]))
             result.diagnostics["seconds"] = seconds
             results.append(result)
         return results
+
+
+class _LaneAdam:
+    """Adam on a stack of lanes (first dimension), each with its own step size; lanes left out do not move.
+
+    The update is torch's Adam without weight decay (moments, bias correction, ``EPS`` added to the
+    corrected root second moment), written out so that the step size can differ per lane and a
+    lane can be frozen. Pixels are projected to [0, 1] after every step.
+    """
+
+    def __init__(self, images: Tensor) -> None:
+        self.first = torch.zeros_like(images)
+        self.second = torch.zeros_like(images)
+        self.steps = torch.zeros(images.shape[0], dtype=images.dtype, device=images.device)
+
+    def step(self, images: Tensor, direction: Tensor, step_size: Tensor, lanes: Tensor | None) -> None:
+        """One step of the lanes ``lanes`` (all when ``None``) along ``direction`` (their rows only)."""
+        with torch.no_grad():
+            index = slice(None) if lanes is None else lanes
+            shape = (-1,) + (1,) * (images.dim() - 1)
+            steps = self.steps[index] + 1
+            self.steps[index] = steps
+            first = self.first[index].mul_(BETAS[0]).add_(direction, alpha=1 - BETAS[0])
+            second = self.second[index].mul_(BETAS[1]).addcmul_(direction, direction, value=1 - BETAS[1])
+            if lanes is not None:
+                self.first[index] = first
+                self.second[index] = second
+            scale = (step_size[index] / (1 - BETAS[0] ** steps)).view(shape)
+            root = (1 - BETAS[1] ** steps).sqrt().view(shape)
+            moved = images[index] - scale * first / (second.sqrt() / root + EPS)
+            images[index] = moved.clamp_(0, 1)
 
 
 def _compatible_groups(views: Sequence[AttackerView]) -> list[list[int]]:

@@ -1,4 +1,7 @@
-"""The optimisation attacks on the sigmoid LeNet of DLG with real MNIST digits (fixed seeds, small budgets)."""
+"""The optimisation attacks on the sigmoid LeNet of DLG with real MNIST digits (fixed seeds, small budgets).
+
+Also their reference defaults and the early stop on an objective plateau (``attacks.early_stop``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from torch import Tensor
 from torch.func import vmap
 
 import metrics
-from attacks import AttackerView, InvertingGradients, build_attack, inverting_gradients
+from attacks import ATTACKS, AttackerView, DeepLeakage, InvertingGradients, build_attack, inverting_gradients
+from attacks.early_stop import Plateau
 from attacks.simulate import autograd_gradient
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -39,22 +43,51 @@ def _random_image() -> torch.Tensor:
     return torch.rand(SHAPE, generator=torch.Generator().manual_seed(0))
 
 
+def test_defaults_are_the_reference_budgets() -> None:
+    """The values docs/attacks.md cites: inversefed's DEFAULT_CONFIG and the original DLG loop."""
+    ig = {name: spec.default for name, spec in ATTACKS["inverting-gradients"].parameters.items()}
+    assert (ig["iterations"], ig["lr"], ig["restarts"]) == (4800, 0.1, 1)
+    assert inverting_gradients.MILESTONES == (3 / 8, 5 / 8, 7 / 8) and inverting_gradients.DECAY == 0.1
+    dlg = {name: spec.default for name, spec in ATTACKS["dlg"].parameters.items()}
+    assert (dlg["iterations"], dlg["inner_iterations"], dlg["lr"]) == (300, 20, 1.0)
+    assert ig["patience"] > 0 and dlg["patience"] > 0  # the early stop is on by default
+
+
 @pytest.mark.parametrize("label", [3, 7])
-def test_dlg_recovers_one_digit_through_the_sigmoid_lenet(lenet: torch.nn.Module, label: int) -> None:
+def test_dlg_recovers_one_digit_and_stops_on_the_plateau(lenet: torch.nn.Module, label: int) -> None:
+    """At the reference budget (300 x 20 L-BFGS iterations) an easy victim stops long before the end."""
     images, labels = mnist_digits([label])
-    result = build_attack("dlg", {"iterations": 100, "seed": 0}).reconstruct(make_view(lenet, images, labels))
-    # Measured with these seeds: SSIM 0.998 (digit 3) and 0.998 (digit 7) after 100 L-BFGS iterations.
+    result = build_attack("dlg").reconstruct(make_view(lenet, images, labels))
+    # Measured with these seeds: SSIM 0.998 (3) and 0.997 (7); the objective stops falling after about
+    # 120 L-BFGS iterations (1e-8, float32 round-off) and the early stop ends the run 10 outer steps later,
+    # after 17 of 300 outer steps.
     assert metrics.ssim(images[0], result.images[0]) > 0.8
     assert result.labels is not None and result.labels.tolist() == [label]
-    assert result.diagnostics["iterations"] <= 100
+    assert result.diagnostics["outer_iterations_run"] <= 100
+    assert result.diagnostics["iterations_run"] <= 1000 < 300 * 20
 
 
 def test_dlg_unrolls_a_two_step_delta_with_public_labels(lenet: torch.nn.Module) -> None:
     images, labels = mnist_digits([3, 7])
     view = make_view(lenet, images, labels, kind="delta", local_steps=2, lr=0.01, public_labels=True)
-    result = build_attack("dlg", {"iterations": 200}).reconstruct(view)
+    result = build_attack("dlg", {"iterations": 10}).reconstruct(view)
     # Measured: SSIM 0.998 and 0.997.
     assert metrics.match(images, result.images, metric="ssim").scores["ssim"].min() > 0.8
+
+
+def test_dlg_trace_reads_one_run_at_several_budgets(lenet: torch.nn.Module) -> None:
+    """Each checkpoint of one traced run is what a run with that budget returns (L-BFGS has no schedule)."""
+    view = make_view(lenet, *mnist_digits([2]))
+    attack = build_attack("dlg", {"iterations": 3, "inner_iterations": 4})
+    assert isinstance(attack, DeepLeakage)
+    first, last = attack.trace(view, [3, 1])
+    short = build_attack("dlg", {"iterations": 1, "inner_iterations": 4}).reconstruct(view)
+    assert torch.equal(first.images, short.images) and first.diagnostics["objective"] == short.diagnostics["objective"]
+    assert torch.equal(last.images, attack.reconstruct(view).images)
+    assert first.diagnostics["outer_iterations_run"] == 1 and last.diagnostics["outer_iterations_run"] == 3
+    assert last.diagnostics["objective"] <= first.diagnostics["objective"]
+    with pytest.raises(ValueError, match=r"checkpoints must lie in 1\.\.3"):
+        attack.trace(view, [4])
 
 
 def test_inverting_gradients_beats_a_random_image_by_far(lenet: torch.nn.Module) -> None:
@@ -209,3 +242,71 @@ def test_attacks_run_inside_no_grad(lenet: torch.nn.Module) -> None:
         many = build_attack("inverting-gradients", {"iterations": 3}).reconstruct_many([view, view])
     assert single.images.shape == (1, *SHAPE) and torch.isfinite(single.images).all()
     assert torch.equal(many[0].images, many[1].images) and many[0].diagnostics["objective"] < 1
+
+
+def _first_plateau(plateau: Plateau, values: list[float], lane: int = 0) -> int | None:
+    """The first iteration (1-based) at which ``lane`` plateaus when fed ``values``, checked every iteration."""
+    for iteration, value in enumerate(values, start=1):
+        plateau.observe(torch.tensor([value]), torch.tensor([lane]))
+        if bool(plateau.check(iteration)[lane]):
+            return iteration
+    return None
+
+
+def test_plateau_rule_counts_iterations_since_the_last_relative_improvement() -> None:
+    halving = [0.5**t for t in range(10)]  # improves by 50 % per iteration until iteration 10
+    assert _first_plateau(Plateau(1, 5, 0.01, torch.device("cpu")), halving + [halving[-1]] * 20) == 15
+    # 0.2 % per iteration is below min_delta per step, but 1 % accumulates within 6 steps: never a plateau
+    assert _first_plateau(Plateau(1, 20, 0.01, torch.device("cpu")), [0.998**t for t in range(200)]) is None
+    # a NaN objective never improves; patience 0 turns the rule off
+    assert _first_plateau(Plateau(1, 3, 0.01, torch.device("cpu")), [math.nan] * 10) == 3
+    assert _first_plateau(Plateau(1, 0, 0.01, torch.device("cpu")), [1.0] * 50) is None
+
+
+def test_plateau_rule_keeps_lanes_apart_and_restarts_a_window() -> None:
+    plateau = Plateau(2, 4, 0.1, torch.device("cpu"))
+    for iteration in range(1, 4):
+        plateau.observe(torch.tensor([1.0, 2.0**-iteration]))
+        assert not plateau.check(iteration).any()
+    plateau.observe(torch.tensor([1.0, 2.0**-10]))
+    assert plateau.check(4).tolist() == [False, False]
+    plateau.observe(torch.tensor([1.0]), torch.tensor([0]))
+    assert plateau.check(5).tolist() == [True, False]  # lane 0 last improved at iteration 1
+    plateau.restart(torch.tensor([True, False]), 5)
+    assert plateau.check(8).tolist() == [False, True] and plateau.check(9).tolist() == [True, True]
+    assert plateau.best_values().tolist() == [1.0, 2.0**-10]
+
+
+def test_inverting_gradients_stops_on_the_plateau(lenet: torch.nn.Module) -> None:
+    """With the reference budget of 4,800 steps an easy victim ends in a few hundred (every stage plateaus)."""
+    images, labels = mnist_digits([3])
+    attack = build_attack("inverting-gradients", {"patience": 50, "check_every": 10})
+    result = attack.reconstruct(make_view(lenet, images, labels))
+    # Measured: SSIM 0.999 after 290 steps.
+    assert metrics.ssim(images[0], result.images[0]) > 0.9
+    assert result.diagnostics["iterations"] == 4800 and result.diagnostics["iterations_run"] <= 1200
+
+
+def test_batched_lanes_stop_on_their_own(lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane whose objective cannot move (a zero update: the cosine term is the constant 1/2) stops after
+    exactly four patience windows, while the real victim's lane runs on alone.
+
+    Checked every 5 steps with patience 20: the first check (step 5) sets the reference, then each of the
+    four stages lasts 20 steps: 5 + 4 * 20 = 85.
+    """
+    real = make_view(lenet, *mnist_digits([3]), public_labels=True)
+    zero = AttackerView(**{**real.__dict__, "update": {name: torch.zeros_like(g) for name, g in real.update.items()}})
+    params = {"iterations": 400, "patience": 20, "check_every": 5}
+    attack = build_attack("inverting-gradients", params)
+    assert isinstance(attack, InvertingGradients)
+    calls: list[VmapCall] = []
+    monkeypatch.setattr(inverting_gradients, "vmap", _recording_vmap(calls))
+    many = attack.reconstruct_many([real, zero])
+    assert many[1].diagnostics["iterations_run"] == 85 < many[0].diagnostics["iterations_run"]
+    assert attack.reconstruct(zero).diagnostics["iterations_run"] == 85
+    lanes = [call[0].shape[0] for call in calls]
+    steps = int(many[0].diagnostics["iterations_run"])
+    assert lanes == [2] * 85 + [1] * (steps - 85) + [2]  # the frozen lane costs nothing; both are scored
+    reported = many[0].diagnostics["objective"]
+    recomputed = _per_victim_objective(attack, real)(many[0].images)[0]
+    assert abs(reported - recomputed) <= _objective_tolerance(recomputed)

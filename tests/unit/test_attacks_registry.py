@@ -40,7 +40,7 @@ def test_unknown_parameter_lists_the_allowed_ones() -> None:
         build_attack("inverting-gradients", {"iters": 10})
     assert str(error.value) == (
         "attack 'inverting-gradients': unknown parameter 'iters'; "
-        "allowed: iterations, lr, tv_weight, restarts, seed, init"
+        "allowed: iterations, lr, tv_weight, restarts, seed, init, patience, min_delta, check_every"
     )
 
 
@@ -64,7 +64,7 @@ def test_bad_parameter_values_raise_one_line_errors(name: str, params: dict[str,
 def test_parameters_override_defaults_and_keep_their_types() -> None:
     attack = build_attack("inverting-gradients", {"tv_weight": 0, "restarts": 3})
     assert attack.params["tv_weight"] == 0.0 and isinstance(attack.params["tv_weight"], float)
-    assert attack.params["restarts"] == 3 and attack.params["iterations"] == 1000
+    assert attack.params["restarts"] == 3 and attack.params["iterations"] == 4800
 
 
 def test_bad_device_is_a_config_error() -> None:
