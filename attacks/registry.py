@@ -7,6 +7,7 @@ from typing import Any
 
 from attacks.base import Attack
 from attacks.ce_demix import CrossEntropyDemix
+from attacks.cocktail_party import CocktailParty
 from attacks.dense_ratio import DenseRatio
 from attacks.dlg import DeepLeakage
 from attacks.inverting_gradients import InvertingGradients
@@ -14,7 +15,8 @@ from attacks.label_inference import LabelInference
 from attacks.view import AttackConfigError
 
 ATTACKS: dict[str, type[Attack]] = {
-    attack.name: attack for attack in (DenseRatio, CrossEntropyDemix, LabelInference, DeepLeakage, InvertingGradients)
+    attack.name: attack
+    for attack in (DenseRatio, CrossEntropyDemix, LabelInference, DeepLeakage, InvertingGradients, CocktailParty)
 }
 
 

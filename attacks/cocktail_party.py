@@ -1,0 +1,112 @@
+"""Cocktail Party Attack (Kariyappa et al., ICML 2023): blind source separation of the first dense layer.
+
+The weight gradient of a dense layer that reads the flattened input is ``gW = A X`` with ``X`` the batch's
+inputs (one per row) and ``A`` an unknown ``H x B`` mixing matrix (one row per hidden unit), whatever the
+labels and the loss. Independent component analysis on the rows of ``gW`` recovers the inputs up to order,
+sign and scale. The numerical work lives in :mod:`attacks.ica`; this module is the attack's interface.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from attacks.base import Attack
+from attacks.ica import PENALTIES, IcaSettings, separate, to_images
+from attacks.layers import first_dense_on_image, summed_gradient
+from attacks.params import Param
+from attacks.view import AttackerView, AttackNotApplicable, Reconstruction
+
+
+class CocktailParty(Attack):
+    """ICA on the first dense layer's weight gradient: one recovered input per sample of the update.
+
+    Centring and whitening to ``B = num_samples`` components, then an unmixing matrix found by Adam on a
+    negentropy (log cosh) objective, a weighted decorrelation penalty between the recovered sources and a
+    total-variation prior; signs, backgrounds and scales are then fixed without labels (skewness, median,
+    maximum). ``reconstruct_many`` unmixes all views of equal shapes together (batched matrix products).
+    """
+
+    name: ClassVar[str] = "cocktail-party"
+    parameters: ClassVar[dict[str, Param]] = {
+        "iterations": Param(1000, int, minimum=1, help="Adam steps on the unmixing matrix"),
+        "lr": Param(0.01, float, minimum=0.0, strictly_above=True, help="Adam step size"),
+        "negentropy_weight": Param(1.0, float, minimum=0.0, help="weight of the log cosh negentropy term"),
+        "decorrelation": Param(
+            "log-det", str, choices=PENALTIES, help="penalty on correlated sources: -log det C, or exp(T |C_ij|)"
+        ),
+        "decorrelation_weight": Param(6.0, float, minimum=0.0, help="weight of the decorrelation penalty"),
+        "temperature": Param(5.0, float, minimum=0.0, help="T of the exp-cosine penalty (unused by log-det)"),
+        "tv_weight": Param(30.0, float, minimum=0.0, help="weight of the total-variation prior on the sources"),
+        "seed": Param(0, int, minimum=0, help="seed of the random orthogonal initial unmixing matrix"),
+        "rtol": Param(1e-9, float, minimum=0.0, help="whitening eigenvalues below rtol * largest are clamped"),
+    }
+
+    def check(self, view: AttackerView) -> None:
+        """The first dense layer must read the flattened input and have at least ``num_samples`` units."""
+        layer = first_dense_on_image(view.model, view.input_shape, self.name)
+        if layer.module.out_features < view.num_samples:
+            raise AttackNotApplicable(
+                f"{self.name}: the first dense layer has {layer.module.out_features} units, "
+                f"fewer than the {view.num_samples} samples to separate"
+            )
+
+    def _settings(self) -> IcaSettings:
+        p = self.params
+        return IcaSettings(
+            iterations=p["iterations"],
+            lr=p["lr"],
+            negentropy_weight=p["negentropy_weight"],
+            decorrelation=p["decorrelation"],
+            decorrelation_weight=p["decorrelation_weight"],
+            temperature=p["temperature"],
+            tv_weight=p["tv_weight"],
+            seed=p["seed"],
+            rtol=p["rtol"],
+        )
+
+    def _reconstruct(self, view: AttackerView) -> Reconstruction:
+        return self._run([view])[0]
+
+    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Every view checked, then the views of equal shapes unmixed together; same result as one by one."""
+        for view in views:
+            self.check(view)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for index, view in enumerate(views):
+            layer = first_dense_on_image(view.model, view.input_shape, self.name)
+            key = (tuple(layer.module.weight.shape), view.num_samples, view.input_shape)
+            groups.setdefault(key, []).append(index)
+        results: dict[int, Reconstruction] = {}
+        for members in groups.values():
+            start = time.perf_counter()
+            with torch.enable_grad():
+                batch = self._run([views[i] for i in members])
+            seconds = (time.perf_counter() - start) / len(members)
+            for index, result in zip(members, batch, strict=True):
+                result.diagnostics["seconds"] = seconds
+                results[index] = result
+        return [results[index] for index in range(len(views))]
+
+    def _run(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Unmix views whose first layers have one shape and whose updates hold one number of samples."""
+        layer = first_dense_on_image(views[0].model, views[0].input_shape, self.name)
+        mixtures = torch.stack([summed_gradient(view, layer.weight_key) for view in views])
+        separation = separate(mixtures, views[0].num_samples, views[0].input_shape, self._settings(), self.device)
+        images = to_images(separation.sources).reshape(len(views), -1, *views[0].input_shape)
+        return [
+            Reconstruction(
+                images=images[index],
+                labels=None,
+                diagnostics={
+                    "components": float(separation.sources.shape[1]),
+                    "rank": float(separation.rank[index]),
+                    "objective": float(separation.objective[index]),
+                    "max_correlation": float(separation.max_correlation[index]),
+                },
+            )
+            for index in range(len(views))
+        ]
