@@ -37,12 +37,14 @@ def test_reduced_study_and_its_report(local_ray: None, tracking: dict[str, Any],
         rows = {row["defence"]: row for row in csv.DictReader(handle)}
     distinct = rows["distinct-labels / cross-entropy"]
     identical = rows["identical-labels / cross-entropy"]
-    # softmax, FedSGD, batches of 4: ce-demix separates distinct labels and only mixes identical ones
-    # (as training sharpens the softmax, P - Y loses rank and some distinct-label batches stop separating)
-    assert float(distinct["recovered_fraction"]) >= 0.6, distinct
-    assert float(identical["recovered_fraction"]) <= 0.3, identical
-    assert float(distinct["recovered_fraction"]) > 2 * float(identical["recovered_fraction"])
-    assert float(distinct["avd_mean"]) < float(identical["avd_mean"])
-    assert int(distinct["samples"]) == 2 * 4 * 4  # rounds x audited clients x batch size
+    mse = rows["identical-labels / mse"]
+    # softmax, FedSGD, batches of 4: the logit-space ce-demix separates distinct-label batches and
+    # identical-label ones alike (each sample's prediction differs, so P - Y keeps full rank), and the
+    # mse loss is attacked too, not skipped
+    assert float(distinct["recovered_fraction"]) >= 0.9, distinct
+    assert float(identical["recovered_fraction"]) >= 0.5, identical
+    for row in (distinct, identical, mse):
+        assert int(row["samples"]) == 2 * 4 * 4, row  # rounds x audited clients x batch size
+    assert float(identical["label_histogram_exact"]) == 1.0  # identical labels: the label leak is certain
     text = markdown.read_text(encoding="utf-8")
     assert "identical-labels / mse" in text and result.parent_run_id in text
