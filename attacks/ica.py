@@ -36,6 +36,10 @@ GAUSSIAN_LOGCOSH = 0.3745672075
 
 PENALTIES = ("log-det", "exp-cosine")
 
+LOGDET_JITTER = 1e-5
+"""Added to the diagonal of the sources' correlation matrix before its Cholesky factor is taken, so that
+float32 round-off cannot make a nearly singular matrix (two sources almost equal) lose definiteness."""
+
 
 @dataclass(frozen=True)
 class IcaSettings:
@@ -99,7 +103,8 @@ def _penalty(correlation: Tensor, settings: IcaSettings) -> Tensor:
     """The decorrelation penalty ``R(C)`` of each client ``(n,)``."""
     components = correlation.shape[-1]
     if settings.decorrelation == "log-det":
-        factor = torch.linalg.cholesky(correlation)
+        jitter = LOGDET_JITTER * torch.eye(components, dtype=correlation.dtype, device=correlation.device)
+        factor, _ = torch.linalg.cholesky_ex(correlation + jitter)
         return -2 * torch.diagonal(factor, dim1=-2, dim2=-1).log().sum(dim=-1) / components
     off_diagonal = ~torch.eye(components, dtype=torch.bool, device=correlation.device)
     return torch.exp(settings.temperature * correlation[:, off_diagonal].abs()).mean(dim=-1)
