@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -20,10 +21,10 @@ from tests.conftest import REPO
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
-NAMES = ["dense-ratio", "ce-demix", "label-inference", "dlg", "inverting-gradients"]
+NAMES = ["dense-ratio", "ce-demix", "label-inference", "dlg", "inverting-gradients", "cocktail-party"]
 
 
-def test_registry_holds_the_five_attacks_under_their_names() -> None:
+def test_registry_holds_the_six_attacks_under_their_names() -> None:
     assert sorted(ATTACKS) == sorted(NAMES)
     for name in NAMES:
         attack = build_attack(name)
@@ -86,7 +87,7 @@ def _view(model_name: str, **kwargs: object) -> AttackerView:
             "dense-ratio: first dense layer follows convolutions; its input is not the image",
         ),
         ("dense-ratio", ("cnn", {}), "dense-ratio: first dense layer follows convolutions; its input is not the image"),
-        ("ce-demix", ("softmax", {"loss": "mse"}), "ce-demix: needs the cross-entropy loss, the client declared 'mse'"),
+        ("cocktail-party", ("lenet", {}), "cocktail-party: first dense layer follows convolutions; its input is not"),
         (
             "ce-demix",
             ("softmax", {"kind": "delta", "local_steps": 2}),
@@ -105,6 +106,12 @@ def test_views_an_attack_cannot_handle_give_a_one_line_reason(
             call(view)
         assert str(error.value).startswith(reason)
         assert "\n" not in str(error.value)
+
+
+def test_ce_demix_names_the_losses_it_can_differentiate() -> None:
+    view = dataclasses.replace(_view("softmax"), loss="hinge")  # a loss the clients cannot declare today
+    with pytest.raises(AttackNotApplicable, match="ce-demix: cannot differentiate loss 'hinge'; known losses: "):
+        build_attack("ce-demix").check(view)
 
 
 @pytest.mark.parametrize("name", ["dlg", "inverting-gradients"])
