@@ -12,6 +12,7 @@ from defenses.batching import (
     LabelCount,
     RandomBatching,
 )
+from defenses.dp import DPSGD, build_dp, epsilon, expected_batch_size, poisson_sample, sample_rate
 from defenses.errors import DefenceConfigError, ParameterError
 from defenses.losses import (
     LOSSES,
@@ -36,6 +37,7 @@ from defenses.transforms import (
 
 __all__ = [
     "BATCHINGS",
+    "DPSGD",
     "LOSSES",
     "TRANSFORMS",
     "BatchPlan",
@@ -59,8 +61,13 @@ __all__ = [
     "Registry",
     "SigmoidBinaryCrossEntropy",
     "UpdateTransform",
+    "build_dp",
     "build_policy",
     "client_norms",
+    "epsilon",
+    "expected_batch_size",
+    "poisson_sample",
     "register",
     "registered",
+    "sample_rate",
 ]

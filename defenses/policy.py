@@ -10,21 +10,27 @@ import torch
 from torch import Tensor
 
 from defenses.batching import BATCHINGS, Batching, RandomBatching
+from defenses.dp import DPSGD, build_dp
 from defenses.errors import DefenceConfigError
 from defenses.losses import LOSSES, CrossEntropy, Loss
 from defenses.spec import build_part
 from defenses.transforms import TRANSFORMS, UpdateTransform
 
-SPEC_KEYS = ("batching", "loss", "update")
+SPEC_KEYS = ("batching", "loss", "update", "dp")
 
 
 @dataclass(frozen=True)
 class DefencePolicy:
-    """How a client batches its data, which loss it trains with, and how it transforms its update."""
+    """How a client batches its data, which loss it trains with, and how it transforms its update.
+
+    With ``dp`` set the client trains by DP-SGD: Poisson-sampled batches replace ``batching``, and the
+    transforms run on the privatised update.
+    """
 
     batching: Batching = field(default_factory=RandomBatching)
     loss: Loss = field(default_factory=CrossEntropy)
     transforms: tuple[UpdateTransform, ...] = ()
+    dp: DPSGD | None = None
 
     def transform(
         self, update: dict[str, Tensor], generators: Sequence[torch.Generator]
@@ -36,16 +42,19 @@ class DefencePolicy:
         return result
 
     def describe(self) -> dict[str, Any]:
-        """Plain data naming every part and its parameters, for logging."""
-        return {
+        """Plain data naming every part and its parameters, for logging (``dp`` only when DP-SGD is on)."""
+        described: dict[str, Any] = {
             "batching": self.batching.describe(),
             "loss": self.loss.describe(),
             "update": [step.describe() for step in self.transforms],
         }
+        if self.dp is not None:
+            described["dp"] = self.dp.describe()
+        return described
 
 
 def build_policy(spec: Mapping[str, Any] | None, field: str = "defence") -> DefencePolicy:
-    """Build a policy from a ``defence`` block (missing keys: random, cross-entropy, no transforms).
+    """Build a policy from a ``defence`` block (missing keys: random, cross-entropy, no transforms, no DP-SGD).
 
     Raises :class:`DefenceConfigError` naming the offending path under ``field``.
     """
@@ -64,7 +73,12 @@ def build_policy(spec: Mapping[str, Any] | None, field: str = "defence") -> Defe
         BATCHINGS, "random" if batching_spec is None else batching_spec, f"{field}.batching"
     )
     loss = build_part(LOSSES, "cross-entropy" if loss_spec is None else loss_spec, f"{field}.loss")
-    return DefencePolicy(batching, loss, _build_transforms(spec.get("update"), f"{field}.update"))
+    dp = build_dp(spec.get("dp"), f"{field}.dp")
+    if dp is not None and batching_spec is not None:
+        raise DefenceConfigError(
+            f"{field}.batching: not allowed with dp, whose batches are drawn by Poisson sampling; remove it"
+        )
+    return DefencePolicy(batching, loss, _build_transforms(spec.get("update"), f"{field}.update"), dp)
 
 
 def _build_transforms(spec: Any, field: str) -> tuple[UpdateTransform, ...]:

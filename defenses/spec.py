@@ -81,7 +81,11 @@ def _parameter_names(parameters: Mapping[Any, Any], field: str) -> dict[str, Any
 def build_part(registry: Registry[P], spec: Any, field: str) -> P:
     """Resolve, check and construct the part ``spec`` names; errors name the path under ``field``."""
     parsed = parse_part(spec, field, registry.kind)
-    cls = registry.resolve(parsed.name, parsed.name_field)
+    return construct(registry.resolve(parsed.name, parsed.name_field), parsed)
+
+
+def construct(cls: type[P], parsed: PartSpec) -> P:
+    """Check ``parsed``'s parameters against ``cls``'s constructor and build it; errors name the path."""
     parameters = dict(parsed.parameters)
     where = parsed.parameter_field
     if parsed.inline is not _NO_VALUE:
@@ -108,6 +112,13 @@ def build_part(registry: Registry[P], spec: Any, field: str) -> P:
     except (TypeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise DefenceConfigError(f"{where}: {reason}") from exc
+
+
+def construct_from_mapping(cls: type[P], spec: Any, field: str) -> P:
+    """Build ``cls`` from a bare mapping of its parameters (a block such as ``dp`` that names no part)."""
+    if not isinstance(spec, Mapping):
+        raise DefenceConfigError(f"{field}: expected a mapping of {cls.name} parameters, got {spec!r}")
+    return construct(cls, PartSpec(cls.name, _parameter_names(spec, field), _NO_VALUE, field, field))
 
 
 def _constructor_parameters(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:

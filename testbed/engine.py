@@ -23,7 +23,7 @@ from testbed.runtime.local_update import evaluate
 from testbed.runtime.models import model_for
 from testbed.runtime.preparation import PreparedData, initial_params, prepare_data
 from testbed.runtime.records import ChunkSummary, Params
-from testbed.runtime.round_metrics import round_metrics
+from testbed.runtime.round_metrics import privacy_metrics, privacy_plan, round_metrics
 from testbed.runtime.scheduling import audited_clients, make_tasks, sample_clients
 from testbed.tracking.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from testbed.tracking.progress import Progress
@@ -128,6 +128,7 @@ class RoundLoop:
         self.start_round = prepared.start_round
         self.state = prepared.state
         self.leakage: dict[str, dict[str, float]] = {}
+        self.privacy = privacy_plan(experiment, prepared.data.partition.sizes())
         size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
         data_ref = ray.put({"x": self.dataset.train_x, "y": self.dataset.train_y})
         self.pool = WorkerPool(experiment, data_ref, ray.put(prepared.data.partition), self.dataset.num_classes, size)
@@ -203,6 +204,7 @@ class RoundLoop:
         sampled, audited, audit_wait, skipped = self.sample(round_index)
         summaries, new_params = self.simulate_and_aggregate(round_index, sampled, audited)
         metrics = round_metrics(summaries, self.experiment)
+        metrics.update(privacy_metrics(self.privacy, round_index + 1))
         if metrics["accepted"] < self.experiment.sampling.min_clients:
             raise RunAborted(
                 f"round {round_index + 1}: only {int(metrics['accepted'])} updates accepted, fewer than "

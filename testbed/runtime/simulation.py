@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from defenses import DefencePolicy, build_policy
+from defenses import DefencePolicy, build_policy, expected_batch_size, poisson_sample, sample_rate
 from testbed.config.schema import ClientGroupConfig, Experiment
 from testbed.data.partition import Partition
+from testbed.runtime.dp_update import dp_local_steps, dp_updates
 from testbed.runtime.faults import corrupt_values, malformed
 from testbed.runtime.fused import dense_deltas, fusable, fused_trace, worth_fusing
 from testbed.runtime.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
@@ -29,6 +30,7 @@ from testbed.runtime.validation import structure_problem, validate_stack
 STREAM_BATCHES = 0
 STREAM_BEHAVIOUR = 1
 STREAM_NOISE = 2
+STREAM_DP_NOISE = 3
 
 
 def client_rng(seed: int, round_index: int, client: int, stream: int) -> np.random.Generator:
@@ -106,7 +108,10 @@ class SimulationContext:
 def plan_batches(
     context: SimulationContext, group: GroupRuntime, clients: np.ndarray, round_index: int
 ) -> tuple[np.ndarray, int]:
-    """Global sample indices (C, S, B) of every client's local batches, -1 for padding; and short batches."""
+    """Global sample indices (C, S, B) of every client's local batches, -1 for padding; and short batches.
+
+    A DP-SGD group draws each of its ``dp_local_steps`` batches by Poisson sampling (a batch may be empty).
+    """
     seed = context.experiment.seed
     batch_size = group.config.batch_size
     algorithm = context.experiment.algorithm
@@ -115,6 +120,11 @@ def plan_batches(
     for client in clients:
         owned = context.partition.client(int(client))
         rng = client_rng(seed, round_index, int(client), STREAM_BATCHES)
+        if group.policy.dp is not None:
+            rate = sample_rate(len(owned), batch_size)
+            steps = dp_local_steps(algorithm, len(owned), batch_size)
+            per_client.append([owned[poisson_sample(len(owned), rate, rng)] for _ in range(steps)])
+            continue
         epochs, per_epoch = context.num_batches(len(owned), batch_size)
         batches: list[np.ndarray] = []
         for _ in range(epochs):
@@ -125,7 +135,7 @@ def plan_batches(
             batches = batches[: algorithm.local_steps]
         per_client.append(batches)
     steps = max(len(batches) for batches in per_client)
-    width = max((len(batch) for batches in per_client for batch in batches), default=1)
+    width = max(1, max((len(batch) for batches in per_client for batch in batches), default=1))
     index = np.full((len(clients), steps, width), -1, dtype=np.int64)
     for row, batches in enumerate(per_client):
         for step, batch in enumerate(batches):
@@ -172,7 +182,9 @@ def _local_updates(
     experiment = context.experiment
     batches = gather(context, index)
     loss = group.policy.loss
-    if experiment.algorithm.name == "fedsgd":
+    if group.policy.dp is not None:
+        update = _dp_updates(context, group, params, clients, round_index, batches)
+    elif experiment.algorithm.name == "fedsgd":
         update = stacked_gradients(context.model, loss, params, batches)
     elif context.fusable:  # dense model, too many local steps to fuse: per-client weights updated in place
         update = dense_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
@@ -187,6 +199,32 @@ def _local_updates(
         ]
         update = group.policy.transform(update, generators)
     return update, batches.w.sum(dim=2)
+
+
+def _dp_updates(
+    context: SimulationContext,
+    group: GroupRuntime,
+    params: Params,
+    clients: np.ndarray,
+    round_index: int,
+    batches: StackedBatches,
+) -> Params:
+    """The DP-SGD updates of a chunk's clients, with each client's noise from its own stream."""
+    dp = group.policy.dp
+    assert dp is not None
+    experiment = context.experiment
+    batch_size = group.config.batch_size
+    held = [len(context.partition.client(int(c))) for c in clients]
+    steps = [dp_local_steps(experiment.algorithm, n, batch_size) for n in held]
+    normaliser = torch.tensor([expected_batch_size(n, batch_size) for n in held], device=context.device)
+    generators = [
+        torch.Generator().manual_seed(
+            int(client_rng(experiment.seed, round_index, int(c), STREAM_DP_NOISE).integers(2**62))
+        )
+        for c in clients
+    ]
+    lr = None if experiment.algorithm.name == "fedsgd" else experiment.algorithm.lr
+    return dp_updates(context.model, group.policy.loss, dp, params, batches, steps, normaliser, generators, lr)
 
 
 def _screen(
@@ -239,11 +277,17 @@ def _hand_off(
         )
 
 
-def _client_weights(context: SimulationContext, clients: np.ndarray, used: Tensor) -> Tensor:
-    """Each client's aggregation weight: its batch size (FedSGD) or the samples it holds (FedAvg)."""
-    if context.experiment.algorithm.name == "fedsgd":
+def _client_weights(context: SimulationContext, group: GroupRuntime, clients: np.ndarray, used: Tensor) -> Tensor:
+    """Each client's aggregation weight: its batch size (FedSGD) or the samples it holds (FedAvg).
+
+    Under DP-SGD a FedSGD weight is the expected batch size: the sampled size is not private.
+    """
+    fedsgd = context.experiment.algorithm.name == "fedsgd"
+    if fedsgd and group.policy.dp is None:
         return used[:, 0]
-    held = [len(context.partition.client(int(c))) for c in clients]
+    held: list[float] = [len(context.partition.client(int(c))) for c in clients]
+    if fedsgd:
+        held = [expected_batch_size(int(n), group.config.batch_size) for n in held]
     return torch.tensor(held, dtype=used.dtype, device=used.device)
 
 
@@ -271,7 +315,7 @@ def _fused(
         if not bool(torch.isfinite(norms).all()) or bool((norms > algorithm.max_update_norm).any()):
             return False
     used = batches.w.sum(dim=2)
-    weights = _client_weights(context, clients, used)
+    weights = _client_weights(context, group, clients, used)
     total = trace.weighted_sum(weights)
     if not all(bool(torch.isfinite(value).all()) for value in total.values()):
         return False  # some client's update is not finite (or the sum overflowed): screen one by one
@@ -293,6 +337,7 @@ def _fuses(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -
     return (
         context.fusable
         and not group.policy.transforms
+        and group.policy.dp is None
         and group.config.faults.fraction == 0
         and (steps == 1 or worth_fusing(context.model, steps * width))  # one step needs no corrections
     )
@@ -327,7 +372,7 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
     inject = torch.from_numpy(faulty[active]).to(context.device)
     update = corrupt_values(update, inject, fault)
     accept = _screen(update, params, inject, fault, experiment.algorithm.max_update_norm, summary)
-    samples = _client_weights(context, clients, used)
+    samples = _client_weights(context, group, clients, used)
     if summary.accepted:
         kept = samples[accept]
         accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}
