@@ -3,7 +3,8 @@
 A lane has *plateaued* when ``patience`` iterations have passed since its best objective last fell by
 at least ``min_delta`` relative to the best of that time. The best objective is kept on the device the
 objective is computed on and only read back when the rule is checked, so checking every few
-iterations costs one small copy, not one synchronisation per step.
+iterations costs one small copy, not one synchronisation per step. Objectives are compared in float32
+(a relative ``min_delta`` of a percent is far above its resolution).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ class Plateau:
             raise ValueError(f"need lanes >= 1, patience >= 0, 0 <= min_delta < 1: {lanes}, {patience}, {min_delta}")
         self.patience = patience
         self.min_delta = min_delta
-        self.best = torch.full((lanes,), math.inf, dtype=torch.float64, device=device)
-        self.reference = torch.full((lanes,), math.inf, dtype=torch.float64)
+        self.best = torch.full((lanes,), math.inf, dtype=torch.float32, device=device)
+        self.reference = torch.full((lanes,), math.inf, dtype=torch.float32)
         self.since = torch.zeros(lanes, dtype=torch.long)
 
     def observe(self, values: Tensor, lanes: Tensor | None = None) -> None:
         """Fold one step's objective values into the best so far (``lanes``: which lanes they belong to)."""
-        finite = torch.nan_to_num(values.detach().to(torch.float64), nan=math.inf)
+        finite = torch.nan_to_num(values.detach().to(self.best), nan=math.inf)
         if lanes is None:
             torch.minimum(self.best, finite, out=self.best)
         else:
