@@ -31,7 +31,6 @@ from torch import Tensor
 from defenses.errors import ParameterError
 from defenses.parts import Part
 from defenses.spec import construct_from_mapping
-from defenses.transforms import client_draws, flatten, unflatten
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -109,15 +108,18 @@ class DPSGD(Part):
         """The standard deviation ``noise_multiplier * clip`` of the noise added to each coordinate of the sum."""
         return self.noise_multiplier * self.clip
 
+    def clip_factors(self, norms: Tensor) -> Tensor:
+        """``min(1, clip / norm)`` for every example's gradient norm (1 for a zero gradient)."""
+        return torch.where(norms > self.clip, self.clip / norms.clamp_min(self.clip), torch.ones_like(norms))
+
     def clipped_sum(self, per_example: Mapping[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
         """Per client, the sum of its examples' gradients, each first clipped to L2 norm ``clip``.
 
         ``per_example`` tensors are shaped (C, W, ...) (client, example slot); ``weights`` (C, W) is 1 for a
         sampled example and 0 for padding. Returns tensors shaped (C, ...).
         """
-        norms = example_norms(per_example)
-        factor = torch.where(norms > self.clip, self.clip / norms.clamp_min(self.clip), torch.ones_like(norms))
-        scale = factor * weights.to(factor.dtype)
+        factors = self.clip_factors(example_norms(per_example))
+        scale = factors * weights.to(factors.dtype)
         return {
             key: torch.einsum("cw,cwp->cp", scale.to(value.dtype), value.flatten(2)).reshape(
                 value.shape[:1] + value.shape[2:]
@@ -134,10 +136,19 @@ class DPSGD(Part):
         """
         if not summed:
             return {}
-        flat = flatten(summed)
-        noise = client_draws(generators, flat.shape[1], "normal", flat)
-        noisy = (flat + self.noise_std * noise) / normaliser.to(flat.dtype).unsqueeze(1)
-        return unflatten(noisy, summed)
+        first = next(iter(summed.values()))
+        sizes = [value[0].numel() for value in summed.values()]
+        dtype = first.dtype if first.dtype.itemsize >= 4 else torch.float32
+        noise = torch.empty(len(generators), sum(sizes), dtype=dtype)
+        for row, generator in enumerate(generators):  # row c from client c's generator only
+            torch.randn(noise.shape[1], generator=generator, dtype=dtype, out=noise[row])
+        noise = noise.to(first.device)
+        result = {}
+        for (key, value), piece in zip(summed.items(), torch.split(noise, sizes, dim=1), strict=True):
+            divisor = normaliser.to(dtype).view(-1, *[1] * (value.dim() - 1))
+            noisy = torch.add(value.to(dtype), piece.reshape(value.shape), alpha=self.noise_std).div_(divisor)
+            result[key] = noisy.to(value.dtype)
+        return result
 
     def epsilon(self, rate: float, steps: int) -> float:
         """Epsilon at this group's ``delta`` after ``steps`` DP-SGD steps at sample rate ``rate``."""

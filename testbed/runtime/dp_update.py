@@ -1,10 +1,15 @@
 """DP-SGD local training, vectorised over the clients of a chunk and over each client's sampled examples.
 
-Per-example gradients come from ``torch.func``: ``vmap`` over clients of ``vmap`` over examples of
-``grad`` of one example's loss. Each step's gradients are clipped, summed, noised and normalised by
-:class:`defenses.DPSGD`. A chunk's per-example gradients are formed a slice of clients at a time, so
-memory stays near ``MEMORY_BUDGET`` whatever the chunk size; slicing changes no result, since every
-client's arithmetic and noise are its own.
+Each step's per-example gradients are clipped, summed, noised and normalised as :class:`defenses.DPSGD`
+says. Two ways to the clipped sums, the same up to float round-off:
+
+- any model: per-example gradients from ``torch.func``, ``vmap`` over clients of ``vmap`` over examples
+  of ``grad`` of one example's loss, formed a slice of clients at a time so that memory stays near
+  ``MEMORY_BUDGET`` whatever the chunk size;
+- dense models (``testbed.runtime.fused.fusable``): no per-example gradient is formed. A dense layer
+  ``z = W a + b`` gives example i the weight gradient ``d_i a_i^T`` and bias gradient ``d_i``, with
+  ``d_i`` the gradient of its loss at ``z_i``. So ``||g_i||^2 = sum over layers of ||d_i||^2 (||a_i||^2 + 1)``
+  (Goodfellow 2015), and the clipped sum ``sum_i c_i d_i a_i^T`` is one batched product per layer.
 
 FedSGD sends one noisy step (the privatised gradient). FedAvg takes ``dp_local_steps`` noisy SGD steps
 and sends the weight delta. A client's steps beyond its own count (clients of a chunk may differ under
@@ -22,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from defenses import DPSGD, Loss
 from testbed.config.schema import AlgorithmConfig
+from testbed.runtime.fused import fusable
 from testbed.runtime.local_update import StackedBatches
 from testbed.runtime.records import Params
 
@@ -70,6 +76,53 @@ def per_example_gradients(
     return result
 
 
+def dense_clipped_sums(
+    model: nn.Module, loss: Loss, dp: DPSGD, params: Params, batch: tuple[Tensor, Tensor, Tensor], *, shared: bool
+) -> Params:
+    """Each client's sum of clipped per-example gradients for a dense model, from layer inputs and output signals.
+
+    ``params`` shared by all clients or stacked by client; ``batch`` as in :func:`dp_step`.
+    """
+    x, y, w = batch
+    clients, width = int(x.shape[0]), int(x.shape[1])
+    layers = list(model.named_children()) if isinstance(model, nn.Sequential) else [("", model)]
+    h = x
+    dense: list[tuple[str, bool]] = []  # key prefix of each dense layer, and whether it has a bias
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for name, layer in layers:
+        if isinstance(layer, nn.Flatten):
+            h = h.reshape(clients, width, -1)
+        elif isinstance(layer, nn.Linear):
+            prefix = f"{name}." if name else ""
+            weight = params[prefix + "weight"]
+            z = torch.matmul(h, weight.T) if shared else torch.bmm(h, weight.transpose(1, 2))
+            if layer.bias is not None:
+                bias = params[prefix + "bias"]
+                z = z + (bias if shared else bias.unsqueeze(1))
+            if not z.requires_grad:  # the first dense layer: nothing before it needs a gradient
+                z.requires_grad_(True)
+            dense.append((prefix, layer.bias is not None))
+            inputs.append(h.detach())
+            outputs.append(z)
+            h = z
+        else:
+            h = layer(h)
+    per_example = loss.per_sample(h.reshape(clients * width, -1), y.reshape(-1)).reshape(clients, width)
+    signals = torch.autograd.grad((per_example * w).sum(), outputs)  # padding rows: zero signal
+    squares = torch.zeros(clients, width, dtype=x.dtype, device=x.device)
+    for (_, has_bias), a, d in zip(dense, inputs, signals, strict=True):
+        squares = squares + d.pow(2).sum(dim=2) * (a.pow(2).sum(dim=2) + float(has_bias))
+    factors = dp.clip_factors(squares.sqrt()).to(x.dtype)
+    sums: Params = {}
+    for (prefix, has_bias), a, d in zip(dense, inputs, signals, strict=True):
+        scaled = d * factors.unsqueeze(2)
+        sums[prefix + "weight"] = torch.bmm(scaled.transpose(1, 2), a)
+        if has_bias:
+            sums[prefix + "bias"] = scaled.sum(dim=1)
+    return {key: sums[key] for key in params}  # the parameters' order, which the noise follows
+
+
 def _slice_size(params: Params, shared: bool, width: int) -> int:
     """Clients whose per-example gradients fit ``MEMORY_BUDGET`` together (at least one)."""
     entries = sum(value[0].numel() if not shared else value.numel() for value in params.values())
@@ -92,6 +145,8 @@ def dp_step(
 
     ``batch`` is (x, y, w) shaped (C, W, ...), (C, W), (C, W) with w 1 for a sampled example, 0 for padding.
     """
+    if fusable(model):
+        return dp.privatise(dense_clipped_sums(model, loss, dp, params, batch, shared=shared), normaliser, generators)
     x, y, w = batch
     clients, width = int(x.shape[0]), int(x.shape[1])
     size = _slice_size(params, shared, width)
@@ -140,5 +195,8 @@ def dp_updates(
             own = {key: value[chosen] for key, value in local.items()}
             noisy = dp_step(model, loss, dp, own, batch, normaliser[chosen], mine, shared=False)
         for key, value in local.items():
-            value[chosen] -= lr * noisy[key]
-    return {key: value - params[key].unsqueeze(0) for key, value in local.items()}
+            if every:
+                value.sub_(noisy[key], alpha=lr)
+            else:
+                value.index_add_(0, active, noisy[key], alpha=-lr)
+    return {key: value.sub_(params[key].unsqueeze(0)) for key, value in local.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from testbed.config.topology import validate
@@ -55,3 +56,19 @@ def test_dp_groups_log_the_accountants_epsilon_every_round_and_train(local_ray: 
         assert result.history[-1][f"privacy/{name}/steps"] == 3 * LOCAL_STEPS
     accuracies = [row["test_accuracy"] for row in result.history]
     assert accuracies[-1] > 0.3, accuracies  # ten classes: chance is 0.1
+
+
+def test_dp_runs_are_identical_on_one_and_two_workers(local_ray: None, tracking: dict[str, Any]) -> None:
+    """Batches and noise come from each client's own streams, so the worker count changes nothing."""
+    results = []
+    for workers in (1, 2):
+        data = small_experiment(tracking, rounds=2, algorithm={"name": "fedsgd", "lr": 1.0})
+        data["clients"][0]["defence"] = {"dp": GROUPS["rdp"]}
+        data["resources"] = {"chunk_size": 8, "workers": workers}
+        data["sampling"] = {"clients_per_round": 30}
+        results.append(run_experiment(validate(data), show_progress=False))
+    one, two = results
+    for key in one.params:
+        assert torch.equal(one.params[key], two.params[key]), key
+    assert one.history[-1]["privacy/a/epsilon"] == two.history[-1]["privacy/a/epsilon"] > 0
+    assert "privacy/b/epsilon" not in one.history[-1]

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from defenses import DPSGD, DefenceConfigError, build_policy, epsilon, poisson_sample, sample_rate
 from testbed.cli import main
 from testbed.config.topology import validate
-from testbed.runtime.dp_update import dp_local_steps, dp_updates, per_example_gradients
+from testbed.runtime.dp_update import dense_clipped_sums, dp_local_steps, dp_updates, per_example_gradients
 from testbed.runtime.local_update import StackedBatches
 from testbed.runtime.models import build_model
 from testbed.runtime.preparation import initial_params, prepare_data
@@ -158,6 +158,28 @@ def test_vectorised_dp_update_equals_the_hand_computation(model_name: str, lr: f
         )
         for key in params:
             torch.testing.assert_close(update[key][c], expected[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["softmax", "mlp"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-client"])
+def test_dense_clipped_sums_equal_those_of_per_example_gradients(model_name: str, shared: bool) -> None:
+    """The dense-layer shortcut (no per-example gradient formed) against vmap's per-example gradients."""
+    model, params, shape = _model(model_name, torch.float64)
+    if not shared:  # different weights per client
+        generator = torch.Generator().manual_seed(9)
+        params = {k: v + 0.1 * torch.randn(3, *v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()}
+    loss = build_policy({"loss": "label-smoothing"}).loss
+    x, y = _data(3, 6, shape, torch.float64)
+    w = torch.tensor([[1.0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    gradients = per_example_gradients(model, loss, params, x, y, shared=shared)
+    norms = torch.sqrt(sum(v.flatten(2).pow(2).sum(2) for v in gradients.values()))
+    dp = DPSGD(clip=float(norms[w > 0].median()), noise_multiplier=1.0, delta=1e-5)
+    fast = dense_clipped_sums(model, loss, dp, params, (x, y, w), shared=shared)
+    slow = dp.clipped_sum(gradients, w)
+    assert list(fast) == list(params)
+    for key in params:  # float64 round-off of sums of a few thousand terms: far below 1e-10
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-10, atol=1e-12)
+    assert float(sum(v[2].abs().sum() for v in fast.values())) == 0.0  # a client with no example adds nothing
 
 
 def test_noise_has_the_stated_standard_deviation_and_is_each_clients_own() -> None:
