@@ -276,6 +276,8 @@ def describe_defence(spec: Mapping[str, Any]) -> str:
     except (DefenceConfigError, ImportError):
         return json.dumps(spec, sort_keys=True)
     parts = [described["batching"], described["loss"], *described["update"]]
+    if "dp" in described:  # DP-SGD: Poisson batches, per-example clipping and noise before any transform
+        parts = [described["dp"], described["loss"], *described["update"]]
     return " / ".join(_part(part) for part in parts)
 
 

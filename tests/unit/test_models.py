@@ -62,3 +62,10 @@ def test_convolutional_models_honour_their_activation(name: str, default: type[n
     assert resolved.activation == {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}[default]
     assert describe_model({"model.name": name, "model.activation": "tanh"}) == f"{name} tanh"
     assert describe_model({"model.name": "softmax", "model.activation": "None"}) == "softmax"
+
+
+def test_report_labels_a_dp_sgd_group_by_its_parameters() -> None:
+    from testbed.report.data import describe_defence
+
+    spec = {"dp": {"clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}, "loss": "mse"}
+    assert describe_defence(spec) == "dp(clip=1.0, noise_multiplier=1.1, delta=1e-05, accountant=rdp) / mse"
