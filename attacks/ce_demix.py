@@ -68,8 +68,8 @@ class CrossEntropyDemix(Attack):
 
     name: ClassVar[str] = "ce-demix"
     parameters: ClassVar[dict[str, Param]] = {
-        "iterations": Param(100, int, minimum=1, help="most Levenberg-Marquardt steps of the logit solve"),
-        "restarts": Param(8, int, minimum=1, help="seeded starting points of the logit solve; the best residual wins"),
+        "iterations": Param(200, int, minimum=1, help="most Levenberg-Marquardt steps of the logit solve"),
+        "restarts": Param(16, int, minimum=1, help="seeded starting points of the logit solve; the best residual wins"),
         "seed": Param(0, int, minimum=0, help="seed of the starting points"),
         "rtol": Param(1e-9, float, minimum=0.0, help="relative singular-value cut-off of the pseudo-inverse"),
         "fit_tolerance": Param(

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import metrics
-from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack, infer_labels
+from attacks import LOSSES, AttackerView, AttackNotApplicable, Reconstruction, build_attack, infer_labels
+from attacks.logit_gradients import logit_derivatives
 from metrics.recovery import recovered
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -218,6 +219,36 @@ def test_label_counting_misses_a_class_when_the_batch_nearly_fills_every_class()
     # bias-gradient entry turns positive. Measured: class 8 is missed and class 6 counted twice.
     assert result.diagnostics["negative_entries"] == 8
     assert result.labels is not None and 8 not in result.labels.tolist()
+
+
+@pytest.mark.parametrize("labels", [[6, 6, 6, 6, 2, 2], [3, 3, 3, 3, 3, 9, 9, 0]])
+def test_label_counting_scales_with_the_samples_in_the_update_not_the_declared_batch_size(labels: list[int]) -> None:
+    images, targets = mnist_digits(labels)
+    view = make_view(_model("softmax"), images, targets)
+    short = AttackerView(**{**view.__dict__, "batch_size": 2 * len(labels)})  # a short last batch
+    # Measured: scaling the counts by the declared size (12 or 16) gave [2, 6, 6, 6, 6, 6] and
+    # [0, 3, 3, 3, 3, 3, 3, 9]; the samples in the update give the labels whatever batch_size says.
+    assert infer_labels(short).tolist() == infer_labels(view).tolist() == sorted(labels)
+
+
+def test_label_counting_reads_a_summed_multi_step_delta_per_step() -> None:
+    images, targets = mnist_digits([2, 2, 2, 2, 5, 9])
+    view = make_view(_model("softmax"), images, targets, kind="delta", local_steps=2, lr=0.001)
+    # Two steps of three samples: the summed gradient counts each sample once per step of 3, so the
+    # estimates scale with num_samples / local_steps = 3. (With lr 0.05 the first step on three 2s
+    # sharpens the model and a 9 is counted for a 2: the multi-step limit in docs/attacks.md.)
+    assert infer_labels(view).tolist() == [2, 2, 2, 2, 5, 9]
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_closed_form_logit_derivatives_match_autograd_of_the_losses(loss: str) -> None:
+    logits = 2 * torch.randn((3, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = torch.nn.functional.one_hot(torch.tensor([1, 1, 4]), 10).to(torch.float64)
+    error, curvature = logit_derivatives(loss, logits, targets)
+    hessian = torch.autograd.functional.hessian(lambda z: LOSSES[loss](z, targets), logits)
+    assert torch.allclose(error, torch.func.grad(LOSSES[loss])(logits, targets), rtol=1e-12, atol=1e-15)
+    for sample in range(3):
+        assert torch.allclose(curvature[sample], hessian[sample, :, sample, :], rtol=1e-12, atol=1e-15)
 
 
 def test_analytic_attacks_leave_the_model_and_view_untouched() -> None:
