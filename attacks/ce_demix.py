@@ -33,7 +33,8 @@ SCREEN_ITERATIONS = 50
 GOOD_ENOUGH = 0.1
 """A full solve stops once a start converges below this fraction of ``fit_tolerance``."""
 SEARCH_ROUNDS = 3
-"""Most rounds of the label search (each: screen the candidates, fully solve the best)."""
+"""Fewest rounds the label search may take (each: screen the candidates, fully solve the best); it may take
+N + 1, enough for one-label steps to reach any multiset from the counted one."""
 PRESENCE_LOSSES = ("cross-entropy", "sigmoid-bce")
 """Losses whose logit gradient is prediction minus one-hot target: a negative bias entry proves its class present."""
 CENTRED_LOSSES = ("cross-entropy", "label-smoothing", "mse")
@@ -140,13 +141,13 @@ class CrossEntropyDemix(Attack):
 
         Each round screens every view's candidates with a short solve (all in one batch); each view's best
         candidate then gets the full solve and is kept when it fits better. A view leaves the search when
-        it fits (``fit_tolerance``), stops improving, or after ``SEARCH_ROUNDS`` rounds. Returns how many
-        candidates each view screened.
+        it fits (``fit_tolerance``), stops improving, or after ``max(SEARCH_ROUNDS, N + 1)`` rounds.
+        Returns how many candidates each view screened.
         """
         tried = [0] * len(views)
         seen = [{tuple(item.labels.tolist())} for item in chosen]
         pending = [index for index, view in enumerate(views) if view.labels is None]
-        for round_index in range(SEARCH_ROUNDS):
+        for round_index in range(max(SEARCH_ROUNDS, views[0].num_samples + 1)):
             pending = [index for index in pending if solutions[index].residual > self.params["fit_tolerance"]]
             owners, problems = [], []
             for index in pending:
@@ -238,8 +239,7 @@ class CrossEntropyDemix(Attack):
         results: list[Reconstruction | None] = [None] * len(views)
         for indices in groups.values():
             start = time.perf_counter()
-            with torch.enable_grad():
-                solved = self._solve([views[i] for i in indices])
+            solved = self._solve([views[i] for i in indices])
             share = (time.perf_counter() - start) / len(indices)
             for index, result in zip(indices, solved, strict=True):
                 result.diagnostics["seconds"] = share

@@ -131,6 +131,30 @@ def test_ce_demix_attacks_the_mse_loss(labels: list[int], trained: bool, public:
     _assert_every_sample_recovered(images, result)
 
 
+def test_ce_demix_attacks_label_smoothing() -> None:
+    images, targets = mnist_digits([1, 1, 7], offset=3)
+    view = make_view(_trained_softmax(), images, targets, loss="label-smoothing")
+    result = build_attack("ce-demix").reconstruct(view)
+    assert result.labels is not None and result.labels.tolist() == [1, 1, 7]
+    _assert_every_sample_recovered(images, result)
+
+
+def test_ce_demix_separates_as_many_samples_as_classes_under_sigmoid_bce() -> None:
+    images, targets = mnist_digits(list(range(10)), offset=3)
+    model = _trained_softmax()
+    params = {name: value.detach().clone().requires_grad_(True) for name, value in model.named_parameters()}
+    logits = torch.func.functional_call(model, params, (images,))
+    onehot = torch.nn.functional.one_hot(targets, 10).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(dim=1).mean()
+    gradients = [gradient.detach() for gradient in torch.autograd.grad(loss, list(params.values()))]
+    view = AttackerView(**{**make_view(model, images, targets).__dict__, "loss": "sigmoid-bce", "labels": targets})
+    view = AttackerView(**{**view.__dict__, "update": dict(zip(params, gradients, strict=True))})
+    result = build_attack("ce-demix").reconstruct(view)
+    # sigmoid-bce's logit gradients do not sum to zero over the classes, so E can have rank C.
+    assert result.diagnostics["rank"] == 10
+    _assert_every_sample_recovered(images, result)
+
+
 def test_ce_demix_carries_the_error_back_through_a_relu_mlp_to_the_images() -> None:
     images, targets = mnist_digits([1, 4, 6, 8])
     result = build_attack("ce-demix").reconstruct(make_view(_model("mlp"), images, targets))
