@@ -289,7 +289,11 @@ class RoundLoop:
         self.tracker.flush()
         self.leakage = self.meter.summary_by_group()
         log_final(self.tracker, self.run_id, self.experiment, self.params, self.history)
-        self.tracker.set_note(self.run_id, run_note(self.experiment, self.history, self.leakage, self.meter.grids))
+        note = run_note(self.experiment, self.history, self.leakage, self.meter.grids)
+        if self.meter.failed:
+            failed = self.meter.failed
+            note += f"\n\n**{failed} audit tasks failed**; their clients are not in these numbers (see the log)."
+        self.tracker.set_note(self.run_id, note)
 
     def close(self, status: str) -> None:
         """Stop the workers, aggregators and audit actors; close the MLflow run (unless MLflow is unreachable)."""

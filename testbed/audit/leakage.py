@@ -71,7 +71,8 @@ class LeakageMeter:
         self.arrived: dict[int, list[ScoredAudit]] = defaultdict(list)
         self.rows: list[dict[str, Any]] = []
         self.not_applicable: dict[str, int] = defaultdict(int)
-        self.failed = 0
+        self.failed = 0  # audit tasks that raised (their clients are not scored; logged as audit/failed_tasks)
+        self.failed_in: dict[int, int] = defaultdict(int)
         self.fresh: dict[str, float] = {}  # group -> recovered fraction of the rounds logged since take_fresh()
         self.grids: list[str] = []  # artifact paths of the audit grids logged so far
 
@@ -119,12 +120,18 @@ class LeakageMeter:
                 self.arrived[round_index].append(ray.get(ref))
             except ray.exceptions.RayError as exc:
                 self.failed += 1
-                log.warning("an audit failed and is skipped: %s", str(exc).strip().splitlines()[0])
+                self.failed_in[round_index] += 1
+                lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+                cause = lines[-1] if lines else type(exc).__name__  # Ray puts the task's own error last
+                log.warning("round %d: an audit task failed and its clients are not scored: %s", round_index + 1, cause)
         for round_index in sorted(r for r, count in self.outstanding.items() if count == 0):
             del self.outstanding[round_index]
             audits = self.arrived.pop(round_index, [])
+            failed = self.failed_in.pop(round_index, 0)
             if audits:
-                self._log_round(round_index, audits)
+                self._log_round(round_index, audits, failed)
+            elif failed:
+                self.tracker.log_metrics(self.run_id, {"audit/failed_tasks": float(failed)}, step=round_index + 1)
 
     def busy_rounds(self) -> int:
         """Audited rounds whose scores are not all back yet."""
@@ -139,7 +146,7 @@ class LeakageMeter:
             ray.wait([ref for ref, r in self.pending.items() if r == oldest], num_returns=self.outstanding[oldest])
             self.collect(wait=False)
 
-    def _log_round(self, round_index: int, audits: list[ScoredAudit]) -> None:
+    def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> None:
         scored = [item for audit in audits for item in audit.scored]
         reasons = [reason for audit in audits for reason in audit.not_applicable]
         for group, attack, reason in reasons:
@@ -150,6 +157,7 @@ class LeakageMeter:
         metrics: dict[str, float] = {
             "attack_seconds": float(sum(audit.attack_seconds for audit in audits)),
             "audit/not_applicable": float(len(reasons)),
+            "audit/failed_tasks": float(failed),
         }
         for attack in self.attacks if len(self.attacks) > 1 else ():
             metrics[f"audit/{attack}/not_applicable"] = float(sum(1 for _, name, _ in reasons if name == attack))

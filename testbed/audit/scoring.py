@@ -107,7 +107,9 @@ def score_outcomes(
         baselines: dict[str, dict[str, np.ndarray]] = {}
         if prototypes is not None:
             if outcome.client not in baselines_of:
-                rng = np.random.default_rng([seed, round_index, outcome.client])
+                # edge aggregates carry negative ids (-(edge + 1)): offset them into a seed word of their own
+                who = outcome.client if outcome.client >= 0 else 2**32 + outcome.client
+                rng = np.random.default_rng([seed, round_index, who])
                 drawn = prototypes.draw(train_y[indices], rng)
                 baselines_of[outcome.client] = baseline_scores(train_x[indices], drawn)
             baselines = baselines_of[outcome.client]

@@ -66,10 +66,9 @@ def test_a_portfolio_logs_each_attack_and_the_worst_case(local_ray: None, tracki
     for group in ("distinct", "identical"):
         per_attack = [metrics[f"leakage/{group}/{name}/recovered_fraction"] for name in experiment.attack.names]
         worst = metrics[f"leakage/{group}/recovered_fraction"]
-        assert worst >= max(per_attack), (group, worst, per_attack)  # per sample, the best of the attacks
-        assert metrics[f"leakage/{group}/ssim_mean"] >= max(
-            metrics[f"leakage/{group}/{name}/ssim_mean"] for name in experiment.attack.names
-        )
+        # per sample the worst case is recovered when any attack recovered it, so its share is at least each
+        # attack's (mean SSIM carries no such guarantee: the choice is by recovery first)
+        assert worst >= max(per_attack), (group, worst, per_attack)
         assert 0.2 < metrics[f"leakage/{group}/avd_baseline"] < 0.5  # blank / class mean / class image
         assert metrics[f"leakage/{group}/label_histogram_exact"] == 1.0
     assert metrics["audit/inverting-gradients/not_applicable"] == 0.0
