@@ -101,7 +101,7 @@ def run_experiment(
     from testbed.runtime.cluster import ray_session
 
     prepared = prepare(experiment, resume_run_id)
-    with ray_session(experiment.resources) as available:
+    with ray_session(experiment.resources, experiment) as available:
         loop = RoundLoop(experiment, prepared, available, show_progress=show_progress)
         loop.open_run(resume_run_id, parent_run_id, run_name or experiment.name, tags)
         return loop.execute()

@@ -71,7 +71,7 @@ def run_sweep(
     progress = Progress(len(cells), f"{experiment.name} sweep", enabled=show_progress, unit="combination")
     status = "FAILED"
     try:
-        with ray_session(experiment.resources):
+        with ray_session(experiment.resources, experiment):
             for index, (combination, cell) in enumerate(cells, start=1):
                 if combination.key in done:
                     result.skipped += 1

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from attacks import Attack, AttackerView, AttackNotApplicable, build_attack
 from defenses import build_policy
@@ -19,6 +20,18 @@ from testbed.audit.outcome import AuditOutcome, attacker_view
 from testbed.config.schema import Experiment
 from testbed.runtime.models import model_for
 from testbed.runtime.records import ClientUpdate, Params
+
+
+def attack_model(experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The architecture the attacks re-create clients' training with.
+
+    Clients train in train mode, where BatchNorm normalises with each batch's statistics. The attacks' copy
+    keeps no running statistics (``torch.func.replace_all_batch_norm_modules_``): it normalises the same way
+    and mutates nothing, so an attack can differentiate it and vectorise it over victims.
+    """
+    model = model_for(experiment.model, input_shape, num_classes)
+    torch.func.replace_all_batch_norm_modules_(model)
+    return model
 
 
 class AttackWorker:
@@ -38,7 +51,7 @@ class AttackWorker:
         self.experiment = experiment
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        self.model = model_for(experiment.model, input_shape, num_classes)
+        self.model = attack_model(experiment, input_shape, num_classes)
         self.attacks = [
             build_attack(name, experiment.attack.params_of(name), device=device) for name in experiment.attack.names
         ]

@@ -45,7 +45,7 @@ def attacker_view(
     algorithm = experiment.algorithm
     return AttackerView(
         model=model,
-        global_params=global_params,
+        global_params={key: value for key, value in global_params.items() if key in update.update},  # no buffers
         update={key: value.clone() for key, value in update.update.items()},  # received tensors are read-only
         kind="gradient" if algorithm.name == "fedsgd" else "delta",
         batch_size=update.batch_size,

@@ -8,6 +8,7 @@ from pathlib import Path
 from testbed.config.schema import Experiment
 from testbed.config.sweep_plan import plan
 from testbed.config.topology import apply_overrides, read_yaml, validate
+from testbed.data.import_path import find_folder, is_import_path
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
@@ -16,6 +17,23 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     if overrides:
         data = apply_overrides(data, overrides)
     experiment = validate(data, source=str(path), node=node)
+    record_code_folders(experiment, Path(path).resolve().parent)
     if experiment.sweep is not None:
         plan(experiment)
     return experiment
+
+
+def record_code_folders(experiment: Experiment, folder: Path) -> None:
+    """Record where an import-path model or data set is imported from, so every Ray worker finds it.
+
+    A given ``path`` is made absolute (relative to ``folder``, the topology file's); otherwise the first
+    of ``folder`` and the working directory that holds the module is recorded. A module found in neither
+    keeps ``path`` null and is imported from PYTHONPATH (or reported missing before the run starts).
+    """
+    for block in (experiment.model, experiment.dataset):
+        if not is_import_path(block.name):
+            continue
+        if block.path is not None:
+            block.path = str((folder / Path(block.path).expanduser()).resolve())
+        else:
+            block.path = find_folder(block.name, [folder, Path.cwd()])

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from testbed.data.datasets import DATASETS
+from testbed.data.import_path import is_import_path
 from testbed.data.partition import PARTITIONS
 
 
@@ -23,10 +24,15 @@ class Strict(BaseModel):
 class PartitionConfig(Strict):
     """How the training split is divided among all clients of all groups."""
 
-    scheme: str = Field("iid", description="iid | dirichlet | shards")
+    scheme: str = Field("iid", description=" | ".join(PARTITIONS))
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more label skew)")
     shards_per_client: int = Field(2, ge=1, description="label-sorted shards per client (shards)")
     min_samples: int = Field(1, ge=1, description="fewest samples any client may hold")
+    key: str | None = Field(
+        None,
+        description="by-key: the per-sample key array of the data set (default train_keys), e.g. a writer id; "
+        "each client gets one key's samples (docs/data.md)",
+    )
 
     @field_validator("scheme")
     @classmethod
@@ -35,11 +41,27 @@ class PartitionConfig(Strict):
             raise ValueError(f"unknown partition scheme {value!r}; allowed: {', '.join(PARTITIONS)}")
         return value
 
+    @model_validator(mode="after")
+    def _key_for_by_key(self) -> PartitionConfig:
+        if self.key is not None and self.scheme != "by-key":
+            raise ValueError(f"partition.key: only the by-key scheme reads a key (scheme is {self.scheme!r})")
+        return self
+
 
 class DatasetConfig(Strict):
     """Which data set, where it lives offline, and how it is split."""
 
-    name: str = Field("mnist-5k", description=" | ".join(DATASETS))
+    name: str = Field(
+        "mnist-5k",
+        description=" | ".join(DATASETS) + ", or your own: an import path package.module:callable returning the "
+        "train and test splits (docs/data.md)",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of an import-path data set")
+    path: str | None = Field(
+        None,
+        description="folder an import-path data set is imported from (relative: to the topology file); when not "
+        "given, the topology file's folder or the working directory holding the module is recorded here on loading",
+    )
     root: str | None = Field(None, description="folder of a torchvision data set (mnist, cifar10, ...)")
     download: bool = Field(False, description="let torchvision download into root when missing")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when no test split ships")
@@ -54,20 +76,44 @@ class DatasetConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(DATASETS)}")
+        if value not in DATASETS and not is_import_path(value):
+            raise ValueError(
+                f"unknown dataset {value!r}; allowed: {', '.join(DATASETS)}, or an import path package.module:callable"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _own_options(self) -> DatasetConfig:
+        if not is_import_path(self.name):
+            for option in ("params", "path"):
+                if getattr(self, option):
+                    raise ValueError(f"dataset.{option}: only an import-path dataset.name takes {option}")
+        return self
 
 
 DEFAULT_ACTIVATIONS: dict[str, str] = {"mlp": "relu", "lenet": "sigmoid", "cnn": "relu"}
 """Each model's activation when the topology names none (LeNet: sigmoid, as in the DLG papers)."""
 
+BUILT_IN_MODELS = ("softmax", "mlp", "lenet", "cnn")
+DEFAULT_HIDDEN = [256]
+
 
 class ModelConfig(Strict):
-    """The architecture every client trains."""
+    """The architecture every client trains: a built-in one, or your own by import path."""
 
-    name: Literal["softmax", "mlp", "lenet", "cnn"] = Field("mlp", description="architecture")
-    hidden: list[int] = Field(default_factory=lambda: [256], description="hidden widths (mlp)")
+    name: str = Field(
+        "mlp",
+        description=" | ".join(BUILT_IN_MODELS) + ", or your own: an import path package.module:callable, called as "
+        "callable(num_classes=C, **params), with input_shape=(C, H, W) too when it takes one; it returns a "
+        "torch.nn.Module (README: Your own model)",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of an import-path model")
+    path: str | None = Field(
+        None,
+        description="folder an import-path model is imported from (relative: to the topology file); when not "
+        "given, the topology file's folder or the working directory holding the module is recorded here on loading",
+    )
+    hidden: list[int] = Field(default_factory=lambda: list(DEFAULT_HIDDEN), description="hidden widths (mlp)")
     activation: Literal["relu", "sigmoid", "tanh"] | None = Field(
         None, description="hidden activation (mlp, lenet, cnn; default: relu, but sigmoid for lenet as in DLG)"
     )
@@ -78,6 +124,34 @@ class ModelConfig(Strict):
         if any(width < 1 for width in value):
             raise ValueError(f"hidden widths must be >= 1, got {value}")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in BUILT_IN_MODELS and not is_import_path(value):
+            raise ValueError(
+                f"unknown model {value!r}; allowed: {', '.join(BUILT_IN_MODELS)}, or an import path "
+                "package.module:callable"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _own_options(self) -> ModelConfig:
+        """Built-in options for built-in models, ``params`` and ``path`` for one's own."""
+        if not is_import_path(self.name):
+            for option in ("params", "path"):
+                if getattr(self, option):
+                    raise ValueError(f"model.{option}: only an import-path model.name takes {option}")
+            return self
+        if self.activation is not None or self.hidden != DEFAULT_HIDDEN:
+            option = "activation" if self.activation is not None else "hidden"
+            raise ValueError(
+                f"model.{option}: applies to the built-in models; give your model's options in model.params"
+            )
+        reserved = sorted({"num_classes", "input_shape"} & set(self.params))
+        if reserved:
+            raise ValueError(f"model.params: {' and '.join(reserved)} come from the data set; leave them out")
+        return self
 
     @model_validator(mode="before")
     @classmethod

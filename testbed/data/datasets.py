@@ -6,6 +6,7 @@ that models, defences, attacks and leakage metrics never care where the pixels c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import importlib.resources
@@ -44,6 +45,8 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    keys: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Per-training-sample key arrays (e.g. a writer id) that the by-key partition groups by."""
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
@@ -51,6 +54,12 @@ class Dataset:
                 raise ValueError(
                     f"Dataset {self.name!r}: {split} split must be float32 (N, C, H, W) images "
                     f"with N int64 labels, got {x.dtype}{x.shape} and {y.dtype}{y.shape}"
+                )
+        for key, values in self.keys.items():
+            if values.ndim != 1 or len(values) != len(self.train_y):
+                raise ValueError(
+                    f"Dataset {self.name!r}: key {key!r} must give one value per training sample "
+                    f"({len(self.train_y)}), got shape {values.shape}"
                 )
 
     @property

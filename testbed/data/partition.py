@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards")
+LABEL_PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards")
+"""The schemes that need only the labels (by-key also needs a key per sample)."""
+PARTITIONS: tuple[str, ...] = (*LABEL_PARTITIONS, "by-key")
 
 
 class PartitionError(ValueError):
@@ -69,15 +71,19 @@ def partition(
     alpha: float = 0.5,
     shards_per_client: int = 2,
     min_samples: int = 1,
+    keys: np.ndarray | None = None,
 ) -> Partition:
     """Split the samples with class ``labels`` among ``num_clients`` clients with ``scheme``.
 
     ``iid``: an even split of a random permutation. ``dirichlet``: per-class client shares drawn from
     Dir(alpha), then topped up so every client holds at least ``min_samples``. ``shards``: label-sorted
-    shards, ``shards_per_client`` random ones per client. Same inputs and seed, same partition.
+    shards, ``shards_per_client`` random ones per client. ``by-key``: each client holds the samples of one
+    value of ``keys`` (a writer, a user; see ``_key_owners``). Same inputs and seed, same partition.
     """
     labels = _check(labels, num_clients, scheme, alpha, shards_per_client, min_samples)
     rng = np.random.default_rng(seed)
+    if scheme == "by-key":
+        return _from_owners(_key_owners(keys, len(labels), num_clients, min_samples, rng), num_clients, rng)
     if scheme == "iid":
         n = len(labels)
         offsets = np.arange(num_clients + 1, dtype=np.int64) * n // num_clients
@@ -187,9 +193,39 @@ def _shard_owners(labels: np.ndarray, num_clients: int, shards_per_client: int, 
     return owner
 
 
+def _key_owners(
+    keys: np.ndarray | None, samples: int, num_clients: int, min_samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Owner of every sample under by-key: one key per client, -1 for the samples of keys left out.
+
+    Keys holding fewer than ``min_samples`` samples are left out. Of the rest, a seeded random choice of
+    ``num_clients`` keys is used, client c taking the c-th chosen key; with more keys than clients the
+    other keys' samples are left out, with fewer it is an error.
+    """
+    if keys is None:
+        raise PartitionError("partition.key: the by-key scheme needs a key for every training sample")
+    keys = np.asarray(keys)
+    if keys.ndim != 1 or len(keys) != samples:
+        raise PartitionError(f"partition.key: expected one key per training sample ({samples}), got shape {keys.shape}")
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    eligible = np.flatnonzero(counts >= min_samples)
+    if len(eligible) < num_clients:
+        held = f" with at least min_samples={min_samples} samples" if min_samples > 1 else ""
+        raise PartitionError(
+            f"partition: by-key gives each client one key's samples, but there are {len(eligible)} keys{held} "
+            f"for {num_clients} clients; configure at most {len(eligible)} clients"
+        )
+    client_of_key = np.full(len(counts), -1, dtype=np.int64)
+    client_of_key[rng.choice(eligible, size=num_clients, replace=False)] = np.arange(num_clients)
+    owner: np.ndarray = client_of_key[inverse.reshape(-1)]
+    return owner
+
+
 def _from_owners(owner: np.ndarray, num_clients: int, rng: np.random.Generator) -> Partition:
-    """CSR partition from each sample's owner, samples in random order within every client."""
-    indices = np.lexsort((rng.random(len(owner)), owner)).astype(np.int64)
+    """CSR partition from each sample's owner (-1: no client), samples in random order within every client."""
+    kept = np.flatnonzero(owner >= 0)
+    order = np.lexsort((rng.random(len(kept)), owner[kept]))
+    indices = kept[order].astype(np.int64)
     offsets = np.zeros(num_clients + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=num_clients), out=offsets[1:])
+    np.cumsum(np.bincount(owner[kept], minlength=num_clients), out=offsets[1:])
     return Partition(indices, offsets)

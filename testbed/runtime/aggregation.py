@@ -1,7 +1,9 @@
 """Server-side aggregation: the weighted mean of client updates and the server step.
 
 Chunk payloads arrive as weighted sums; adding them in chunk-index order makes the result independent
-of how many workers produced them. ``Aggregator`` is the Ray actor that holds this logic at run time.
+of how many workers produced them. A model's buffers (BatchNorm statistics) are aggregated beside the
+updates by the rule of ``testbed.runtime.buffers``. ``Aggregator`` is the Ray actor that holds this logic
+at run time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from testbed.config.schema import AlgorithmConfig
+from testbed.runtime.buffers import mean_buffers, merge_buffers
 from testbed.runtime.records import ChunkPayload, ClientUpdate, Params
 
 
@@ -23,6 +26,7 @@ class Aggregate:
     weighted_sum: Params | None = None
     weight: float = 0.0
     audited: list[ClientUpdate] = field(default_factory=list)
+    buffers: Params | None = None
 
     def add(self, payload: ChunkPayload) -> None:
         """Add one chunk's payload (callers add chunks in index order)."""
@@ -34,6 +38,8 @@ class Aggregate:
         else:
             for key, value in payload.weighted_sum.items():
                 self.weighted_sum[key] += value
+        if payload.buffers is not None:
+            self.buffers = merge_buffers(self.buffers, payload.buffers)
         self.weight += payload.weight
 
     def mean(self) -> Params | None:
@@ -41,6 +47,12 @@ class Aggregate:
         if self.weighted_sum is None or self.weight <= 0:
             return None
         return {key: value / self.weight for key, value in self.weighted_sum.items()}
+
+    def mean_buffers(self) -> Params:
+        """The aggregated buffers of the accepted clients (none for a model without buffers)."""
+        if self.buffers is None or self.weight <= 0:
+            return {}
+        return mean_buffers(self.buffers, self.weight)
 
 
 def combine(payloads: Sequence[ChunkPayload]) -> Aggregate:
@@ -52,13 +64,17 @@ def combine(payloads: Sequence[ChunkPayload]) -> Aggregate:
 
 
 def server_step(params: Params, mean_update: Params, algorithm: AlgorithmConfig) -> Params:
-    """Apply the mean update: gradients are descended (lr x server_lr), deltas added (server_lr)."""
+    """Apply the mean update: gradients are descended (lr x server_lr), deltas added (server_lr).
+
+    ``params`` may hold buffers too (the global state of a model with buffers): those the update does not
+    cover are kept as they are.
+    """
     if algorithm.name == "fedsgd":
         step = -algorithm.lr * algorithm.server_lr
     else:
         step = algorithm.server_lr
     with torch.no_grad():
-        return {key: params[key] + step * mean_update[key] for key in params}
+        return {key: params[key] + step * mean_update[key] if key in mean_update else params[key] for key in params}
 
 
 def edge_update(total: Aggregate, edge_id: int, name: str) -> ClientUpdate | None:
@@ -118,7 +134,7 @@ class Aggregator:
         """
         total = combine(payloads)
         mean = total.mean()
-        new_params = params if mean is None else server_step(params, mean, self.algorithm)
+        new_params = params if mean is None else {**server_step(params, mean, self.algorithm), **total.mean_buffers()}
         return new_params, total.weight, self._audit(params, _inline(total.audited), audited_refs)
 
     def forward(
@@ -134,6 +150,7 @@ class Aggregator:
             weighted_sum=total.weighted_sum,
             weight=total.weight,
             audited=[exposed] if exposed is not None else [],
+            buffers=total.buffers,
         )
         return payload, refs
 

@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from testbed.config.schema import ResourcesConfig
+from testbed.config.schema import Experiment, ResourcesConfig
 from testbed.errors import UserError
+from testbed.runtime.user_models import runtime_env
 
 PROJECT_PACKAGES = ("testbed", "attacks", "defenses", "metrics")
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -88,14 +89,15 @@ def check_address(resources: ResourcesConfig) -> None:
 
 
 @contextmanager
-def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
+def ray_session(resources: ResourcesConfig, experiment: Experiment | None = None) -> Iterator[dict[str, Any]]:
     """Start a local Ray (address null) or join a cluster (auto / host:port); shut down what was started.
 
     Yields the cluster's total resources. A local instance advertises 127.0.0.1 as its node address and
     starts no dashboard web UI; Ray's own servers still listen on every interface, guarded by Ray's token
     authentication (its default for a new local cluster). When joining, the project's packages travel
     to the worker nodes through Ray's runtime environment, so a node needs only the installed
-    dependencies.
+    dependencies. The user's own modules named by ``experiment`` (an import-path model or data set) reach
+    the workers through the runtime environment too (``testbed.runtime.user_models.runtime_env``).
     """
     _quiet_environment()
     import ray
@@ -106,9 +108,14 @@ def ray_session(resources: ResourcesConfig) -> Iterator[dict[str, Any]]:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if resources.address is None:
         kwargs.update(num_cpus=resources.num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1")
+        own = runtime_env(experiment, joined=False) if experiment is not None else {}
+        if own:
+            kwargs.update(runtime_env=own)
     else:
         check_address(resources)
-        kwargs.update(address=resources.address, runtime_env={"py_modules": _project_modules()})
+        own = runtime_env(experiment, joined=True) if experiment is not None else {}
+        modules = [*_project_modules(), *own.get("py_modules", [])]
+        kwargs.update(address=resources.address, runtime_env={"py_modules": modules})
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:

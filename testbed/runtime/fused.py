@@ -42,7 +42,15 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def fusable(model: nn.Module) -> bool:
-    """Whether every layer of ``model`` is dense or a parameter-free elementwise map."""
+    """Whether every layer of ``model`` is dense or a parameter-free elementwise map, applied in order.
+
+    A model with buffers (BatchNorm statistics) is not, nor a subclass of ``nn.Sequential`` that may
+    override its forward pass.
+    """
+    if next(model.buffers(), None) is not None:
+        return False
+    if isinstance(model, nn.Sequential) and type(model).forward is not nn.Sequential.forward:
+        return False
     return all(isinstance(layer, LAYERS) for _, layer in _layers(model))
 
 

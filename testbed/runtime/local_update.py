@@ -119,13 +119,21 @@ def weighted_sum(update: Params, weights: Tensor) -> Params:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, params: Params, x: Tensor, y: Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``params`` on a labelled set."""
+    """Mean cross-entropy and accuracy of ``params`` on a labelled set, with the model in eval mode.
+
+    ``params`` may hold buffers too: BatchNorm then normalises with those (aggregated) running statistics.
+    """
     total_loss = 0.0
     correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        logits = functional_call(model, params, (x[start : start + batch_size],))
-        target = y[start : start + batch_size]
-        total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == target).sum())
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            logits = functional_call(model, params, (x[start : start + batch_size],))
+            target = y[start : start + batch_size]
+            total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == target).sum())
+    finally:
+        model.train(training)
     count = max(int(x.shape[0]), 1)
     return total_loss / count, correct / count

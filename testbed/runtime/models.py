@@ -1,12 +1,14 @@
-"""Model registry: the architectures the gradient-inversion literature studies.
+"""Model registry: the architectures the gradient-inversion literature studies, and the user's own.
 
-Every model maps an input of shape ``input_shape`` (C x H x W) to ``num_classes`` logits and is built
-from plain ``torch.nn`` layers, so attacks can find its dense layers by walking ``named_modules()``.
+Every model maps an input of shape ``input_shape`` (C x H x W) to ``num_classes`` logits. The built-in ones
+are plain ``torch.nn`` layers, so attacks can find their dense layers by walking ``named_modules()``; a
+``model.name`` of the form ``package.module:callable`` is built by ``testbed.runtime.user_models``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from testbed.config.schema import DEFAULT_ACTIVATIONS
+from testbed.data.import_path import is_import_path
+from testbed.runtime.user_models import build_user_model
 
 if TYPE_CHECKING:
     from testbed.config.schema import ModelConfig
@@ -99,6 +103,20 @@ def small_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "r
 MODEL_NAMES = ("softmax", "mlp", "lenet", "cnn")
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """With ``seed``, torch's global generator starts from it and is restored afterwards."""
+    if seed is None:
+        yield
+        return
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -114,12 +132,8 @@ def build_model(
     """
     if len(input_shape) != 3:
         raise UnknownModelError(f"model: input shape must be C x H x W, got {tuple(input_shape)}")
-    generator_state = None
-    if seed is not None:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
     chosen = activation or DEFAULT_ACTIVATIONS.get(name, "relu")
-    try:
+    with _seeded(seed):
         if name == "softmax":
             return softmax_regression(input_shape, num_classes)
         if name == "mlp":
@@ -128,14 +142,17 @@ def build_model(
             return lenet(input_shape, num_classes, chosen)
         if name == "cnn":
             return small_cnn(input_shape, num_classes, chosen)
-        raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
-    finally:
-        if generator_state is not None:
-            torch.random.set_rng_state(generator_state)
+    raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
 
 
 def model_for(config: ModelConfig, input_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
-    """The model a topology's ``model`` block describes, for the data set's input shape and classes."""
+    """The model a topology's ``model`` block describes, for the data set's input shape and classes.
+
+    A user's model (``model.name`` an import path) raises ``UserModelError`` when it cannot be built.
+    """
+    if is_import_path(config.name):
+        with _seeded(seed):
+            return build_user_model(config, input_shape, num_classes)
     return build_model(
         config.name, input_shape, num_classes, hidden=config.hidden, activation=config.activation, seed=seed
     )

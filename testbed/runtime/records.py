@@ -78,18 +78,22 @@ class ChunkPayload:
     weighted_sum: Params | None
     weight: float
     audited: list[ClientUpdate] = field(default_factory=list)
+    buffers: Params | None = None  # models with buffers: the accepted clients' share (testbed.runtime.buffers)
 
     def __getstate__(self) -> dict[str, Any]:
         """The weighted sum travels as numpy arrays (no copy into or out of Ray's object store)."""
         state = dict(self.__dict__)
-        if self.weighted_sum is not None:
-            state["weighted_sum"] = {key: value.detach().cpu().numpy() for key, value in self.weighted_sum.items()}
+        for name in ("weighted_sum", "buffers"):
+            if state.get(name) is not None:
+                state[name] = {key: value.detach().cpu().numpy() for key, value in state[name].items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Read-only tensors over the received arrays (the aggregator copies before adding)."""
-        if state["weighted_sum"] is not None:
-            state["weighted_sum"] = _tensors(state["weighted_sum"])
+        for name in ("weighted_sum", "buffers"):
+            if state.get(name) is not None:
+                state[name] = _tensors(state[name])
+        state.setdefault("buffers", None)
         self.__dict__.update(state)
 
 

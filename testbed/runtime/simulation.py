@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from defenses import DefencePolicy, build_policy, expected_batch_size, poisson_sample, sample_rate
 from testbed.config.schema import ClientGroupConfig, Experiment
 from testbed.data.partition import Partition
+from testbed.runtime.buffers import buffer_contribution, split_state, stateful_update
 from testbed.runtime.dp_update import dp_local_steps, dp_updates
 from testbed.runtime.faults import corrupt_values, malformed
 from testbed.runtime.fused import dense_deltas, fusable, fused_trace, worth_fusing
@@ -177,13 +178,19 @@ def _local_updates(
     clients: np.ndarray,
     round_index: int,
     index: np.ndarray,
-) -> tuple[Params, Tensor]:
-    """The clients' updates after their defence transforms (batches ``index``), and samples used per step."""
+    buffers: Params | None = None,
+) -> tuple[Params, Tensor, Params]:
+    """The clients' updates after their defence transforms (batches ``index``), samples used per step, and
+    (for a model with buffers, such as BatchNorm) each client's buffers after its local training."""
     experiment = context.experiment
     batches = gather(context, index)
     loss = group.policy.loss
+    trained: Params = {}
     if group.policy.dp is not None:
         update = _dp_updates(context, group, params, clients, round_index, batches)
+    elif buffers:  # per-client batch statistics and buffers (testbed.runtime.buffers)
+        lr = None if experiment.algorithm.name == "fedsgd" else experiment.algorithm.lr
+        update, trained = stateful_update(context.model, loss, params, buffers, batches, lr)
     elif experiment.algorithm.name == "fedsgd":
         update = stacked_gradients(context.model, loss, params, batches)
     elif context.fusable:  # dense model, too many local steps to fuse: per-client weights updated in place
@@ -198,7 +205,7 @@ def _local_updates(
             for c in clients
         ]
         update = group.policy.transform(update, generators)
-    return update, batches.w.sum(dim=2)
+    return update, batches.w.sum(dim=2), trained
 
 
 def _dp_updates(
@@ -362,12 +369,12 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
     if len(clients) == 0:
         summary.seconds = time.perf_counter() - started
         return summary, payload
-    params = {key: value.to(context.device) for key, value in params.items()}
+    params, buffers = split_state(context.model, {key: value.to(context.device) for key, value in params.items()})
     index, summary.short_batches = plan_batches(context, group, clients, task.round)
     if _fuses(context, group, index) and _fused(context, group, params, clients, index, task, summary, payload):
         summary.seconds = time.perf_counter() - started
         return summary, payload
-    update, used = _local_updates(context, group, params, clients, task.round, index)
+    update, used, trained = _local_updates(context, group, params, clients, task.round, index, buffers)
     fault = group.config.faults.kind
     inject = torch.from_numpy(faulty[active]).to(context.device)
     update = corrupt_values(update, inject, fault)
@@ -378,6 +385,8 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         accepted = update if bool(accept.all()) else {key: value[accept] for key, value in update.items()}
         payload.weighted_sum = {key: value.cpu() for key, value in weighted_sum(accepted, kept).items()}
         payload.weight = summary.weight = float(kept.sum())
+        if trained:
+            payload.buffers = {key: value.cpu() for key, value in buffer_contribution(trained, samples, accept).items()}
     if fault in ("shape", "dtype"):
         keep = ~faulty[active]  # a malformed update cannot be read, so it cannot be attacked either
         clients, index, used = clients[keep], index[keep], used[torch.from_numpy(keep).to(used.device)]

@@ -34,6 +34,31 @@ from testbed.cli import main
 FILE = "topology.yaml"
 MARK = "TESTBED_TEST_MARK"
 
+USER_CODE = """
+import numpy as np
+from torch import nn
+
+
+def net(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_classes + 1))
+
+
+def listed(num_classes):
+    return [nn.Linear(28 * 28, num_classes)]
+
+
+def short_labels():
+    x = np.zeros((40, 28, 28), dtype=np.uint8)
+    return x, np.arange(39) % 10, x[:10], np.arange(10)
+
+
+def writers():
+    x = np.zeros((40, 28, 28), dtype=np.uint8)
+    return {"train_x": x, "train_y": np.arange(40) % 10, "test_x": x, "test_y": np.arange(40) % 10,
+            "train_keys": np.arange(40) % 4}
+"""
+"""The user's own modules some cases place beside the topology file."""
+
 GOOD: dict[str, Any] = {
     "name": "bad-input",
     "rounds": 2,
@@ -71,6 +96,7 @@ class Case:
     args: tuple[str, ...] = ()
     with_file: bool = True
     starts_ray: bool = False
+    files: tuple[tuple[str, str], ...] = ()  # the user's own modules beside the topology file: (name, source)
 
     def argv(self) -> list[str]:
         return ["run", *([FILE] if self.with_file else []), *self.args, "--quiet"]
@@ -98,8 +124,45 @@ CASES = [
     Case("unknown dataset", "allowed: mnist-5k, fashion-mnist, mnist, cifar10", _good(dataset__name="imagenet")),
     Case(
         "unknown model",
-        "model.name: Input should be 'softmax', 'mlp', 'lenet' or 'cnn' (got 'resnet')",
+        "model.name: unknown model 'resnet'; allowed: softmax, mlp, lenet, cnn, or an import path "
+        "package.module:callable",
         _good(model__name="resnet"),
+    ),
+    Case(
+        "own model that cannot be imported",
+        "model.name: cannot import 'no_such_models': no module 'no_such_models' in the working directory or PYTHONPATH",
+        _good(model={"name": "no_such_models:net"}),
+    ),
+    Case(
+        "own model with the wrong output size",
+        "model.name: bad_size_models:net gives outputs (2, 11) for a batch of 2 images of shape (1, 28, 28); "
+        "expected (2, 10): one logit per class",
+        _good(model={"name": "bad_size_models:net"}),
+        files=(("bad_size_models.py", USER_CODE),),
+    ),
+    Case(
+        "own model that is not a module",
+        "model.name: bad_type_models:listed returned a list, not a torch.nn.Module",
+        _good(model={"name": "bad_type_models:listed"}),
+        files=(("bad_type_models.py", USER_CODE),),
+    ),
+    Case(
+        "own data set with a label missing",
+        "dataset.name: bad_data:short_labels: train_x holds 40 images but train_y 39 labels",
+        _good(dataset={"name": "bad_data:short_labels"}),
+        files=(("bad_data.py", USER_CODE),),
+    ),
+    Case(
+        "by-key partition without keys",
+        "dataset.partition.key: by-key needs a key for every training sample, and data set 'mnist-5k' gives none",
+        _good(dataset={"name": "mnist-5k", "partition": {"scheme": "by-key"}}),
+    ),
+    Case(
+        "by-key partition with fewer keys than clients",
+        "dataset.partition: by-key gives each client one key's samples, but there are 4 keys for 10 clients; "
+        "configure at most 4 clients",
+        _good(dataset={"name": "few_writers:writers", "partition": {"scheme": "by-key"}}),
+        files=(("few_writers.py", USER_CODE),),
     ),
     Case(
         "unknown activation",
@@ -221,10 +284,14 @@ SUBPROCESS = (
     "malformed YAML",
     "more clients than samples",
     "unreachable cluster address",
+    "own model with the wrong output size",
 )
 
 
 def _prepare(case: Case, folder: Path) -> None:
+    for name, source in case.files:
+        (folder / name).write_text(source, encoding="utf-8")
+        sys.modules.pop(Path(name).stem, None)  # another case may have imported a module of that name elsewhere
     if case.raw is not None:
         (folder / FILE).write_bytes(case.raw)
     elif case.text is not None:
@@ -265,7 +332,7 @@ def _marked(mark: str) -> list[int]:
     return found
 
 
-def _assert_nothing_written(folder: Path) -> None:
+def _assert_nothing_written(folder: Path, case: Case) -> None:
     """No MLflow run, no artifact and no checkpoint in the run's working directory."""
     store = folder / "mlruns.db"
     if store.exists():
@@ -274,7 +341,8 @@ def _assert_nothing_written(folder: Path) -> None:
         client = MlflowClient(tracking_uri=f"sqlite:///{store}")
         experiments = [experiment.experiment_id for experiment in client.search_experiments()]
         assert client.search_runs(experiments) == []
-    leftovers = sorted(path.name for path in folder.iterdir() if path.name not in (FILE, "mlruns.db"))
+    ours = {FILE, "mlruns.db", "__pycache__", *(name for name, _ in case.files)}  # Python caches imported modules
+    leftovers = sorted(path.name for path in folder.iterdir() if path.name not in ours)
     assert leftovers == []
 
 
@@ -310,7 +378,7 @@ def test_mistake_is_one_line_exit_2_and_leaves_nothing(case: Case, tmp_path: Pat
         assert seconds < 10, f"{seconds:.1f} s to report an unreachable cluster address"
     elif not case.starts_ray:
         assert seconds < 30, f"a mistake caught before Ray starts took {seconds:.1f} s"
-    _assert_nothing_written(tmp_path)
+    _assert_nothing_written(tmp_path, case)
     assert _ray_children() <= before
 
 
@@ -333,7 +401,7 @@ def test_mistake_in_a_real_process(label: str, tmp_path: Path) -> None:
     assert done.stdout == ""
     if label == "unreachable cluster address":
         assert seconds < 60, f"{seconds:.1f} s to report an unreachable address (interpreter start included)"
-    _assert_nothing_written(tmp_path)
+    _assert_nothing_written(tmp_path, case)
     assert _marked(mark) == [], "the command left processes behind"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from testbed.data.partition import PARTITIONS, Partition, PartitionError, partition
+from testbed.data.partition import LABEL_PARTITIONS, Partition, PartitionError, partition
 
 LABELS = np.random.default_rng(42).integers(0, 10, size=5000)
 
@@ -27,7 +27,7 @@ def _mean_label_entropy(p: Partition, labels: np.ndarray) -> float:
     return float(terms.sum(axis=1).mean())
 
 
-@pytest.mark.parametrize("scheme", PARTITIONS)
+@pytest.mark.parametrize("scheme", LABEL_PARTITIONS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("num_clients", [1, 7, 100, 2500])
 def test_every_sample_is_assigned_exactly_once(scheme: str, seed: int, num_clients: int) -> None:
@@ -39,7 +39,7 @@ def test_every_sample_is_assigned_exactly_once(scheme: str, seed: int, num_clien
     assert np.array_equal(p.owners()[p.offsets[num_clients // 2]], num_clients // 2)
 
 
-@pytest.mark.parametrize("scheme", PARTITIONS)
+@pytest.mark.parametrize("scheme", LABEL_PARTITIONS)
 def test_same_seed_same_partition_other_seed_differs(scheme: str) -> None:
     a, b, c = (partition(LABELS, 50, scheme, seed=s) for s in (5, 5, 6))
     assert np.array_equal(a.indices, b.indices) and np.array_equal(a.offsets, b.offsets)
@@ -120,7 +120,7 @@ def test_bad_requests_raise_one_line_partition_errors(kwargs: dict[str, Any], me
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("scheme", PARTITIONS)
+@pytest.mark.parametrize("scheme", LABEL_PARTITIONS)
 def test_ten_thousand_clients_over_sixty_thousand_samples_is_fast(scheme: str) -> None:
     """The partition is vectorised: measured 1-40 ms of CPU here, where a loop over clients x samples takes minutes.
 
@@ -133,3 +133,40 @@ def test_ten_thousand_clients_over_sixty_thousand_samples_is_fast(scheme: str) -
     elapsed = time.thread_time() - start
     assert p.num_clients == 10000 and p.sizes().min() >= 2
     assert elapsed < 1.0
+
+
+WRITERS = np.random.default_rng(3).integers(0, 40, size=len(LABELS))
+
+
+def test_by_key_gives_each_client_the_samples_of_one_key() -> None:
+    p = partition(LABELS, 25, "by-key", seed=0, keys=WRITERS)
+    chosen = [np.unique(WRITERS[p.client(c)]) for c in range(25)]
+    assert all(len(keys) == 1 for keys in chosen)
+    used = np.concatenate(chosen)
+    assert len(np.unique(used)) == 25
+    assert np.array_equal(np.sort(p.indices), np.flatnonzero(np.isin(WRITERS, used)))  # all of each chosen key
+    again = partition(LABELS, 25, "by-key", seed=0, keys=WRITERS)
+    assert np.array_equal(p.indices, again.indices) and np.array_equal(p.offsets, again.offsets)
+    other = partition(LABELS, 25, "by-key", seed=1, keys=WRITERS)
+    assert not np.array_equal(p.indices, other.indices)
+
+
+def test_by_key_with_as_many_clients_as_keys_covers_every_sample_and_takes_any_key_type() -> None:
+    names = np.array([f"writer-{k}" for k in WRITERS])
+    p = partition(LABELS, 40, "by-key", seed=0, keys=names)
+    assert np.array_equal(np.sort(p.indices), np.arange(len(LABELS)))
+    assert sorted(int(np.unique(WRITERS[p.client(c)])[0]) for c in range(40)) == list(range(40))
+
+
+def test_by_key_leaves_out_keys_below_min_samples_and_refuses_too_few_keys() -> None:
+    keys = np.array([0] * 5 + [1] * 2 + [2] * 6)
+    labels = np.zeros(len(keys), dtype=np.int64)
+    p = partition(labels, 2, "by-key", seed=0, keys=keys, min_samples=3)
+    assert sorted(p.sizes().tolist()) == [5, 6]
+    with pytest.raises(PartitionError, match=r"^partition: by-key gives each client one key's samples, but there "
+                       r"are 2 keys with at least min_samples=3 samples for 3 clients; configure at most 2 clients$"):
+        partition(labels, 3, "by-key", seed=0, keys=keys, min_samples=3)
+    with pytest.raises(PartitionError, match="needs a key for every training sample"):
+        partition(labels, 2, "by-key", seed=0)
+    with pytest.raises(PartitionError, match=r"one key per training sample \(13\), got shape \(12,\)"):
+        partition(labels, 2, "by-key", seed=0, keys=keys[:12])

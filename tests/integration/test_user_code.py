@@ -1,0 +1,91 @@
+"""A user's own model trained through the whole stack: a BatchNorm net from the user's file, and ResNet-18."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from testbed.config.load import load_experiment
+from testbed.engine import run_experiment
+from tests.conftest import REPO
+from tests.user_code import BATCHNORM_NET, write_module
+
+pytestmark = pytest.mark.ray
+
+
+def test_a_batchnorm_model_from_the_users_file_trains_by_fedavg_on_two_workers(tmp_path: Path) -> None:
+    """``testbed run`` in a fresh process: the model's file sits beside the topology, Ray workers import it."""
+    module = write_module(tmp_path, BATCHNORM_NET, stem="mynet")
+    topology = {
+        "name": "user-bn",
+        "seed": 0,
+        "rounds": 3,
+        "dataset": {"name": "mnist-5k", "max_train": 1600, "max_test": 400, "partition": {"scheme": "iid"}},
+        "model": {"name": f"{module}:small_bn_net", "params": {"width": 8}},
+        "algorithm": {"name": "fedavg", "lr": 0.1, "local_steps": 8},
+        "clients": [{"group": "a", "count": 16, "batch_size": 16}],
+        "resources": {"num_cpus": 2, "workers": 2, "chunk_size": 4},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
+    }
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=elsewhere,  # neither the working directory nor PYTHONPATH holds the module: the topology's folder does
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["final_test_accuracy"] > 0.5, result  # ten classes: chance is 0.1
+    client = MlflowClient(tracking_uri=topology["tracking"]["uri"])
+    run = client.get_run(result["run_id"])
+    assert run.data.params["model.path"] == str(tmp_path.resolve())
+    state = torch.load(
+        Path(client.download_artifacts(result["run_id"], "model_state_dict.pt")), weights_only=True
+    )
+    assert int(state["1.num_batches_tracked"]) == 3 * 8  # each round: the most local steps of a client
+    assert 0.0 < float(state["1.running_var"].min())  # aggregated running statistics, not the initial ones
+
+
+def test_resnet18_smoke_on_synthetic_rgb(local_ray: None, tracking: dict[str, Any]) -> None:
+    """topologies/cifar10-resnet.yaml's model, one FedAvg round on small synthetic 3x32x32 data, two workers."""
+    overrides = [
+        "rounds=1",
+        "dataset.name=synthetic",
+        "dataset.root=null",
+        "dataset.synthetic_shape=[3,32,32]",
+        "dataset.synthetic_samples=40",
+        "dataset.max_test=20",
+        "dataset.partition.scheme=iid",
+        "dataset.partition.min_samples=1",
+        "clients.all.count=4",
+        "clients.all.batch_size=4",
+        "sampling.clients_per_round=4",
+        "algorithm.local_epochs=null",
+        "algorithm.local_steps=2",
+        "resources.workers=2",
+        "resources.chunk_size=2",
+        "evaluation.batch_size=20",
+        *(f"tracking.{key}={value}" for key, value in tracking.items()),
+    ]
+    experiment = load_experiment(REPO / "topologies" / "cifar10-resnet.yaml", overrides)
+    assert experiment.model.name == "torchvision.models:resnet18" and experiment.model.path is None
+    result = run_experiment(experiment, show_progress=False)
+    assert result.history[-1]["accepted"] == 4
+    assert 0.0 <= result.final_accuracy <= 1.0
+    assert int(result.params["bn1.num_batches_tracked"]) == 2
+    assert result.params["fc.weight"].shape == (10, 512)
