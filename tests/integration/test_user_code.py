@@ -54,9 +54,7 @@ def test_a_batchnorm_model_from_the_users_file_trains_by_fedavg_on_two_workers(t
     client = MlflowClient(tracking_uri=topology["tracking"]["uri"])
     run = client.get_run(result["run_id"])
     assert run.data.params["model.path"] == str(tmp_path.resolve())
-    state = torch.load(
-        Path(client.download_artifacts(result["run_id"], "model_state_dict.pt")), weights_only=True
-    )
+    state = torch.load(Path(client.download_artifacts(result["run_id"], "model_state_dict.pt")), weights_only=True)
     assert int(state["1.num_batches_tracked"]) == 3 * 8  # each round: the most local steps of a client
     assert 0.0 < float(state["1.running_var"].min())  # aggregated running statistics, not the initial ones
 
@@ -89,3 +87,41 @@ def test_resnet18_smoke_on_synthetic_rgb(local_ray: None, tracking: dict[str, An
     assert 0.0 <= result.final_accuracy <= 1.0
     assert int(result.params["bn1.num_batches_tracked"]) == 2
     assert result.params["fc.weight"].shape == (10, 512)
+
+
+def test_joining_a_cluster_ships_the_users_module_to_the_workers(tmp_path: Path) -> None:
+    """With an address, the module travels as a py_module: a worker imports it without the user's folder."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from testbed.config.topology import validate
+    from testbed.runtime.cluster import ray_session
+
+    if ray.is_initialized():
+        ray.shutdown()
+    module = write_module(tmp_path, BATCHNORM_NET, stem="shipped")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        experiment = validate(
+            {
+                "name": "t",
+                "rounds": 1,
+                "model": {"name": f"{module}:Net", "path": str(tmp_path)},
+                "clients": [{"group": "a", "count": 2, "batch_size": 1}],
+                "resources": {"address": cluster.address},
+            }
+        )
+        with ray_session(experiment.resources, experiment):
+
+            @ray.remote(num_cpus=0)
+            def origin() -> str:
+                import importlib
+
+                return str(importlib.import_module(module).__file__)
+
+            where = ray.get(origin.remote())
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert where.endswith(f"{module}.py") and not where.startswith(str(tmp_path)), where
