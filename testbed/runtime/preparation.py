@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from defenses import build_policy
 from testbed.config.schema import Experiment
 from testbed.data.datasets import Dataset, DatasetUnavailable, load_dataset
 from testbed.data.import_path import ImportPathError, is_import_path
@@ -16,6 +17,7 @@ from testbed.data.partition import Partition, PartitionError, partition
 from testbed.data.user_data import DEFAULT_KEY, load_user_dataset
 from testbed.errors import UserError
 from testbed.runtime.buffers import initial_state
+from testbed.runtime.dp_update import check_model as check_dp_model
 from testbed.runtime.models import model_for
 from testbed.runtime.records import Params
 from testbed.runtime.scheduling import group_bounds
@@ -105,12 +107,23 @@ def prepare_data(experiment: Experiment) -> PreparedData:
                 f"{group.group!r} ({median:g} samples per client); use a smaller batch or fewer clients"
             )
     if is_import_path(experiment.model.name):
-        try:
-            model = model_for(experiment.model, dataset.input_shape, dataset.num_classes, seed=experiment.seed)
-            check_user_model(model, experiment.model.name, dataset.input_shape, dataset.num_classes)
-        except UserModelError as exc:
-            raise UserError(str(exc)) from None
+        _check_user_model(experiment, dataset)
     return PreparedData(dataset, split)
+
+
+def _check_user_model(experiment: Experiment, dataset: Dataset) -> None:
+    """Build and try an import-path model; a DP-SGD group also needs per-example gradients from it."""
+    try:
+        model = model_for(experiment.model, dataset.input_shape, dataset.num_classes, seed=experiment.seed)
+        check_user_model(model, experiment.model.name, dataset.input_shape, dataset.num_classes)
+    except UserModelError as exc:
+        raise UserError(str(exc)) from None
+    for g, group in enumerate(experiment.clients):
+        if build_policy(group.defence).dp is not None:
+            try:
+                check_dp_model(model)
+            except ValueError as exc:
+                raise UserError(f"clients[{g}].{exc}") from None
 
 
 def initial_params(experiment: Experiment, dataset: Dataset) -> Params:

@@ -403,3 +403,20 @@ def test_optimisation_attacks_run_on_a_batchnorm_model(bn_module: tuple[str, str
     for name in ("dlg", "inverting-gradients"):
         results = build_attack(name, {"iterations": 2}).reconstruct_many([view, view])
         assert [tuple(result.images.shape) for result in results] == [(2, 1, 8, 8)] * 2, name
+
+
+def test_a_batchnorm_model_under_dp_sgd_is_refused_before_ray(bn_module: tuple[str, str]) -> None:
+    module, folder = bn_module
+    groups = [
+        {"group": "plain", "count": 2, "batch_size": 8},
+        {
+            "group": "private",
+            "count": 2,
+            "batch_size": 8,
+            "defence": {"dp": {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}},
+        },
+    ]
+    experiment = validate(_minimal(model={"name": f"{module}:small_bn_net", "path": folder}, clients=groups))
+    with pytest.raises(UserError) as info:
+        prepare_data(experiment)
+    assert str(info.value).startswith("clients[1].defence.dp: DP-SGD needs per-example gradients, but layer '1'")
