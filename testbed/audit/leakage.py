@@ -234,19 +234,20 @@ class LeakageMeter:
         self.collect(wait=True)
         if not self.rows and not self.not_applicable:
             return
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        self.tracker.log_text(self.run_id, text.getvalue(), "audits/samples.csv")
+        self.tracker.log_text(self.run_id, _csv(self.rows), "audits/samples.csv")
         if self.attack_rows:
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.attack_rows)
-            self.tracker.log_text(self.run_id, text.getvalue(), "audits/samples_by_attack.csv")
+            self.tracker.log_text(self.run_id, _csv(self.attack_rows), "audits/samples_by_attack.csv")
         if self.not_applicable:
             self.tracker.log_json(self.run_id, dict(self.not_applicable), "audits/not_applicable.json")
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Per-sample rows as CSV text with the CSV_FIELDS header."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:
