@@ -1,7 +1,22 @@
-"""Row-ratio recovery of the input of the first dense layer (Phong et al. 2017)."""
+"""Row-ratio recovery of the input of the first dense layer (Phong et al. 2017).
+
+Copy detection compares the candidate rows pairwise. Done directly (``ranked_distinct_rows``) that is
+an H x H x D product per update, several times the cost of training the client. ``near_pairs`` gets
+the same candidates more cheaply: a batch of B samples puts every
+row of the first layer's weight gradient in the span of the B inputs, so the rows are projected onto
+an orthonormal basis of a few more than B of them (H x D x k for the projection, k << D), where their
+pairwise products cost H x H x k. A projection onto an orthonormal basis never lengthens a vector, so
+the part of each row outside the basis bounds the error of every projected cosine; only the pairs
+whose bound does not exclude them from both thresholds (exact copies among them) are verified on the
+full float64 rows, and every other pair is certainly below both. The decisions (support, order and
+merging) are therefore those of the all-pairs cosine, up to round-off of the cosine itself.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -9,23 +24,35 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
-from attacks.layers import first_dense_on_image, summed_gradient
+from attacks.layers import first_dense_on_image, gradient_rows, summed_gradient
 from attacks.params import Param
 from attacks.view import AttackerView, Reconstruction
 
+OVERSAMPLE = 4
+"""Basis rows beyond the number of samples behind an update (spare ones for rows that repeat)."""
+MARGIN = 1e-3
+"""Slack added to every projected cosine's bound before pairs are excluded (float32 products and basis
+round-off are below 1e-5); pairs within it of a threshold are verified exactly."""
+DENSE_FRACTION = 0.125
+"""A view with more candidate pairs to verify than this fraction of all pairs takes the all-pairs product."""
+BELOW = -2.0
+"""Similarity given to pairs certified below both thresholds (no cosine is that low)."""
+SAFE_THRESHOLD = 1 - 1e-9
+"""Thresholds above this are decided by the round-off of a row's own norm: such views take the all-pairs path."""
 
-def _ranked_distinct_rows(
-    candidates: Tensor, magnitude: Tensor, limit: int, copy_cosine: float, dedup_cosine: float
-) -> tuple[list[int], Tensor]:
-    """Up to ``limit`` candidate indices, most-copied first, pairwise no closer than ``dedup_cosine``.
 
-    A candidate's support is how many candidates equal it up to ``copy_cosine``: a sample that alone
-    drives many rows shows up many times, while each mixture row is unique. Ties go to larger |gb|.
+def rank_by_similarity(
+    similarity: np.ndarray, magnitude: np.ndarray, limit: int, copy_cosine: float, dedup_cosine: float
+) -> tuple[list[int], np.ndarray]:
+    """Up to ``limit`` indices, most-copied first, pairwise no closer than ``dedup_cosine``, from the cosines.
+
+    A candidate's support is how many candidates (itself included) reach ``copy_cosine`` with it. The
+    order is support, then ``magnitude`` (|gb|), both descending, ties by index; a candidate above
+    ``dedup_cosine`` to one already kept is merged into it. Entries of ``similarity`` need only be right
+    about which side of each threshold they are on.
     """
-    unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    similarity = (unit @ unit.T).numpy()
     support = (similarity >= copy_cosine).sum(axis=1)
-    order = np.lexsort((-magnitude.numpy(), -support))  # by support, then |gb|, both descending
+    order = np.lexsort((-magnitude, -support))  # by support, then |gb|, both descending
     kept: list[int] = []
     for index in order.tolist():
         if kept and similarity[index, kept].max() > dedup_cosine:
@@ -33,7 +60,52 @@ def _ranked_distinct_rows(
         kept.append(index)
         if len(kept) == limit:
             break
-    return kept, torch.from_numpy(support[kept])
+    return kept, support[kept]
+
+
+def ranked_distinct_rows(
+    candidates: Tensor, magnitude: Tensor, limit: int, copy_cosine: float, dedup_cosine: float
+) -> tuple[list[int], Tensor]:
+    """The all-pairs reference: ``rank_by_similarity`` on the float64 cosine of every pair of candidate rows."""
+    unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    similarity = (unit @ unit.T).numpy()
+    kept, support = rank_by_similarity(similarity, magnitude.numpy(), limit, copy_cosine, dedup_cosine)
+    return kept, torch.from_numpy(support)
+
+
+@dataclass(frozen=True)
+class NearPairs:
+    """The projected screen of one update: the candidate pairs (i < j) left to verify, and each row's norm."""
+
+    pairs: Tensor  # (P, 2) row indices into the layer's rows
+    norms: Tensor  # (H,) float32 norm of every row of the weight update
+    needs_all_pairs: bool
+
+
+def near_pairs(weight: Tensor, bias: Tensor, usable: Tensor, basis_rows: int, threshold: float) -> NearPairs:
+    """Pairs of usable rows of one update whose cosine may reach ``threshold``.
+
+    ``weight`` is ``(H, D)``, ``bias`` ``(H,)`` (any float type; each may be scaled by one nonzero factor): the
+    candidates are the rows of ``weight`` divided by ``bias``. ``usable`` is ``(H,)`` boolean. The cosine of
+    rows i and j is u_i . u_j = p_i . p_j + r_i . r_j for unit rows u split into their projection p onto an
+    orthonormal basis and the rest r, and |r_i . r_j| <= |r_i| |r_j|, so a pair with
+    p_i . p_j + |r_i| |r_j| + MARGIN below ``threshold`` is certainly below it. The basis spans the
+    ``basis_rows`` usable rows of largest norm (all of a batch's rows when it has at most that many samples).
+    """
+    rows32 = weight.detach().to(torch.float32)
+    norms = rows32.norm(dim=1)
+    live = usable.to(norms.device) & (norms > 0)
+    scale = torch.sign(bias).to(torch.float32) / norms.clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.where(live, scale, torch.zeros_like(scale))
+    chosen = torch.where(live, norms, torch.full_like(norms, -1.0)).topk(basis_rows).indices
+    basis, _ = torch.linalg.qr(rows32[chosen].T)  # (D, k), orthonormal columns
+    projected = (rows32 @ basis) * scale[:, None]
+    outside = (live.to(torch.float32) - projected.pow(2).sum(dim=1)).clamp_min(0.0).sqrt()
+    bound = torch.addmm(outside[:, None] * outside[None, :], projected, projected.T)
+    candidate = (bound >= threshold - MARGIN) & live[:, None] & live[None, :]
+    pairs = torch.nonzero(torch.triu(candidate, diagonal=1))
+    count = int(live.sum())
+    return NearPairs(pairs, norms, len(pairs) > count * (count - 1) // 2 * DENSE_FRACTION)
 
 
 class DenseRatio(Attack):
@@ -65,33 +137,116 @@ class DenseRatio(Attack):
         first_dense_on_image(view.model, view.input_shape, self.name)
 
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
-        layer = first_dense_on_image(view.model, view.input_shape, self.name)
-        weight = summed_gradient(view, layer.weight_key)
-        bias = summed_gradient(view, layer.bias_key)
+        return self._solve([view])[0]
+
+    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Every view checked, then the views whose first layers have one shape screened together.
+
+        The kept candidates are those of ``ranked_distinct_rows`` on each view (see the module docstring).
+        """
+        for view in views:
+            self.check(view)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for index, view in enumerate(views):
+            layer = first_dense_on_image(view.model, view.input_shape, self.name)
+            groups.setdefault((layer.weight_key, tuple(layer.module.weight.shape)), []).append(index)
+        results: dict[int, Reconstruction] = {}
+        for members in groups.values():
+            start = time.perf_counter()
+            solved = self._solve([views[i] for i in members])
+            seconds = (time.perf_counter() - start) / len(members)
+            for index, result in zip(members, solved, strict=True):
+                result.diagnostics["seconds"] = seconds
+                results[index] = result
+        return [results[index] for index in range(len(views))]
+
+    def _usable(self, bias: Tensor) -> Tensor:
         magnitude = bias.abs()
-        largest = float(magnitude.max())
-        usable = torch.nonzero(magnitude > self.params["tol"] * largest).flatten() if largest > 0 else None
-        if usable is None or usable.numel() == 0:
-            return Reconstruction(
-                images=torch.zeros((0, *view.input_shape)),
-                labels=None,
-                diagnostics={"rows_used": 0.0, "candidates": 0.0},
-            )
-        candidates = weight[usable] / bias[usable, None]
-        kept, support = _ranked_distinct_rows(
+        largest = magnitude.amax(dim=-1, keepdim=True)
+        return (magnitude > self.params["tol"] * largest) & (largest > 0)
+
+    def _solve(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Views whose first dense layers have one shape: screened together, then ranked one by one."""
+        layer = first_dense_on_image(views[0].model, views[0].input_shape, self.name)
+        copy_cosine, dedup_cosine = self.params["copy_cosine"], self.params["dedup_cosine"]
+        bias = torch.stack([summed_gradient(view, layer.bias_key) for view in views])
+        usable = self._usable(bias)
+        rows, width = layer.module.weight.shape
+        basis_rows = min(rows, max(view.num_samples for view in views) + OVERSAMPLE)
+        threshold = min(copy_cosine, dedup_cosine)
+        unsafe = max(copy_cosine, dedup_cosine) > SAFE_THRESHOLD or threshold <= 0
+        screened = not (unsafe or 4 * basis_rows > width or 2 * basis_rows > rows)  # else all pairs pay
+        results = []
+        for position, view in enumerate(views):
+            weight = view.update[layer.weight_key].detach().cpu()
+            screen = near_pairs(weight, bias[position], usable[position], basis_rows, threshold) if screened else None
+            if screen is None or screen.needs_all_pairs:
+                results.append(self._all_pairs(view, layer.weight_key, bias[position], usable[position]))
+            else:
+                results.append(self._screened(view, layer.weight_key, bias[position], usable[position], screen))
+        return results
+
+    def _empty(self, view: AttackerView) -> Reconstruction:
+        return Reconstruction(
+            images=torch.zeros((0, *view.input_shape)),
+            labels=None,
+            diagnostics={"rows_used": 0.0, "candidates": 0.0},
+        )
+
+    def _answer(
+        self, view: AttackerView, weight_key: str, bias: Tensor, rows: Tensor, support: Tensor, count: int
+    ) -> Reconstruction:
+        """The kept rows (indices into the layer's rows) as images, with the diagnostics."""
+        candidates = gradient_rows(view, weight_key, rows) / bias[rows, None]
+        return Reconstruction(
+            images=candidates.to(torch.float32).reshape(len(rows), *view.input_shape),
+            labels=None,
+            diagnostics={"rows_used": float(count), "candidates": float(len(rows)), "top_support": float(support[0])},
+        )
+
+    def _all_pairs(self, view: AttackerView, weight_key: str, bias: Tensor, usable_mask: Tensor) -> Reconstruction:
+        usable = torch.nonzero(usable_mask).flatten()
+        if usable.numel() == 0:
+            return self._empty(view)
+        candidates = summed_gradient(view, weight_key)[usable] / bias[usable, None]
+        kept, support = ranked_distinct_rows(
             candidates,
-            magnitude[usable],
+            bias.abs()[usable],
             view.num_samples,
             self.params["copy_cosine"],
             self.params["dedup_cosine"],
         )
-        images = candidates[kept].to(torch.float32).reshape(len(kept), *view.input_shape)
-        return Reconstruction(
-            images=images,
-            labels=None,
-            diagnostics={
-                "rows_used": float(usable.numel()),
-                "candidates": float(len(kept)),
-                "top_support": float(support[0]),
-            },
-        )
+        return self._answer(view, weight_key, bias, usable[kept], support, usable.numel())
+
+    def _screened(
+        self, view: AttackerView, weight_key: str, bias: Tensor, usable_mask: Tensor, screen: NearPairs
+    ) -> Reconstruction:
+        """Rank from the verified near pairs; every other pair of usable rows is below both thresholds."""
+        usable = torch.nonzero(usable_mask).flatten()
+        if usable.numel() == 0:
+            return self._empty(view)
+        position = torch.full((bias.shape[0],), -1, dtype=torch.long)
+        position[usable] = torch.arange(usable.numel())
+        copy_cosine, dedup_cosine = self.params["copy_cosine"], self.params["dedup_cosine"]
+        # a row's cosine with itself is 1 to round-off (0 for an all-zero row), far from a safe threshold
+        pairs = screen.pairs
+        diagonal = (screen.norms[usable] > 0).to(torch.float64).numpy()
+        magnitude = bias.abs()[usable].numpy()
+        if pairs.numel() == 0 and dedup_cosine >= 0 and copy_cosine > 0:
+            support = (diagonal >= copy_cosine).astype(np.int64)
+            order = np.lexsort((-magnitude, -support))[: view.num_samples]
+            return self._answer(view, weight_key, bias, usable[order], torch.from_numpy(support[order]), len(usable))
+        similarity = np.full((usable.numel(), usable.numel()), BELOW)
+        np.fill_diagonal(similarity, diagonal)
+        if pairs.numel():
+            involved = torch.unique(pairs.flatten())
+            candidates = gradient_rows(view, weight_key, involved) / bias[involved, None]
+            unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            slot = torch.full((bias.shape[0],), -1, dtype=torch.long)
+            slot[involved] = torch.arange(involved.numel())
+            exact = (unit[slot[pairs[:, 0]]] * unit[slot[pairs[:, 1]]]).sum(dim=1).numpy()
+            first, second = position[pairs[:, 0]].numpy(), position[pairs[:, 1]].numpy()
+            similarity[first, second] = exact
+            similarity[second, first] = exact
+        kept, support = rank_by_similarity(similarity, magnitude, view.num_samples, copy_cosine, dedup_cosine)
+        return self._answer(view, weight_key, bias, usable[kept], torch.from_numpy(support), len(usable))

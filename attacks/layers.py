@@ -122,3 +122,14 @@ def summed_gradient(view: AttackerView, key: str) -> Tensor:
     if view.kind == "delta":
         return -update / view.lr
     return update
+
+
+def gradient_rows(view: AttackerView, key: str, rows: Tensor) -> Tensor:
+    """Rows ``rows`` of ``summed_gradient(view, key)`` (a 2-d parameter), computed for those rows only.
+
+    Elementwise the same operations as ``summed_gradient``, so the values are identical.
+    """
+    update = view.update[key].detach()[rows.to(view.update[key].device)].to(torch.float64).cpu()
+    if view.kind == "delta":
+        return -update / view.lr
+    return update

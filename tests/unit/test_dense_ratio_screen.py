@@ -1,0 +1,154 @@
+"""dense-ratio's projected screen keeps exactly the candidates of the all-pairs cosine, batched or not."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from attacks import AttackerView
+from attacks.dense_ratio import DenseRatio, near_pairs, ranked_distinct_rows
+from attacks.layers import summed_gradient
+from testbed.runtime.models import build_model
+from tests.unit.test_attacks_support import make_view, mnist_digits
+
+SHAPE = (1, 28, 28)
+COPY, DEDUP = 1 - 1e-6, 0.99
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    return build_model("mlp", SHAPE, 10, hidden=(256,), activation="relu", seed=seed)
+
+
+def _reference(attack: DenseRatio, view: AttackerView) -> tuple[list[int], torch.Tensor]:
+    """Kept row indices (into the layer's rows) and images by the all-pairs float64 cosine."""
+    bias = summed_gradient(view, "1.bias")
+    magnitude = bias.abs()
+    usable = torch.nonzero(magnitude > attack.params["tol"] * magnitude.max()).flatten()
+    candidates = summed_gradient(view, "1.weight")[usable] / bias[usable, None]
+    kept, _ = ranked_distinct_rows(
+        candidates, magnitude[usable], view.num_samples, attack.params["copy_cosine"], attack.params["dedup_cosine"]
+    )
+    return usable[kept].tolist(), candidates[kept].to(torch.float32).reshape(len(kept), *SHAPE)
+
+
+def _assert_same(attack: DenseRatio, views: list[AttackerView]) -> None:
+    """Batched and one-by-one answers equal the all-pairs reference: the same rows, bit for bit."""
+    batched = attack.reconstruct_many(views)
+    for view, result in zip(views, batched, strict=True):
+        _, expected = _reference(attack, view)
+        assert result.images.shape == expected.shape
+        assert torch.equal(result.images, expected)
+        assert torch.equal(attack.reconstruct(view).images, expected)
+
+
+def _digit_views(batch: int, count: int, kind: str = "gradient") -> list[AttackerView]:
+    views = []
+    for offset in range(count):
+        labels = [(offset + position) % 10 for position in range(batch)]
+        images, targets = mnist_digits(labels, offset=offset)
+        views.append(make_view(_model(offset), images, targets, kind=kind, lr=0.05))
+    return views
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 32])
+def test_real_digit_batches_keep_the_all_pairs_candidates(batch: int) -> None:
+    _assert_same(DenseRatio(), _digit_views(batch, 3))
+
+
+def test_weight_deltas_keep_the_all_pairs_candidates() -> None:
+    _assert_same(DenseRatio(), _digit_views(8, 2, kind="delta"))
+
+
+def _synthetic_view(weight: torch.Tensor, bias: torch.Tensor, num_samples: int) -> AttackerView:
+    model = _model()
+    params = {name: value.detach().clone() for name, value in model.named_parameters()}
+    update = {name: torch.zeros_like(value) for name, value in params.items()}
+    update["1.weight"], update["1.bias"] = weight, bias
+    return AttackerView(
+        model=model,
+        global_params=params,
+        update=update,
+        kind="gradient",
+        batch_size=num_samples,
+        num_samples=num_samples,
+        local_steps=1,
+        lr=0.1,
+        loss="cross-entropy",
+        input_shape=SHAPE,
+        num_classes=10,
+    )
+
+
+def _at_cosine(base: torch.Tensor, other: torch.Tensor, cosine: float) -> torch.Tensor:
+    """A unit vector at exactly ``cosine`` (float64) to the unit vector ``base``, in the plane of ``other``."""
+    orthogonal = other - (other @ base) * base
+    orthogonal = orthogonal / orthogonal.norm()
+    return cosine * base + math.sqrt(1 - cosine**2) * orthogonal
+
+
+def _adversarial(seed: int) -> AttackerView:
+    """Mixtures of 16 images, with exact copies (scaled, some negated) and pairs just on either side of both
+    thresholds; the float32 rows of the update are what the all-pairs path reads too."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand((16, 784), generator=generator, dtype=torch.float64)
+    mixing = torch.rand((256, 16), generator=generator, dtype=torch.float64) * (
+        torch.rand((256, 16), generator=generator) < 0.3
+    )
+    weight = mixing @ images
+    weight[:8] = images[0] * torch.linspace(0.5, 2.0, 8, dtype=torch.float64)[:, None]  # exact copies of image 0
+    weight[8:12] = images[1] * torch.tensor([1.0, -1.0, 3.0, -0.25], dtype=torch.float64)[:, None]
+    unit = weight[20] / weight[20].norm()
+    dedup_offsets, copy_offsets = (-1e-4, -2e-7, 2e-7, 1e-4), (-1e-5, -2e-8, 2e-8, 9e-7)
+    for position in range(4):  # just below and above dedup_cosine, then copy_cosine
+        weight[40 + position] = _at_cosine(unit, weight[60 + position], DEDUP + dedup_offsets[position]) * 5
+        weight[44 + position] = _at_cosine(unit, weight[64 + position], COPY + copy_offsets[position]) * 7
+    bias = torch.rand(256, generator=generator, dtype=torch.float64) + 0.1
+    bias[9] = -bias[9]
+    bias[11] = -bias[11]
+    scale = bias.clone()
+    scale[:12] = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    weight[:12] *= (bias[:12] / scale[:12])[:, None]  # copies keep their ratio gW_j / gb_j up to a scale
+    weight[100] = 0.0  # a usable row whose candidate is the zero image
+    return _synthetic_view(weight.to(torch.float32), bias.to(torch.float32), 16)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_copies_and_pairs_at_the_thresholds_keep_the_all_pairs_candidates(seed: int) -> None:
+    view = _adversarial(seed)
+    attack = DenseRatio()
+    kept, _ = _reference(attack, view)
+    assert set(range(8)) & set(kept), "the copies of image 0 are among the kept candidates"
+    _assert_same(attack, [view, _adversarial(seed + 10)])
+
+
+def test_the_screen_finds_every_pair_above_the_threshold() -> None:
+    """No false negatives: every usable pair at or above the lower threshold is a screened pair."""
+    views = [_adversarial(3), *_digit_views(4, 2)]
+    for view in views:
+        bias = summed_gradient(view, "1.bias")
+        usable = bias.abs() > 1e-6 * bias.abs().max()
+        screen = near_pairs(view.update["1.weight"], bias, usable, 20, DEDUP)
+        rows = torch.nonzero(usable).flatten()
+        candidates = summed_gradient(view, "1.weight")[rows] / bias[rows, None]
+        unit = candidates / candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        close = torch.nonzero(torch.triu(unit @ unit.T >= DEDUP, diagonal=1))
+        wanted = {(int(rows[i]), int(rows[j])) for i, j in close.tolist()}
+        found = {(int(i), int(j)) for i, j in screen.pairs.tolist()}
+        assert wanted <= found or screen.needs_all_pairs
+
+
+@pytest.mark.parametrize(("copy", "dedup"), [(1.0, 0.99), (0.5, -0.1), (0.9, 0.9)])
+def test_other_thresholds_keep_the_all_pairs_candidates(copy: float, dedup: float) -> None:
+    attack = DenseRatio(copy_cosine=copy, dedup_cosine=dedup)
+    _assert_same(attack, [_adversarial(4), *_digit_views(8, 1)])
+
+
+def test_an_update_without_usable_rows_gives_no_candidate() -> None:
+    view = _synthetic_view(torch.zeros(256, 784), torch.zeros(256), 4)
+    other = dataclasses.replace(_digit_views(4, 1)[0])
+    results = DenseRatio().reconstruct_many([view, other])
+    assert results[0].images.shape == (0, *SHAPE)
+    assert results[1].images.shape[0] == 4
