@@ -41,7 +41,7 @@ def main() -> None:
     runs = [
         ("Throughput: engine against a plain single-process loop", ["throughput.py", "--clients", *clients]),
         (
-            "Attack audits: FedSGD with dense-ratio on every client's update",
+            "Attack audits: FedSGD with dense-ratio, ce-demix and cocktail-party on clients' updates",
             [
                 "throughput.py",
                 "--clients",
@@ -50,6 +50,13 @@ def main() -> None:
                 "fedsgd",
                 "--no-baseline",
                 "--audit",
+                "--audit-attack",
+                "dense-ratio",
+                "ce-demix",
+                "cocktail-party",
+                "--audit-clients",
+                "ce-demix=20",
+                "cocktail-party=20",
             ],
         ),
         ("Audit cost per client, stage by stage (one thread)", ["audit_profile.py"]),

@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/throughput.py                       # N = 10, 100, 1000, 10000; fedsgd and fedavg
     python benchmarks/throughput.py --clients 1000 --algorithms fedsgd --write docs/benchmarks.md
+    python benchmarks/throughput.py --clients 1000 --algorithms fedsgd --no-baseline --audit \
+        --audit-attack dense-ratio ce-demix cocktail-party --audit-clients ce-demix=20 cocktail-party=20
 
 Every figure of one invocation is measured on the same machine in the same process tree, so ratios
 between engines are meaningful even on a noisy machine. Per configuration: the median of rounds 2-4
@@ -10,6 +12,13 @@ between engines are meaningful even on a noisy machine. Per configuration: the m
 3 x forward FLOPs rule for a forward plus backward pass. The engine runs benchmarks/workload.yaml with
 ``resources.chunk_size`` lowered to N / cores where that is smaller, so that N = 10 or 100 still gives
 every worker a chunk.
+
+With ``--audit`` each attack of ``--audit-attack`` audits FedSGD rounds (``when_busy: wait``, nothing
+skipped; dense-ratio also with ``skip``), and its row gives the ratio to the unaudited round of the same
+invocation. ce-demix cannot de-mix more samples than the classes allow (at most C - 1 = 9 for
+cross-entropy over ten classes), so it is measured at batch size 8, against an unaudited round at batch
+size 8. ``--audit-clients ATTACK=K`` audits K clients a round instead of all; the row then also gives the
+ratio extrapolated to every client (the unaudited round plus N / K times the measured extra time).
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from testbed.engine import run_experiment
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = 4
+AUDIT_ATTACKS = ("dense-ratio", "ce-demix", "cocktail-party")
+DEMIX_BATCH = 8
+"""Batch size of the ce-demix audit: at most C - 1 samples can be de-mixed through ten classes' logits."""
 
 
 def matmul_ceiling(threads: int) -> float:
@@ -137,14 +149,22 @@ def plain_loop(x: np.ndarray, y: np.ndarray, clients: int, algorithm: str, batch
 
 
 def engine(
-    base: dict[str, Any], clients: int, algorithm: str, workdir: Path, *, batch: int, audit: str | None = None
+    base: dict[str, Any],
+    clients: int,
+    algorithm: str,
+    workdir: Path,
+    *,
+    batch: int,
+    audit: str | None = None,
+    attack: str = "dense-ratio",
+    audited: int | None = None,
 ) -> tuple[float, float, float]:
     """Median seconds per round (rounds 2-4) of the Ray engine, peak memory (PSS) in MiB, share of rounds 2-4 audited.
 
     Memory comes from a separate two-round run of the same configuration, so sampling it does not touch the timing.
 
-    With ``audit`` ("wait" or "skip", ``attack.audit.when_busy``) the root runs dense-ratio on every
-    client's raw update, every round, with the default backlog of audited rounds.
+    With ``audit`` ("wait" or "skip", ``attack.audit.when_busy``) the root runs ``attack`` on ``audited``
+    clients' raw updates (default: every client), every round, with the default backlog of audited rounds.
     """
     chunk = min(int(base["resources"]["chunk_size"]), math.ceil(clients / (os.cpu_count() or 1)))
     overrides = [
@@ -157,8 +177,8 @@ def engine(
         overrides.append("algorithm.local_epochs=1")
     if audit:
         overrides += [
-            "attack.name=dense-ratio",
-            f"attack.audit.clients_per_round={clients}",
+            f"attack.name={attack}",
+            f"attack.audit.clients_per_round={audited or clients}",
             f"attack.audit.when_busy={audit}",
             "resources.attack.num_cpus=0",
         ]
@@ -173,8 +193,35 @@ def engine(
         run_experiment(validate({**data, "rounds": 2}), show_progress=False)
     later = result.history[1:]
     seconds = statistics.median(row["round_seconds"] for row in later)
-    audited = sum(1 - row.get("audit/skipped_clients", 0.0) / clients for row in later) / len(later) if audit else 0.0
-    return seconds, memory.peak / 2**20, audited
+    share = audited or clients
+    covered = sum(1 - row.get("audit/skipped_clients", 0.0) / share for row in later) / len(later) if audit else 0.0
+    return seconds, memory.peak / 2**20, covered
+
+
+def audit_runs(
+    args: argparse.Namespace, base: dict[str, Any], clients: int, workdir: Path, batch: int, plain: float
+) -> list[tuple[str, tuple[float, float]]]:
+    """The audited FedSGD rows: each attack of ``--audit-attack``, labelled with its ratio to the unaudited round."""
+    limits = {name: int(count) for name, count in (item.split("=", 1) for item in args.audit_clients)}
+    runs: list[tuple[str, tuple[float, float]]] = []
+    for attack in args.audit_attack:
+        reference = plain
+        attack_batch = min(batch, DEMIX_BATCH) if attack == "ce-demix" else batch
+        if attack_batch != batch:
+            reference, memory, _ = engine(base, clients, "fedsgd", workdir, batch=attack_batch)
+            runs.append((f"engine (Ray), batch {attack_batch} (unaudited reference of ce-demix)", (reference, memory)))
+        audited = min(limits.get(attack, clients), clients)
+        for mode in ("wait", "skip") if attack == "dense-ratio" else ("wait",):
+            seconds, memory, covered = engine(
+                base, clients, "fedsgd", workdir, batch=attack_batch, audit=mode, attack=attack, audited=audited
+            )
+            ratio = seconds / reference
+            who = "all" if audited == clients else f"{audited:,} of {clients:,}"
+            label = f"engine + {attack} audits {who}, when_busy={mode} ({ratio:.2f}x; {covered:.0%} audited"
+            if audited < clients:
+                label += f"; every client: {1 + (ratio - 1) * clients / audited:.1f}x extrapolated"
+            runs.append((label + ")", (seconds, memory)))
+    return runs
 
 
 def main() -> None:
@@ -184,7 +231,17 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop")
     parser.add_argument(
-        "--audit", action="store_true", help="also time FedSGD with dense-ratio auditing every client (wait and skip)"
+        "--audit", action="store_true", help="also time FedSGD with attacks auditing every client (see --audit-attack)"
+    )
+    parser.add_argument(
+        "--audit-attack", nargs="+", default=["dense-ratio"], choices=AUDIT_ATTACKS, help="the attacks audits run"
+    )
+    parser.add_argument(
+        "--audit-clients",
+        nargs="*",
+        default=[],
+        metavar="ATTACK=K",
+        help="audit K clients a round with ATTACK instead of every client (ratios then also extrapolated)",
     )
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
@@ -229,10 +286,7 @@ def main() -> None:
         seconds, memory, _ = engine(base, clients, algorithm, workdir, batch=cell_batch)
         runs.append(("engine (Ray)", (seconds, memory)))
         if args.audit and algorithm == "fedsgd":
-            for mode in ("wait", "skip"):
-                audited = engine(base, clients, algorithm, workdir, batch=cell_batch, audit=mode)
-                label = f"engine + audit all, when_busy={mode} ({audited[0] / seconds:.2f}x; {audited[2]:.0%} audited)"
-                runs.append((label, audited[:2]))
+            runs += audit_runs(args, base, clients, workdir, cell_batch, seconds)
         baseline = runs[0][1][0]
         for name, (seconds, memory) in runs:
             rate = clients / seconds
