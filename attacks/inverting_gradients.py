@@ -8,9 +8,11 @@ its own early stop (``attacks.early_stop``), so a lane that has converged stops 
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,10 +27,15 @@ from attacks.losses import SoftTargetLoss
 from attacks.params import Param
 from attacks.simulate import (
     Differentiate,
+    LaneLayers,
     Params,
     autograd_gradient,
     cosine_distance,
     func_gradient,
+    lane_cosine_distance,
+    lane_gradients,
+    lane_layers,
+    lane_total_variation,
     simulated_update,
     total_variation,
 )
@@ -49,6 +56,13 @@ DECAY = 0.1
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 """Adam's moment decay rates and denominator offset (torch's defaults, which the reference code used)."""
+
+LANE_SAMPLES = {"cpu": 64, "cuda": 16384}
+"""Default cap on the dummy samples of one batched computation, by device type (others: the CPU's).
+
+On a CPU, lanes beyond a few dozen no longer amortise anything and only leave the caches; on a GPU,
+the per-sample formulation holds about 0.5 MB of graph per sample of LeNet/MNIST, so 16,384 samples
+take a few GB and leave the kernels large enough to hide the launch overhead."""
 
 LaneStep = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
 """(images of some lanes, which lanes or None for all) -> (their objective values, signs of their gradients)."""
@@ -77,9 +91,17 @@ class InvertingGradients(Attack):
     ``check_every``) ends the current step-size stage early, and ends the run in the last stage. Of
     ``restarts`` runs the lowest final objective wins (a NaN objective counts as +inf). Labels are the
     public ones or inferred. Delta views unroll the declared local SGD steps.
+
+    ``formulation`` chooses how ``reconstruct_many`` forms the lanes' objective: ``"per-sample"``
+    (``PerSampleLanes``: one forward and backward of all lanes' dummies), ``"vmap"`` (``VmapLanes``) or
+    ``"auto"`` (per-sample where it applies: shared global parameters, a gradient update, a model
+    ``lane_layers`` accepts; else vmap). ``lane_samples`` caps the dummy samples of one batched
+    computation (victims x restarts x samples per victim); ``None``: ``LANE_SAMPLES`` of the device type.
     """
 
     name: ClassVar[str] = "inverting-gradients"
+    formulation: str = "auto"
+    lane_samples: int | None = None
     parameters: ClassVar[dict[str, Param]] = {
         "iterations": Param(4800, int, minimum=1, help="most Adam steps per restart"),
         "lr": Param(0.1, float, minimum=0.0, strictly_above=True, help="initial Adam step size"),
@@ -191,6 +213,10 @@ class InvertingGradients(Attack):
         return (self.params["lr"] * DECAY ** stage.to(torch.float64)).to(device=device, dtype=torch.float32)
 
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
+        with _full_float32(self.device):
+            return self._reconstruct_one(view)
+
+    def _reconstruct_one(self, view: AttackerView) -> Reconstruction:
         setup = self._setup(view)
         objective = self._objective(setup, autograd_gradient)
         params = {name: value.clone().requires_grad_(True) for name, value in setup.params.items()}
@@ -228,6 +254,8 @@ class InvertingGradients(Attack):
         Views that share the architecture, update kind, loss, local steps, learning rate and shapes (the
         audit of one client group in one round does) form one batch; their global parameters are shared
         when equal, else stacked per victim. A view alone in its group takes the (faster) one-victim path.
+        A group larger than ``lane_samples`` allows runs as several batched computations, one after the
+        other, so memory stays bounded whatever the number of victims.
         """
         for view in views:
             self.check(view)
@@ -236,10 +264,15 @@ class InvertingGradients(Attack):
             if len(members) == 1:
                 results[members[0]] = self.reconstruct(views[members[0]])
                 continue
-            with torch.enable_grad():
-                batch = self._batched([views[i] for i in members])
-            for index, result in zip(members, batch, strict=True):
-                results[index] = result
+            per_view = self.params["restarts"] * views[members[0]].num_samples
+            limit = self.lane_samples or LANE_SAMPLES.get(self.device.type, LANE_SAMPLES["cpu"])
+            size = max(1, limit // per_view)
+            for first in range(0, len(members), size):
+                chunk = members[first : first + size]
+                with torch.enable_grad(), _full_float32(self.device):
+                    batch = self._batched([views[i] for i in chunk])
+                for index, result in zip(chunk, batch, strict=True):
+                    results[index] = result
         return [results[index] for index in range(len(views))]
 
     def _batched(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
@@ -247,36 +280,15 @@ class InvertingGradients(Attack):
         setups = [self._setup(view) for view in views]
         restarts = self.params["restarts"]
         lane_images = torch.stack([image for view in views for image in self._initial(view)]).to(self.device)
-        lane_one_hot = torch.stack([s.one_hot for s in setups]).repeat_interleave(restarts, dim=0)
-        lane_target = {
-            name: torch.stack([s.target[name] for s in setups]).repeat_interleave(restarts, dim=0)
-            for name in setups[0].target
-        }
-        shared = all(torch.equal(s.params[name], setups[0].params[name]) for s in setups for name in s.params)
-        params = setups[0].params
-        if not shared:
-            params = {
-                name: torch.stack([s.params[name] for s in setups]).repeat_interleave(restarts, dim=0)
-                for name in params
-            }
-        objective = self._objective(setups[0], func_gradient)
-        in_dims = (0, 0, None if shared else 0, 0)
-        lane_step = vmap(grad_and_value(objective), in_dims=in_dims)
-        lane_value = vmap(objective, in_dims=in_dims)
+        objective = self._lane_objective(setups)
+        images = lane_images.detach().clone()
 
-        def value_and_sign(images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
-            if lanes is None:
-                gradient, values = lane_step(images, lane_one_hot, params, lane_target)
-            else:
-                lane_params = params if shared else {name: value[lanes] for name, value in params.items()}
-                targets = {name: value[lanes] for name, value in lane_target.items()}
-                gradient, values = lane_step(images, lane_one_hot[lanes], lane_params, targets)
+        def value_and_sign(lane_images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+            values, gradient = objective.value_and_gradient(lane_images, lanes)
             return values, gradient.sign()
 
-        images = lane_images.detach().clone()
         runs = self._optimise(images, value_and_sign)
-        finals = lane_value(images, lane_one_hot, params, lane_target).detach().cpu()
-        finals = torch.nan_to_num(finals, nan=math.inf)
+        finals = torch.nan_to_num(objective.values(images).detach().cpu(), nan=math.inf)
         seconds = (time.perf_counter() - start) / len(views)
         results = []
         for index, setup in enumerate(setups):
@@ -287,6 +299,120 @@ class InvertingGradients(Attack):
             result.diagnostics["seconds"] = seconds
             results.append(result)
         return results
+
+    def _lane_objective(self, setups: Sequence[_Setup]) -> LaneObjective:
+        """The lanes' objective in the formulation ``formulation`` asks for (``auto``: per-sample where it applies)."""
+        restarts = self.params["restarts"]
+        shared = all(torch.equal(s.params[name], setups[0].params[name]) for s in setups for name in s.params)
+        layers = lane_layers(setups[0].model) if shared and setups[0].view.kind == "gradient" else None
+        if self.formulation == "per-sample" and layers is None:
+            raise ValueError("the per-sample formulation needs shared parameters, a gradient and a supported model")
+        if self.formulation not in ("auto", "per-sample", "vmap"):
+            raise ValueError(f"formulation must be auto, per-sample or vmap, not {self.formulation!r}")
+        if layers is not None and self.formulation != "vmap":
+            return PerSampleLanes(setups, restarts, layers, self.params["tv_weight"])
+        return VmapLanes(setups, restarts, shared, self._objective(setups[0], func_gradient))
+
+
+class LaneObjective(abc.ABC):
+    """The objective of every lane (one restart of one victim) of a batched run, and its gradient."""
+
+    @abc.abstractmethod
+    def value_and_gradient(self, images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Objective values and their gradients with respect to ``images``, the dummies of ``lanes``.
+
+        ``lanes`` lists which lanes the rows of ``images`` belong to (``None``: all lanes, in order).
+        """
+
+    @abc.abstractmethod
+    def values(self, images: Tensor) -> Tensor:
+        """Objective values of all lanes at ``images`` (one row per lane, in order)."""
+
+
+class VmapLanes(LaneObjective):
+    """Each lane's one-victim objective mapped over the lanes by ``torch.func.vmap``.
+
+    Works for every model, update kind and loss the one-victim path handles; the convolution weight
+    gradients become grouped convolutions with one group per lane, which is what limits it.
+    """
+
+    def __init__(
+        self,
+        setups: Sequence[_Setup],
+        restarts: int,
+        shared: bool,
+        objective: Callable[[Tensor, Tensor, Params, Params], Tensor],
+    ) -> None:
+        self.one_hot = torch.stack([s.one_hot for s in setups]).repeat_interleave(restarts, dim=0)
+        self.target = {
+            name: torch.stack([s.target[name] for s in setups]).repeat_interleave(restarts, dim=0)
+            for name in setups[0].target
+        }
+        self.shared = shared
+        self.params = setups[0].params
+        if not shared:
+            self.params = {
+                name: torch.stack([s.params[name] for s in setups]).repeat_interleave(restarts, dim=0)
+                for name in self.params
+            }
+        in_dims = (0, 0, None if shared else 0, 0)
+        self.step = vmap(grad_and_value(objective), in_dims=in_dims)
+        self.value = vmap(objective, in_dims=in_dims)
+
+    def value_and_gradient(self, images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """See ``LaneObjective``."""
+        if lanes is None:
+            gradient, values = self.step(images, self.one_hot, self.params, self.target)
+        else:
+            params = self.params if self.shared else {name: value[lanes] for name, value in self.params.items()}
+            targets = {name: value[lanes] for name, value in self.target.items()}
+            gradient, values = self.step(images, self.one_hot[lanes], params, targets)
+        return values, gradient
+
+    def values(self, images: Tensor) -> Tensor:
+        """See ``LaneObjective``."""
+        result: Tensor = self.value(images, self.one_hot, self.params, self.target)
+        return result
+
+
+class PerSampleLanes(LaneObjective):
+    """All lanes' simulated gradients from one forward and backward of all their dummies (``lane_gradients``).
+
+    The global parameters are shared, so the forward and the first backward are those of one large
+    batch; each lane's weight gradient is one batched product of its layers' inputs and output
+    gradients. The cosine distance and the TV prior follow per lane, and the gradient with respect to
+    the dummies is one second backward through all of it (the lanes are independent, so the gradient
+    of their sum is each lane's own gradient).
+    """
+
+    def __init__(self, setups: Sequence[_Setup], restarts: int, layers: LaneLayers, tv_weight: float) -> None:
+        self.model = setups[0].model
+        self.loss = setups[0].loss
+        self.params = setups[0].params
+        self.layers = layers
+        self.tv_weight = tv_weight
+        self.one_hot = torch.stack([s.one_hot for s in setups]).repeat_interleave(restarts, dim=0)
+        target = torch.stack([torch.cat([s.target[name].reshape(-1) for name in self.params]) for s in setups])
+        self.target = target.repeat_interleave(restarts, dim=0)
+
+    def _objective(self, images: Tensor, lanes: Tensor | None, create_graph: bool) -> Tensor:
+        one_hot = self.one_hot if lanes is None else self.one_hot[lanes]
+        target = self.target if lanes is None else self.target[lanes]
+        simulated = lane_gradients(
+            self.model, self.layers, self.loss, self.params, images, one_hot, create_graph=create_graph
+        )
+        return lane_cosine_distance(simulated, target) + self.tv_weight * lane_total_variation(images)
+
+    def value_and_gradient(self, images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """See ``LaneObjective``."""
+        images = images.detach().requires_grad_(True)
+        values = self._objective(images, lanes, create_graph=True)
+        (gradient,) = torch.autograd.grad(values.sum(), images)
+        return values.detach(), gradient
+
+    def values(self, images: Tensor) -> Tensor:
+        """See ``LaneObjective``."""
+        return self._objective(images.detach().requires_grad_(True), None, create_graph=False).detach()
 
 
 class _LaneAdam:
@@ -339,3 +465,21 @@ def _compatible_groups(views: Sequence[AttackerView]) -> list[list[int]]:
         )
         groups.setdefault(key, []).append(index)
     return list(groups.values())
+
+
+@contextlib.contextmanager
+def _full_float32(device: torch.device) -> Iterator[None]:
+    """Full float32 products on CUDA while the block runs (no TF32), then the previous settings.
+
+    The objective of a good reconstruction is 1 - cos of 1e-8 and below; TF32's 10-bit mantissa in the
+    convolutions and products would put a floor of about 1e-6 under it.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 import metrics
 from attacks import ATTACKS, AttackerView, DeepLeakage, InvertingGradients, build_attack, inverting_gradients
 from attacks.early_stop import Plateau
+from attacks.inverting_gradients import LaneObjective, PerSampleLanes, VmapLanes
 from attacks.simulate import autograd_gradient
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -116,7 +116,7 @@ def _views(models: list[torch.nn.Module]) -> list[AttackerView]:
     return [make_view(model, *mnist_digits([label])) for model, label in zip(models, [1, 3, 7], strict=True)]
 
 
-# Tolerances between the batched (vmap) and per-victim (autograd) paths, from float32 round-off. The
+# Tolerances between the batched (per-sample or vmap) and per-victim (autograd) paths, from float32 round-off. The
 # objective is f = 1/2 |u - v|^2 + tv_weight * TV, u and v the unit-normalised simulated and real updates.
 # The two paths compute u with other kernels and summation orders; UNIT_ROUND_OFF bounds the norm of the
 # difference of their u: 1e-6 is 8 float32 ulps of 1.0 (2^-23 = 1.2e-7 each), 25 times the largest
@@ -150,48 +150,67 @@ def _per_victim_objective(attack: InvertingGradients, view: AttackerView) -> Cal
     return value_and_gradient
 
 
-VmapCall = tuple[Tensor, Any]  # the lane images a vmapped function was called with, and what it returned
+LaneCall = tuple[Tensor, Any]  # the lane images a lane objective was called with, and what it returned
 
 
-def _recording_vmap(calls: list[VmapCall]) -> Callable[..., Callable[..., Any]]:
-    """``torch.func.vmap`` that records every call of the functions it makes (images copied at call time)."""
+class _Recorder(LaneObjective):
+    """A lane objective that records every call (images copied at call time) and passes it on."""
 
-    def recording(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        vmapped = vmap(function, *args, **kwargs)
+    def __init__(self, inner: LaneObjective, calls: list[LaneCall]) -> None:
+        self.inner, self.calls = inner, calls
 
-        def call(images: Tensor, *rest: Any) -> Any:
-            output = vmapped(images, *rest)
-            calls.append((images.detach().clone(), output))
-            return output
+    def value_and_gradient(self, images: Tensor, lanes: Tensor | None) -> tuple[Tensor, Tensor]:
+        output = self.inner.value_and_gradient(images, lanes)
+        self.calls.append((images.detach().clone(), output))
+        return output
 
-        return call
+    def values(self, images: Tensor) -> Tensor:
+        output = self.inner.values(images)
+        self.calls.append((images.detach().clone(), output))
+        return output
 
-    return recording
+
+def _record_lanes(monkeypatch: pytest.MonkeyPatch, calls: list[LaneCall], kinds: list[type] | None = None) -> None:
+    """Make every batched run of inverting-gradients record the calls of its lane objective."""
+    original = InvertingGradients._lane_objective
+
+    def recording(self: InvertingGradients, setups: Any) -> LaneObjective:
+        objective = original(self, setups)
+        if kinds is not None:
+            kinds.append(type(objective))
+        return _Recorder(objective, calls)
+
+    monkeypatch.setattr(InvertingGradients, "_lane_objective", recording)
 
 
+@pytest.mark.parametrize("formulation", ["auto", "vmap"])
 @pytest.mark.parametrize("shared_params", [True, False])
 def test_batched_inversion_computes_the_per_victim_objective(
-    lenet: torch.nn.Module, shared_params: bool, monkeypatch: pytest.MonkeyPatch
+    lenet: torch.nn.Module, shared_params: bool, formulation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every lane of the batched path optimises its own victim's objective and reports it for the image it returns.
 
     The images themselves are not compared: a signed step turns round-off in a near-zero gradient entry
     into a whole step, so the two paths' trajectories part on some CPUs and thread counts (docs/attacks.md).
     What is compared holds on any machine: the objective and its (unsigned) gradient at the initial dummies
-    of every lane, and the per-victim objective at the images the batched path returns.
+    of every lane, and the per-victim objective at the images the batched path returns. ``auto`` takes the
+    per-sample formulation when the victims share their parameters, else vmap.
     """
     models = [lenet] * 3 if shared_params else [build_model("lenet", SHAPE, 10, seed=s) for s in range(3)]
     views = _views(models)
     iterations, restarts = 6, 2
     attack = build_attack("inverting-gradients", {"iterations": iterations, "restarts": restarts, "seed": 5})
     assert isinstance(attack, InvertingGradients)
+    attack.formulation = formulation
     one_by_one = [attack.reconstruct(view) for view in views]
-    calls: list[VmapCall] = []
-    monkeypatch.setattr(inverting_gradients, "vmap", _recording_vmap(calls))
+    calls: list[LaneCall] = []
+    kinds: list[type] = []
+    _record_lanes(monkeypatch, calls, kinds)
     batched = attack.reconstruct_many(views)
+    assert kinds == [PerSampleLanes if shared_params and formulation == "auto" else VmapLanes]
     # one gradient per Adam step, the first at the initial dummies; then the objectives of the final images
     assert len(calls) == iterations + 1
-    (start, (gradients, values)), (final, finals) = calls[0], calls[-1]
+    (start, (values, gradients)), (final, finals) = calls[0], calls[-1]
     assert start.shape == final.shape == (len(views) * restarts, 1, *SHAPE)
     for index, (view, single, many) in enumerate(zip(views, one_by_one, batched, strict=True)):
         per_victim = _per_victim_objective(attack, view)
@@ -299,8 +318,8 @@ def test_batched_lanes_stop_on_their_own(lenet: torch.nn.Module, monkeypatch: py
     params = {"iterations": 400, "patience": 20, "check_every": 5}
     attack = build_attack("inverting-gradients", params)
     assert isinstance(attack, InvertingGradients)
-    calls: list[VmapCall] = []
-    monkeypatch.setattr(inverting_gradients, "vmap", _recording_vmap(calls))
+    calls: list[LaneCall] = []
+    _record_lanes(monkeypatch, calls)
     many = attack.reconstruct_many([real, zero])
     assert many[1].diagnostics["iterations_run"] == 85 < many[0].diagnostics["iterations_run"]
     assert attack.reconstruct(zero).diagnostics["iterations_run"] == 85
