@@ -412,7 +412,7 @@ class PerSampleLanes(LaneObjective):
 
     def values(self, images: Tensor) -> Tensor:
         """See ``LaneObjective``."""
-        return self._objective(images.detach().requires_grad_(True), None, create_graph=False).detach()
+        return self._objective(images, None, create_graph=False).detach()
 
 
 class _LaneAdam:

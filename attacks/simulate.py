@@ -177,6 +177,8 @@ def lane_gradients(
     """
     lanes, batch = images.shape[:2]
     flat = images.reshape(lanes * batch, *images.shape[2:])
+    if not flat.requires_grad:  # the layers' outputs need a graph for their output gradients
+        flat = flat.detach().requires_grad_(True)
     records: list[tuple[nn.Module, Tensor, Tensor]] = []
 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
