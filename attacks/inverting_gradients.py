@@ -122,17 +122,19 @@ class InvertingGradients(Attack):
         if view.labels is None:
             final_dense(view.model, view.num_classes, self.name)
 
-    def _setup(self, view: AttackerView) -> _Setup:
+    def _setup(self, view: AttackerView, device: torch.device | None = None, model: nn.Module | None = None) -> _Setup:
+        """One victim's setup with its tensors on ``device`` (default: the attack's) and ``model`` (default: a copy)."""
+        device = self.device if device is None else device
         loss = check_simulable(view, self.name)
         labels, one_hot = label_targets(view, self.name)
         return _Setup(
             view=view,
-            model=working_model(view, self.device),
+            model=working_model(view, self.device) if model is None else model,
             loss=loss,
-            params=global_params(view, self.device),
-            target=target_update(view, self.device),
+            params=global_params(view, device),
+            target=target_update(view, device),
             labels=labels,
-            one_hot=one_hot.to(self.device),
+            one_hot=one_hot.to(device),
         )
 
     def _initial(self, view: AttackerView) -> list[Tensor]:
@@ -277,7 +279,9 @@ class InvertingGradients(Attack):
 
     def _batched(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
         start = time.perf_counter()
-        setups = [self._setup(view) for view in views]
+        # one model for all victims; their tensors stay on the CPU until stacked (one transfer per kind)
+        model = working_model(views[0], self.device)
+        setups = [self._setup(view, torch.device("cpu"), model) for view in views]
         restarts = self.params["restarts"]
         lane_images = torch.stack([image for view in views for image in self._initial(view)]).to(self.device)
         objective = self._lane_objective(setups)
@@ -289,6 +293,7 @@ class InvertingGradients(Attack):
 
         runs = self._optimise(images, value_and_sign)
         finals = torch.nan_to_num(objective.values(images).detach().cpu(), nan=math.inf)
+        images = images.cpu()
         seconds = (time.perf_counter() - start) / len(views)
         results = []
         for index, setup in enumerate(setups):
@@ -303,15 +308,18 @@ class InvertingGradients(Attack):
     def _lane_objective(self, setups: Sequence[_Setup]) -> LaneObjective:
         """The lanes' objective in the formulation ``formulation`` asks for (``auto``: per-sample where it applies)."""
         restarts = self.params["restarts"]
-        shared = all(torch.equal(s.params[name], setups[0].params[name]) for s in setups for name in s.params)
+        first = setups[0].params
+        shared = all(
+            s.params[name] is first[name] or torch.equal(s.params[name], first[name]) for s in setups for name in first
+        )
         layers = lane_layers(setups[0].model) if shared and setups[0].view.kind == "gradient" else None
         if self.formulation == "per-sample" and layers is None:
             raise ValueError("the per-sample formulation needs shared parameters, a gradient and a supported model")
         if self.formulation not in ("auto", "per-sample", "vmap"):
             raise ValueError(f"formulation must be auto, per-sample or vmap, not {self.formulation!r}")
         if layers is not None and self.formulation != "vmap":
-            return PerSampleLanes(setups, restarts, layers, self.params["tv_weight"])
-        return VmapLanes(setups, restarts, shared, self._objective(setups[0], func_gradient))
+            return PerSampleLanes(setups, restarts, layers, self.params["tv_weight"], self.device)
+        return VmapLanes(setups, restarts, shared, self._objective(setups[0], func_gradient), self.device)
 
 
 class LaneObjective(abc.ABC):
@@ -342,17 +350,18 @@ class VmapLanes(LaneObjective):
         restarts: int,
         shared: bool,
         objective: Callable[[Tensor, Tensor, Params, Params], Tensor],
+        device: torch.device,
     ) -> None:
-        self.one_hot = torch.stack([s.one_hot for s in setups]).repeat_interleave(restarts, dim=0)
+        self.one_hot = torch.stack([s.one_hot for s in setups]).to(device).repeat_interleave(restarts, dim=0)
         self.target = {
-            name: torch.stack([s.target[name] for s in setups]).repeat_interleave(restarts, dim=0)
+            name: torch.stack([s.target[name] for s in setups]).to(device).repeat_interleave(restarts, dim=0)
             for name in setups[0].target
         }
         self.shared = shared
-        self.params = setups[0].params
+        self.params = {name: value.to(device) for name, value in setups[0].params.items()}
         if not shared:
             self.params = {
-                name: torch.stack([s.params[name] for s in setups]).repeat_interleave(restarts, dim=0)
+                name: torch.stack([s.params[name] for s in setups]).to(device).repeat_interleave(restarts, dim=0)
                 for name in self.params
             }
         in_dims = (0, 0, None if shared else 0, 0)
@@ -385,15 +394,17 @@ class PerSampleLanes(LaneObjective):
     of their sum is each lane's own gradient).
     """
 
-    def __init__(self, setups: Sequence[_Setup], restarts: int, layers: LaneLayers, tv_weight: float) -> None:
+    def __init__(
+        self, setups: Sequence[_Setup], restarts: int, layers: LaneLayers, tv_weight: float, device: torch.device
+    ) -> None:
         self.model = setups[0].model
         self.loss = setups[0].loss
-        self.params = setups[0].params
+        self.params = {name: value.to(device) for name, value in setups[0].params.items()}
         self.layers = layers
         self.tv_weight = tv_weight
-        self.one_hot = torch.stack([s.one_hot for s in setups]).repeat_interleave(restarts, dim=0)
+        self.one_hot = torch.stack([s.one_hot for s in setups]).to(device).repeat_interleave(restarts, dim=0)
         target = torch.stack([torch.cat([s.target[name].reshape(-1) for name in self.params]) for s in setups])
-        self.target = target.repeat_interleave(restarts, dim=0)
+        self.target = target.to(device).repeat_interleave(restarts, dim=0)
 
     def _objective(self, images: Tensor, lanes: Tensor | None, create_graph: bool) -> Tensor:
         one_hot = self.one_hot if lanes is None else self.one_hot[lanes]

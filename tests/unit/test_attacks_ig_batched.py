@@ -116,7 +116,8 @@ def test_per_sample_objective_and_image_gradient_equal_the_one_victim_path(
     typed = [_in(setup, dtype) for setup in setups]
     layers = lane_layers(typed[0].model)
     assert layers is not None
-    values, gradients = PerSampleLanes(typed, 1, layers, 1e-7).value_and_gradient(images.to(dtype), None)
+    lanes = PerSampleLanes(typed, 1, layers, 1e-7, torch.device("cpu"))
+    values, gradients = lanes.value_and_gradient(images.to(dtype), None)
     delta = unit_error(dtype, batch)
     for lane, (value, gradient) in enumerate(exact):
         assert abs(float(values[lane]) - value) <= delta * (math.sqrt(2 * value) + delta), (lane, values[lane], value)
@@ -147,7 +148,7 @@ def test_lane_gradients_are_each_lanes_own_gradient(model_name: str, activation:
     images = torch.rand(lanes, batch, *SHAPE, generator=generator, dtype=torch.float64)
     targets = torch.softmax(torch.randn(lanes, batch, 10, generator=generator, dtype=torch.float64), dim=-1)
     params = {name: value.detach() for name, value in model.named_parameters()}
-    rows = lane_gradients(model, layers, LOSSES[loss], params, images, targets, create_graph=False)
+    rows = lane_gradients(model, layers, LOSSES[loss], params, images, targets, create_graph=False).detach()
     leaves = {name: value.clone().requires_grad_(True) for name, value in params.items()}
     for lane in range(lanes):
         own = simulated_update(
