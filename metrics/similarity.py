@@ -16,12 +16,16 @@ from skimage.metrics import structural_similarity
 
 from metrics.conventions import PSNR_CEILING_DB, WORST_SCORE
 from metrics.images import as_batch_pair, as_image_pair, clip_unit, is_finite_image
+from metrics.products import squared_distances, window_sums
 
 DATA_RANGE = 1.0
 """The intensity range used by PSNR and SSIM."""
 
 SSIM_WINDOW = 7
 """The SSIM window side for images of at least 7 x 7 pixels."""
+
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+"""SSIM's stabilising constants (scikit-image's defaults): C1 = (K1 L)^2 and C2 = (K2 L)^2 for data range L."""
 
 _MSE_FLOOR = 10.0 ** (-PSNR_CEILING_DB / 10.0)
 
@@ -44,9 +48,7 @@ def _psnr_from_mse(error: float) -> float:
 
 def _ssim(v0: np.ndarray, v1: np.ndarray) -> float:
     window = ssim_window(v0.shape[-2], v0.shape[-1])
-    value = structural_similarity(
-        clip_unit(v0), clip_unit(v1), data_range=DATA_RANGE, channel_axis=0, win_size=window
-    )
+    value = structural_similarity(clip_unit(v0), clip_unit(v1), data_range=DATA_RANGE, channel_axis=0, win_size=window)
     return float(value)
 
 
@@ -85,22 +87,33 @@ def _finite_rows(images: np.ndarray) -> np.ndarray:
 
 
 def pairwise_mse(originals: Any, reconstructions: Any) -> np.ndarray:
-    """N x M matrix of MSE between every original and every reconstruction (``inf`` if non-finite)."""
+    """N x M matrix of MSE between every original and every reconstruction (``inf`` if non-finite).
+
+    Squared norms plus one matrix product (``metrics.products.squared_distances``), in float64: equal
+    to ``mse`` pair by pair up to a few round-offs of the squared norms (below 1e-14 for clipped
+    images).
+    """
     v0, v1 = as_batch_pair(originals, reconstructions)
     finite = _finite_rows(v1)
     flat0 = clip_unit(v0).reshape(len(v0), -1)
     flat1 = clip_unit(np.where(np.isfinite(v1), v1, 0.0)).reshape(len(v1), -1)
-    errors = np.empty((len(v0), len(v1)))
-    for i in range(len(v0)):
-        errors[i] = np.mean((flat1 - flat0[i]) ** 2, axis=1)
+    errors = squared_distances(flat0.T, flat1.T)
+    errors /= flat0.shape[1]
     errors[:, ~finite] = WORST_SCORE["mse"]
     return errors
 
 
+def psnr_of_mse(errors: np.ndarray) -> np.ndarray:
+    """PSNR in dB of an array of MSE values: 10 log10(1 / MSE), capped at the ceiling; 0 for ``inf``."""
+    errors = np.asarray(errors, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # inf errors give -inf here, replaced below
+        values = 10.0 * np.log10(DATA_RANGE**2 / np.maximum(errors, _MSE_FLOOR))
+    return np.where(np.isfinite(errors), values, WORST_SCORE["psnr"])
+
+
 def pairwise_psnr(originals: Any, reconstructions: Any) -> np.ndarray:
     """N x M matrix of PSNR in dB between every original and every reconstruction (0 if non-finite)."""
-    errors = pairwise_mse(originals, reconstructions)
-    return np.vectorize(_psnr_from_mse, otypes=[np.float64])(errors).reshape(errors.shape)
+    return psnr_of_mse(pairwise_mse(originals, reconstructions))
 
 
 def pairwise_ssim(originals: Any, reconstructions: Any) -> np.ndarray:
@@ -112,3 +125,43 @@ def pairwise_ssim(originals: Any, reconstructions: Any) -> np.ndarray:
         for i in range(len(v0)):
             values[i, j] = _ssim(v0[i], v1[j])
     return values
+
+
+def ssim_pixel_major(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """SSIM of aligned pairs of pixel-major images (H, W, C, P) already clipped to [0, 1]: shape (P,).
+
+    The statistic of ``ssim`` (scikit-image's uniform window of n = w x w pixels, sample covariance,
+    borders of half a window cropped, channels averaged), computed in float64 from the window sums
+    Sx, Sy, Sxy and T = Sxx + Syy taken only where the window fits (``metrics.products.window_sums``),
+    so the cropped border is never formed. With sums instead of means the factors of n cancel; with
+    Q = Sx^2 + Sy^2, each window's value is
+    4 (Sx Sy + n^2 C1 / 2)(n Sxy - Sx Sy + n (n-1) C2 / 2) / ((Q + n^2 C1)(n T - Q + n (n-1) C2)).
+    float32 would not do: the variances are differences of terms up to n^2 whose round-off is not
+    small against n (n-1) C2 (about 2 for a 7 x 7 window) in flat regions.
+    """
+    window = ssim_window(x.shape[0], x.shape[1])
+    n = float(window * window)
+    c1 = n * n * (SSIM_K1 * DATA_RANGE) ** 2
+    c2 = n * (n - 1.0) * (SSIM_K2 * DATA_RANGE) ** 2
+    product = x * y
+    sxy = window_sums(product, window)
+    np.multiply(x, x, out=product)
+    product += y * y
+    total = window_sums(product, window)  # T
+    sx = window_sums(x, window)
+    sy = window_sums(y, window)
+    cross = sx * sy
+    squares = np.multiply(sx, sx, out=sx)
+    squares += np.multiply(sy, sy, out=sy)  # Q
+    sxy *= n
+    sxy -= cross
+    sxy += c2 / 2.0
+    cross += c1 / 2.0
+    cross *= sxy  # a quarter of the numerator
+    total *= n
+    total -= squares
+    total += c2
+    squares += c1
+    squares *= total  # the denominator
+    cross /= squares
+    return 4.0 * cross.mean(axis=(0, 1)).mean(axis=0)
