@@ -22,13 +22,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from metrics.conventions import METRIC_NAMES
-from metrics.paired import paired_avd, paired_mse, paired_psnr, paired_ssim
+from metrics.paired import pixel_major_finite, scores_of_pairs
+from metrics.products import pixel_major
 from metrics.recovery import DEFAULT_AVD_THRESHOLD, DEFAULT_SSIM_THRESHOLD, recovered
 
 BASELINES = ("blank", "class_mean", "class_random")
 """The no-information baselines, in the order they are reported."""
-
-_PAIRED = {"avd": paired_avd, "mse": paired_mse, "psnr": paired_psnr, "ssim": paired_ssim}
 
 
 class ClassPrototypes:
@@ -66,11 +65,26 @@ class ClassPrototypes:
 
 
 def baseline_scores(originals: np.ndarray, baselines: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Every metric of every baseline against the originals: baseline -> metric -> (N,) array."""
+    """Every metric of every baseline against the originals: baseline -> metric -> (N,) array.
+
+    All baselines are scored in one pass (``metrics.paired.scores_of_pairs``): the originals' variation
+    maps are formed once, not once per baseline.
+    """
+    if not baselines:
+        return {}
     originals = np.asarray(originals, dtype=np.float64)
+    names = list(baselines)
+    drawn = np.concatenate([np.asarray(baselines[name], dtype=np.float64) for name in names])
+    count = len(originals)
+    if drawn.shape != (len(names) * count, *originals.shape[1:]):
+        raise ValueError(f"every baseline must have the originals' shape {originals.shape}")
+    reconstructions, finite = pixel_major_finite(pixel_major(drawn))
+    scores = scores_of_pairs(
+        pixel_major(originals), reconstructions, np.tile(np.arange(count), len(names)), np.arange(len(drawn)), finite
+    )
     return {
-        name: {metric: _PAIRED[metric](originals, np.asarray(images, dtype=np.float64)) for metric in METRIC_NAMES}
-        for name, images in baselines.items()
+        name: {metric: scores[metric][k * count : (k + 1) * count] for metric in METRIC_NAMES}
+        for k, name in enumerate(names)
     }
 
 

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from metrics.avd import first_order_map, pairwise_avd, prepare_original, prepare_reconstruction, second_order_map
+from metrics.avd import avd_matrix, feature_norms, pairwise_avd, variation_features
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, WORST_SCORE, check_metric_name
 from metrics.images import as_batch_pair, as_image_batch, to_float_array
-from metrics.paired import PAIRED
+from metrics.paired import PAIRED, pixel_major_finite, scores_of_pairs
+from metrics.products import pixel_major
 from metrics.similarity import pairwise_mse, pairwise_psnr, pairwise_ssim
 
 UNMATCHED = -1
@@ -95,27 +96,16 @@ def match(originals: Any, reconstructions: Any, metric: str = "avd") -> MatchRes
     return MatchResult(assignment=assignment, scores=scores, metric=metric)
 
 
-def _avd_features(images: np.ndarray, *, reconstruction: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Flattened first- and second-order maps of a batch after AVD pre-processing."""
-    prepared = prepare_reconstruction(images) if reconstruction else prepare_original(images)
-    return (
-        first_order_map(prepared).reshape(len(images), -1),
-        second_order_map(prepared).reshape(len(images), -1),
-    )
-
-
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean squared difference of every row of ``a`` with every row of ``b`` (one matrix product)."""
-    squares = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
-    return np.maximum(squares, 0.0) / a.shape[1]
-
-
 def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 0.5) -> list[MatchResult]:
     """``match(originals, reconstructions, "avd")`` for many (originals, reconstructions) pairs at once.
 
-    The variation maps of all images are formed in one pass, each batch's N x M AVD cost matrix is one
-    matrix product of those maps, and the matched pairs of all batches are scored together; only the
-    assignment runs batch by batch. The images of all batches must share one shape.
+    The variation maps of every image are formed once (``metrics.avd.variation_features``); each
+    batch's N x M AVD matrix is then squared norms plus one matrix product per map, exact for the
+    quantised images (whole numbers of 8-bit levels); only the assignment runs batch by batch. The
+    matched pairs of all batches are scored together: AVD is read from the matrix, MSE from the pixel
+    differences, PSNR from the MSE and SSIM from window sums (``metrics.similarity.ssim_pixel_major``).
+    The scores equal those of ``match`` up to float64 round-off. The images of all batches must share
+    one shape.
     """
     prepared = [_batch_pair(originals, reconstructions) for originals, reconstructions in batches]
     if not prepared:
@@ -123,13 +113,14 @@ def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 
     shape = prepared[0][0].shape[1:]
     if any(v0.shape[1:] != shape for v0, _ in prepared):
         raise ValueError("match_many: every batch must hold images of one shape")
-    all0 = np.concatenate([v0 for v0, _ in prepared])
-    all1 = np.concatenate([v1 for _, v1 in prepared])
-    finite1 = np.isfinite(all1).reshape(len(all1), -1).all(axis=1)
-    g0, h0 = _avd_features(all0, reconstruction=False)
-    g1, h1 = _avd_features(np.where(np.isfinite(all1), all1, 0.0), reconstruction=True)
+    originals = pixel_major(np.concatenate([v0 for v0, _ in prepared]))
+    reconstructions, finite = pixel_major_finite(pixel_major(np.concatenate([v1 for _, v1 in prepared])))
+    g0, h0 = variation_features(originals, reconstruction=False)
+    g1, h1 = variation_features(reconstructions, reconstruction=True)
+    norms0, norms1 = feature_norms(g0, h0), feature_norms(g1, h1)
     pair0: list[np.ndarray] = []
     pair1: list[np.ndarray] = []
+    distances: list[np.ndarray] = []
     assignments: list[np.ndarray] = []
     start0 = start1 = 0
     for v0, v1 in prepared:
@@ -137,21 +128,28 @@ def match_many(batches: Sequence[tuple[Any, Any]], c1: float = 1.0, c2: float = 
         assignment = np.full(n, UNMATCHED, dtype=np.int64)
         if n and m:
             s0, s1 = slice(start0, start0 + n), slice(start1, start1 + m)
-            costs = np.sqrt(c1 * _squared_distances(g0[s0], g1[s1]) + c2 * _squared_distances(h0[s0], h1[s1]))
-            costs[:, ~finite1[s1]] = np.inf
+            costs = avd_matrix(
+                g0[:, s0],
+                h0[:, s0],
+                g1[:, s1],
+                h1[:, s1],
+                c1=c1,
+                c2=c2,
+                norms0=(norms0[0][s0], norms0[1][s0]),
+                norms1=(norms1[0][s1], norms1[1][s1]),
+            )
+            costs[:, ~finite[s1]] = np.inf
             rows, cols = linear_sum_assignment(solver_costs(costs, "avd"))
             assignment[rows] = cols
             pair0.append(rows + start0)
             pair1.append(cols + start1)
+            distances.append(costs[rows, cols])
         assignments.append(assignment)
         start0, start1 = start0 + n, start1 + m
-    first = np.concatenate(pair0) if pair0 else np.empty(0, dtype=np.int64)
-    second = np.concatenate(pair1) if pair1 else np.empty(0, dtype=np.int64)
     matched: dict[str, np.ndarray] = {}
-    if len(first):
-        matched = {name: PAIRED[name](all0[first], all1[second]) for name in METRIC_NAMES if name != "avd"}
-        distance = c1 * ((g1[second] - g0[first]) ** 2).mean(axis=1) + c2 * ((h1[second] - h0[first]) ** 2).mean(axis=1)
-        matched["avd"] = np.where(finite1[second], np.sqrt(distance), WORST_SCORE["avd"])  # the maps formed above
+    if pair0:
+        first, second = np.concatenate(pair0), np.concatenate(pair1)
+        matched = scores_of_pairs(originals, reconstructions, first, second, finite, avd=np.concatenate(distances))
     results = []
     offset = 0
     for assignment in assignments:

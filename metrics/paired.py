@@ -12,10 +12,17 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import uniform_filter
 
-from metrics.avd import first_order_map, prepare_original, prepare_reconstruction, second_order_map
+from metrics.avd import (
+    first_order_map,
+    paired_avd_of_features,
+    prepare_original,
+    prepare_reconstruction,
+    second_order_map,
+    variation_features,
+)
 from metrics.conventions import PSNR_CEILING_DB, WORST_SCORE
 from metrics.images import clip_unit
-from metrics.similarity import DATA_RANGE, ssim_window
+from metrics.similarity import DATA_RANGE, psnr_of_mse, ssim_pixel_major, ssim_window
 
 K1, K2 = 0.01, 0.03
 
@@ -77,3 +84,64 @@ def paired_ssim(v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
 
 PAIRED = {"avd": paired_avd, "mse": paired_mse, "psnr": paired_psnr, "ssim": paired_ssim}
 """Vectorised pair scores by metric name."""
+
+
+def pixel_major_finite(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which images of a pixel-major batch (H, W, C, N) are finite, and the batch with the others zeroed.
+
+    The batch is changed in place. Zeroed images must still be scored as unrecoverable: pass the mask on.
+    """
+    *pixels, count = images.shape
+    finite = np.isfinite(images).reshape(int(np.prod(pixels)), count).all(axis=0)
+    if not finite.all():
+        images[~np.isfinite(images)] = 0.0
+    return images, finite
+
+
+def scores_of_pairs(
+    originals: np.ndarray,
+    reconstructions: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    finite: np.ndarray,
+    *,
+    avd: np.ndarray | None = None,
+    c1: float = 1.0,
+    c2: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """All four scores of the pairs (original ``first[k]``, reconstruction ``second[k]``) of pixel-major batches.
+
+    ``originals`` (H, W, C, N) and ``reconstructions`` (H, W, C, M) are finite, non-finite
+    reconstructions already zeroed (``pixel_major_finite``) and flagged False in ``finite`` (M,); their
+    pairs get the worst scores. ``avd`` holds the pairs' AVD when already known (read from an AVD
+    matrix); otherwise it comes from the variation maps, formed once per image even when an original is
+    in several pairs. MSE is the mean squared pixel difference, PSNR is taken from it and SSIM from
+    window sums (``metrics.similarity.ssim_pixel_major``), all in float64: equal to the one-pair
+    functions up to round-off.
+    """
+    if len(first) == 0:
+        return {name: np.empty(0) for name in PAIRED}
+    if avd is None:
+        g0, h0 = variation_features(originals, reconstruction=False)
+        g1, h1 = variation_features(reconstructions, reconstruction=True)
+        avd = paired_avd_of_features(
+            np.take(g0, first, axis=1),
+            np.take(h0, first, axis=1),
+            np.take(g1, second, axis=1),
+            np.take(h1, second, axis=1),
+            c1=c1,
+            c2=c2,
+        )
+    x = np.take(originals, first, axis=-1)
+    y = np.take(reconstructions, second, axis=-1)
+    np.clip(x, 0.0, 1.0, out=x)
+    np.clip(y, 0.0, 1.0, out=y)
+    similarity = ssim_pixel_major(x, y)
+    y -= x
+    y *= y
+    errors = y.reshape(-1, len(first)).mean(axis=0)
+    bad = ~finite[second]
+    avd = np.where(bad, WORST_SCORE["avd"], avd)
+    errors[bad] = WORST_SCORE["mse"]
+    similarity[bad] = WORST_SCORE["ssim"]
+    return {"avd": avd, "mse": errors, "psnr": psnr_of_mse(errors), "ssim": similarity}
