@@ -1,9 +1,11 @@
 """Inverting Gradients (Geiping et al. 2020): cosine matching + total variation, signed Adam, box [0, 1].
 
 ``reconstruct`` runs one victim with plain autograd. ``reconstruct_many`` runs every victim and every
-restart as one lane of a single ``torch.func.vmap`` computation (one Adam over the stacked dummies),
-so a GPU stays busy; the two paths compute the same thing. Each lane keeps its own step-size stage and
-its own early stop (``attacks.early_stop``), so a lane that has converged stops costing compute.
+restart as one lane of a single computation (one Adam over the stacked dummies), so a GPU stays busy:
+per-sample lanes (one forward and backward of all lanes' dummies, ``PerSampleLanes``) where they apply,
+else a ``torch.func.vmap`` of the one-victim objective (``VmapLanes``); all compute the same thing.
+Each lane keeps its own step-size stage and its own early stop (``attacks.early_stop``), so a lane that
+has converged stops costing compute.
 """
 
 from __future__ import annotations
