@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("target", help="an MLflow run id (a sweep parent or a single run) or an experiment name")
     report.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
     report.add_argument("--out", type=Path, help="output folder (default: reports/TARGET)")
+    report.add_argument("--page", type=Path, help="study runs: also write the results page here (docs/results.md)")
+
+    study = commands.add_parser("study", help="run a study file: tuned training over seeds, paired audits")
+    study.add_argument("file", help="study YAML file (topologies/studies/mixing-study.yaml)")
+    study.add_argument("--out", type=Path, help="folder for the study's tables (default: studies/NAME)")
+    study.add_argument("--quiet", action="store_true", help="no progress output")
 
     ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for a tracking store")
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
@@ -127,10 +133,29 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from testbed.report.command import report_command
+    from testbed.study.report import is_study_run, study_report
 
     out = args.out or Path("reports") / args.target
-    path = report_command(args.target, uri=args.uri, out=out)
+    if is_study_run(args.target, args.uri):
+        path = study_report(args.target, uri=args.uri, out=out, page=args.page)
+    else:
+        if args.page is not None:
+            raise UserError("report: --page applies to study runs only (made by `testbed study`)")
+        path = report_command(args.target, uri=args.uri, out=out)
     print(path)
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from testbed.study.runner import run_study
+    from testbed.study.spec import load_study
+
+    spec = load_study(args.file)
+    out = args.out or Path("studies") / spec.name
+    result = run_study(spec, Path(args.file), out, show_progress=not args.quiet)
+    print(
+        json.dumps({"study_run_id": result.run_id, "tables": str(result.folder), "seconds": round(result.seconds, 1)})
+    )
     return 0
 
 
@@ -157,7 +182,7 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "report": _report, "ui": _ui}
+COMMANDS = {"run": _run, "validate": _validate, "schema": _schema, "report": _report, "study": _study, "ui": _ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,50 +1,137 @@
-"""A reduced mixing-gradients study: a real sweep on a local Ray, then its report from MLflow."""
+"""The mixing-gradients study, reduced: a real `testbed study` on a local Ray, then its report from MLflow."""
 
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import yaml
 
-from testbed.config.topology import apply_overrides, read_yaml, validate
-from testbed.report.command import report_command
-from testbed.sweep import run_sweep
-from tests.conftest import REPO
+from testbed.cli import main
+from testbed.config.topology import validate
+from testbed.engine import run_experiment
+from testbed.runtime.preparation import prepare_data
+from testbed.study.spec import load_study
+from testbed.study.training import train
+from tests.conftest import REPO, small_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REDUCED = [
-    {"clients.c.defence": {"batching": "distinct-labels", "loss": "cross-entropy"}},
-    {"clients.c.defence": {"batching": "identical-labels", "loss": "cross-entropy"}},
-    {"clients.c.defence": {"batching": "identical-labels", "loss": "mse"}},
-]
+
+def reduced_study(tracking: dict[str, Any], folder: Path) -> Path:
+    """The committed study cut to two seeds, one arm, four policies, short training and batch 2."""
+    data = yaml.safe_load((REPO / "topologies" / "studies" / "mixing-study.yaml").read_text(encoding="utf-8"))
+    data["name"] = "reduced-study"
+    data["seeds"] = [0, 1]
+    data["dataset"]["max_test"] = 300
+    data["tracking"] = {"uri": tracking["uri"], "experiment": "reduced-study"}
+    data["policies"] = {
+        name: data["policies"][name] for name in ("random-ce", "identical-ce", "distinct-mse", "dp-sgd")
+    }
+    arm = next(arm for arm in data["arms"] if arm["model"]["name"] == "softmax" and arm["setting"] == "fedsgd-iid")
+    data["arms"] = [{**arm, "rounds": 30, "evaluate_every": 5, "lr_grid": [0.3, 1.0]}]
+    data["audit"] = {"stages": ["initial", "half", "ninety"], "batch_sizes": [2], "clients": 2, "bootstrap": 300}
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
 
 
-def test_reduced_study_and_its_report(local_ray: None, tracking: dict[str, Any], tmp_path: Any) -> None:
-    data, _ = read_yaml(REPO / "topologies" / "mixing-study.yaml")
-    data = apply_overrides(data, ["rounds=2", "attack.audit.every=1", "attack.audit.clients_per_round=4"])
-    data["tracking"] = tracking
-    data["sweep"] = REDUCED
-    result = run_sweep(validate(data), show_progress=False)
-    assert len(result.runs) == 3
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
-    out = tmp_path / "report"
-    markdown = report_command(result.parent_run_id, uri=tracking["uri"], out=out)
-    assert markdown.is_file() and (out / "privacy_utility.png").stat().st_size > 10_000
-    assert list(out.glob("leakage_vs_batch_*.png"))
-    with open(out / "leakage.csv", encoding="utf-8") as handle:
-        rows = {row["defence"]: row for row in csv.DictReader(handle)}
-    distinct = rows["distinct-labels / cross-entropy"]
-    identical = rows["identical-labels / cross-entropy"]
-    mse = rows["identical-labels / mse"]
-    # softmax, FedSGD, batches of 4: the logit-space ce-demix separates distinct-label batches and
-    # identical-label ones alike (each sample's prediction differs, so P - Y keeps full rank), and the
-    # mse loss is attacked too, not skipped
-    assert float(distinct["recovered_fraction"]) >= 0.9, distinct
-    assert float(identical["recovered_fraction"]) >= 0.5, identical
-    for row in (distinct, identical, mse):
-        assert int(row["samples"]) == 2 * 4 * 4, row  # rounds x audited clients x batch size
-    assert float(identical["label_histogram_exact"]) == 1.0  # identical labels: the label leak is certain
-    text = markdown.read_text(encoding="utf-8")
-    assert "identical-labels / mse" in text and result.parent_run_id in text
+
+def test_reduced_study_and_its_report(
+    local_ray: None, tracking: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = reduced_study(tracking, tmp_path)
+    assert main(["study", str(source), "--out", str(tmp_path / "tables"), "--quiet"]) == 0
+    run_id = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["study_run_id"]
+    audits = _csv(tmp_path / "tables" / "audits.csv")
+    # paired: at each (seed, stage) every policy audited the same clients on the same global model
+    units: dict[tuple[str, str], set[str]] = {}
+    for row in audits:
+        units.setdefault((row["seed"], row["stage"]), set()).add(row["client"])
+    for (seed, stage), clients in units.items():
+        for policy in ("random-ce", "identical-ce", "distinct-mse"):
+            mine = {r["client"] for r in audits if (r["seed"], r["stage"], r["policy"]) == (seed, stage, policy)}
+            assert mine == clients, (seed, stage, policy)
+
+    out, page = tmp_path / "results", tmp_path / "results.md"
+    uri = tracking["uri"]
+    assert main(["report", run_id, "--uri", uri, "--out", str(out), "--page", str(page)]) == 0
+    cells = _csv(out / "leakage.csv")
+    assert {c["stage"] for c in cells} >= {"initial", "ninety"}
+    for cell in cells:
+        assert int(cell["seeds"]) == 2
+        low, value, high = (
+            float(cell[k]) for k in ("recovered_fraction_ci_low", "recovered_fraction", "recovered_fraction_ci_high")
+        )
+        assert low <= value <= high
+    by = {(c["stage"], c["policy"]): c for c in cells}
+    # softmax, batch 2: the logit-space ce-demix separates identical-label batches as well as random ones
+    for stage in ("initial", "ninety"):
+        assert float(by[(stage, "identical-ce")]["recovered_fraction"]) >= 0.9
+        assert float(by[(stage, "identical-ce")]["label_histogram_exact"]) == 1.0
+        assert float(by[(stage, "distinct-mse")]["recovered_fraction"]) >= 0.9  # the mse loss is attacked too
+        assert float(by[(stage, "dp-sgd")]["recovered_fraction"]) == 0.0  # DP-SGD's noise defeats it
+    accuracy = {row["policy"]: row for row in _csv(out / "accuracy.csv")}
+    assert float(accuracy["random-ce"]["final_accuracy"]) > 0.7  # the softmax trains well above chance (0.1)
+    epsilon = float(accuracy["dp-sgd"]["epsilon"])
+    assert 0 < epsilon < float("inf")
+    low, high = (
+        float(accuracy["identical-ce"]["accuracy_cost_ci_low"]),
+        float(accuracy["identical-ce"]["accuracy_cost_ci_high"]),
+    )
+    assert low <= float(accuracy["identical-ce"]["accuracy_cost"]) <= high
+    text = page.read_text(encoding="utf-8")
+    assert "## Claims of the paper's abstract" in text and run_id in text
+    assert "Identical labels in a batch" in text and "**refuted**" in text  # it leaks as much as the baseline
+    assert list(out.glob("leakage_*.png")) and (out / "accuracy.png").stat().st_size > 5_000
+    claims = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "**refuted**" in next(line for head, line in claims.items() if "Identical labels in a batch" in head)
+
+
+def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", str(tmp_path / "missing.yaml")]) == 2
+    data = yaml.safe_load((REPO / "topologies" / "studies" / "mixing-study.yaml").read_text(encoding="utf-8"))
+    data["baseline"] = "no-such-policy"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "baseline" in error and "random-ce" in error
+    data["baseline"] = "random-ce"
+    data["arms"][0]["model"]["name"] = "no-such-model"
+    bad.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_training_equals_the_engine(local_ray: None, tracking: dict[str, Any]) -> None:
+    """The study's one-process trainer runs the engine's client code and aggregation: same global model."""
+    data = small_experiment(tracking, rounds=3)
+    data["algorithm"] = {"name": "fedavg", "lr": 0.1, "local_steps": 2}
+    experiment = validate(data)
+    engine = run_experiment(experiment, show_progress=False)
+    study = train(experiment, prepare_data(experiment), keep=True)
+    assert set(study.snapshots) >= {0, 3}
+    for key, value in engine.params.items():
+        scale = float(value.abs().max())
+        # chunk sums add in the same order; the tolerance allows float32 reassociation inside kernels
+        assert torch.allclose(study.snapshots[3][key], value, atol=1e-5 * max(scale, 1.0)), key
+    assert study.final_accuracy == pytest.approx(engine.final_accuracy, abs=2 / 1000)
+
+
+def test_the_committed_study_file_is_valid() -> None:
+    spec = load_study(REPO / "topologies" / "studies" / "mixing-study.yaml")
+    assert len(spec.seeds) >= 5
+    assert {arm.model["name"] for arm in spec.arms} >= {"softmax", "mlp", "lenet", "cnn"}
+    assert {spec.settings[arm.setting].algorithm["name"] for arm in spec.arms} == {"fedsgd", "fedavg"}
+    assert any("dp" in policy for policy in spec.policies.values())

@@ -22,6 +22,7 @@ LEVELS = {
     "testbed.audit": 4,
     "testbed.report": 5,
     "testbed.engine": 6,
+    "testbed.study": 6,
     "testbed.sweep": 7,
     "testbed.cli": 8,
     "testbed.__main__": 9,

@@ -1,0 +1,302 @@
+"""The study's report: leakage.csv, accuracy.csv, figures with intervals, and the results page.
+
+Everything here is computed from the tables the study wrote (tuning.csv, training.csv, audits.csv,
+metric_noise.csv, meta.json); nothing is typed in. ``write_report`` returns the page's path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from testbed.study.claims import LEAK, judge
+from testbed.study.metric_noise import tolerance
+from testbed.study.spec import STAGE_HELP
+from testbed.study.stats import t_interval
+from testbed.study.tables import Cell, accuracy_by_policy, build_cells, leakage_rows
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """A CSV file as a list of rows (empty when the file is absent)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as CSV, every column any row has."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _n(value: Any, digits: int = 2) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{number:.{digits}f}" if math.isfinite(number) else "-"
+
+
+def _interval(value: Any, low: Any, high: Any, digits: int = 2) -> str:
+    if _n(value) == "-":
+        return "-"
+    if _n(low) == "-":
+        return _n(value, digits)
+    return f"{_n(value, digits)} [{_n(low, digits)}, {_n(high, digits)}]"
+
+
+def accuracy_rows(training: Sequence[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """accuracy.csv: per (arm, policy) the final accuracy and the paired cost against the baseline, over seeds."""
+    table = accuracy_by_policy(training)
+    lrs = {(row["arm"], row["policy"]): row["lr"] for row in training}
+    epsilons = {(row["arm"], row["policy"]): row.get("epsilon", "") for row in training}
+    rows = []
+    for (arm, policy), by_seed in sorted(table.items()):
+        accuracy = t_interval(np.array(list(by_seed.values())))
+        reference = table.get((arm, baseline), {})
+        paired = [by_seed[s] - reference[s] for s in by_seed if s in reference]
+        cost = t_interval(np.array(paired)) if policy != baseline and paired else None
+        rows.append(
+            {
+                "arm": arm,
+                "policy": policy,
+                "lr": lrs[(arm, policy)],
+                "seeds": len(by_seed),
+                "final_accuracy": accuracy.value,
+                "final_accuracy_ci_low": accuracy.low,
+                "final_accuracy_ci_high": accuracy.high,
+                "accuracy_cost": cost.value if cost else "",
+                "accuracy_cost_ci_low": cost.low if cost else "",
+                "accuracy_cost_ci_high": cost.high if cost else "",
+                "epsilon": epsilons[(arm, policy)],
+            }
+        )
+    return rows
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_arm(cells: Sequence[Cell], arm: str, folder: Path) -> Path:
+    """Recovered fraction with its 95% interval per policy, one panel per batch size, one marker per stage."""
+    plt = _pyplot()
+    mine = [cell for cell in cells if cell.arm == arm]
+    sizes = sorted({cell.batch_size for cell in mine})
+    policies = list(dict.fromkeys(cell.policy for cell in mine))
+    stages = list(dict.fromkeys(cell.stage for cell in sorted(mine, key=lambda c: c.key)))
+    figure, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 3.8), squeeze=False, sharey=True)
+    for axis, size in zip(axes[0], sizes, strict=True):
+        for offset, stage in enumerate(stages):
+            chosen = {c.policy: c for c in mine if c.batch_size == size and c.stage == stage}
+            xs = [i + (offset - (len(stages) - 1) / 2) * 0.22 for i, p in enumerate(policies) if p in chosen]
+            cs = [chosen[p] for p in policies if p in chosen]
+            values = np.array([c.recovered.value for c in cs])
+            low = np.nan_to_num(values - np.array([c.recovered.low for c in cs]))
+            high = np.nan_to_num(np.array([c.recovered.high for c in cs]) - values)
+            axis.errorbar(xs, values, yerr=[low, high], fmt="o", capsize=3, label=stage)
+        axis.axhline(LEAK, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_xticks(range(len(policies)))
+        axis.set_xticklabels(policies, rotation=35, ha="right", fontsize=8)
+        axis.set_title(f"{arm}, batch {size}", fontsize=10)
+        axis.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("recovered fraction (95% CI)")
+    axes[0][-1].legend(title="stage", fontsize=8)
+    figure.tight_layout()
+    path = folder / f"leakage_{arm.replace('/', '_')}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], folder: Path) -> Path:
+    """Final test accuracy with its 95% interval over seeds, per arm and trained policy."""
+    plt = _pyplot()
+    arms = list(dict.fromkeys(row["arm"] for row in rows))
+    figure, axis = plt.subplots(figsize=(10, 4.2))
+    policies = list(dict.fromkeys(row["policy"] for row in rows))
+    width = 0.8 / max(len(policies), 1)
+    for k, policy in enumerate(policies):
+        chosen = {row["arm"]: row for row in rows if row["policy"] == policy}
+        xs = [i + (k - (len(policies) - 1) / 2) * width for i, arm in enumerate(arms) if arm in chosen]
+        values = np.array([float(chosen[arm]["final_accuracy"]) for arm in arms if arm in chosen])
+        lows = np.array([float(chosen[arm]["final_accuracy_ci_low"]) for arm in arms if arm in chosen])
+        highs = np.array([float(chosen[arm]["final_accuracy_ci_high"]) for arm in arms if arm in chosen])
+        axis.errorbar(
+            xs,
+            values,
+            yerr=[np.nan_to_num(values - lows), np.nan_to_num(highs - values)],
+            fmt="o",
+            capsize=2,
+            label=policy,
+        )
+    axis.set_xticks(range(len(arms)))
+    axis.set_xticklabels(arms, rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel("final test accuracy (95% CI over seeds)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7, ncol=4)
+    figure.tight_layout()
+    path = folder / "accuracy.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _leakage_table(cells: Sequence[Cell], attacks: list[str]) -> list[str]:
+    head = ["arm", "stage (round, acc)", "policy", "batch", "seeds/updates", "realised batch", "recovered [95% CI]"]
+    head += [f"{attack}" for attack in attacks] + ["vs baseline (p)", "label hist exact"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        versus = (
+            f"{cell.versus_baseline.value:+.2f} ({cell.p_value:.2g})"
+            if cell.versus_baseline is not None and cell.p_value is not None
+            else ""
+        )
+        row = [
+            cell.arm,
+            f"{cell.stage} ({cell.mean('stage_round'):.0f}, {cell.mean('stage_accuracy'):.2f})",
+            cell.policy,
+            str(cell.batch_size),
+            f"{cell.seeds}/{len(cell.rows)}",
+            f"{cell.mean('realised_batch'):.1f}",
+            _interval(cell.recovered.value, cell.recovered.low, cell.recovered.high),
+        ]
+        row += [_n(cell.by_attack[a]) if a in cell.by_attack else "" for a in attacks]
+        row += [versus, _n(cell.mean("labels_exact"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def write_report(folder: Path, out: Path, page: Path | None, baseline: str, resamples: int) -> Path:
+    """Read the study tables in ``folder``; write leakage.csv, accuracy.csv, figures and report.md to ``out``;
+    with ``page``, also the results page (claims first). Returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    audits = read_table(folder / "audits.csv")
+    training = read_table(folder / "training.csv")
+    tuning = read_table(folder / "tuning.csv")
+    noise = read_table(folder / "metric_noise.csv")
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8")) if (folder / "meta.json").is_file() else {}
+    cells = build_cells(audits, training, baseline, resamples)
+    write_rows(out / "leakage.csv", leakage_rows(cells))
+    accuracy = accuracy_rows(training, baseline)
+    write_rows(out / "accuracy.csv", accuracy)
+    if noise:
+        write_rows(out / "metric_noise.csv", noise)
+    figures = [plot_arm(cells, arm, out) for arm in dict.fromkeys(cell.arm for cell in cells)]
+    if accuracy:
+        figures.append(plot_accuracy(accuracy, out))
+    claims = judge(cells, baseline, noise)
+    attacks = sorted({attack for cell in cells for attack in cell.by_attack})
+    lines = ["# Results: the mixing-gradients study", ""]
+    lines += [
+        "Generated by `testbed report` from one run of `testbed study`; nothing here is typed in. "
+        "CSV: [leakage.csv](results/leakage.csv), [accuracy.csv](results/accuracy.csv).",
+        "",
+        "| | |",
+        "| --- | --- |",
+    ]
+    for key in ("command", "commit", "study_run", "wall_time", "machine", "budgets"):
+        if key in meta:
+            lines.append(f"| {key.replace('_', ' ')} | {meta[key]} |")
+    lines += ["", "## Claims of the paper's abstract", ""]
+    lines += ["| claim | verdict | rule | cells (recovered fraction [95% CI], stage) |", "|---|---|---|---|"]
+    for claim in claims:
+        evidence = "<br>".join(claim.evidence[:12]) + (
+            f"<br>... {len(claim.evidence) - 12} more in leakage.csv" if len(claim.evidence) > 12 else ""
+        )
+        lines.append(f"| {claim.text} | **{claim.verdict}** | {claim.rule} | {evidence or '-'} |")
+    lines += [
+        "",
+        f"Stages: {STAGE_HELP}. Recovered: a sample counts when the worst case over the arm's attack portfolio "
+        "beats every no-information baseline (blank, class mean, random image of the class) under the "
+        f"recovery rule (docs/metrics.md). A cell leaks when its interval's lower end is above {LEAK:.0%}. "
+        "Intervals: cluster bootstrap over audited updates (leakage), Student t over seeds (accuracy). "
+        "'vs baseline': mean paired difference in recovered fraction against the baseline policy on the same "
+        "global models and clients, with its sign-flip permutation p-value.",
+        "",
+        "## Accuracy of each policy (final test accuracy, 95% CI over seeds; cost paired by seed)",
+        "",
+        "| arm | policy | lr | seeds | final accuracy | cost vs baseline | epsilon |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in accuracy:
+        lines.append(
+            f"| {row['arm']} | {row['policy']} | {row['lr']} | {row['seeds']} | "
+            f"{_interval(row['final_accuracy'], row['final_accuracy_ci_low'], row['final_accuracy_ci_high'])} | "
+            f"{_interval(row['accuracy_cost'], row['accuracy_cost_ci_low'], row['accuracy_cost_ci_high'])} | "
+            f"{_n(row['epsilon'])} |"
+        )
+    lines += ["", "## Leakage by arm, stage, policy and batch size", ""]
+    lines += _leakage_table(cells, attacks)
+    lines += ["", "## Figures", ""]
+    lines += [f"![{figure.stem}](results/{figure.name})" for figure in figures]
+    lines += ["", "## Notes", ""]
+    lines += _notes(tuning, training, noise, cells, meta)
+    text = "\n".join(lines) + "\n"
+    report = out / "report.md"
+    report.write_text(text.replace("](results/", "]("), encoding="utf-8")
+    if page is not None:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(text, encoding="utf-8")
+    return report
+
+
+def _notes(
+    tuning: Sequence[dict[str, Any]],
+    training: Sequence[dict[str, Any]],
+    noise: Sequence[dict[str, Any]],
+    cells: Sequence[Cell],
+    meta: dict[str, Any],
+) -> list[str]:
+    notes: list[str] = []
+    grid: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for row in tuning:
+        mark = "**" if str(row.get("chosen")) == "1" else ""
+        grid[(row["arm"], row["loss"])].append(f"{mark}{row['lr']}: {_n(row['final_accuracy'])}{mark}")
+    if grid:
+        notes.append("- Learning rates, tuned per arm and loss on the tuning seed (final accuracy; chosen in bold):")
+        notes += [f"  - {arm}, {loss}: {', '.join(tried)}" for (arm, loss), tried in grid.items()]
+    short: dict[tuple[str, str], int] = defaultdict(int)
+    for row in training:
+        short[(row["arm"], row["policy"])] += int(float(row.get("short_batches") or 0))
+    shorts = [f"{arm} {policy}: {count}" for (arm, policy), count in short.items() if count]
+    if shorts:
+        notes.append("- Short batches during training (a label or client ran out of samples): " + "; ".join(shorts))
+    small = [c for c in cells if c.mean("realised_batch") < 0.9 * c.batch_size]
+    if small:
+        notes.append(
+            "- Realised batch below the nominal size (identical labels on clients holding few samples of a class, "
+            "DP-SGD's Poisson batches, FedAvg's last batch): "
+            + "; ".join(
+                f"{c.arm} {c.policy} batch {c.batch_size} {c.stage}: {c.mean('realised_batch'):.1f}" for c in small[:20]
+            )
+        )
+    reasons = sorted({r.get("not_applicable", "") for c in cells for r in c.rows if r.get("not_applicable")})
+    if reasons:
+        notes.append("- Attacks that did not apply (their one-line reasons): " + " / ".join(reasons[:8]))
+    if noise:
+        notes.append(
+            "- Metric noise test (metric_noise.csv): "
+            + ", ".join(
+                f"{m} detects noisy copies up to sigma {tolerance(noise, m):g}" for m in ("avd", "mse", "psnr", "ssim")
+            )
+        )
+    for line in meta.get("notes", []):
+        notes.append(f"- {line}")
+    return notes

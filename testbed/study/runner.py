@@ -1,0 +1,275 @@
+"""Running a study on Ray: tune the learning rates, train every seed, audit the baselines' stages.
+
+Three waves of one-CPU Ray tasks: (1) per arm and loss, each learning rate of the grid on the tuning
+seed; (2) per arm, seed and trained policy, a full training run (the baseline's models are kept at its
+stages); (3) per arm, seed and stage, the paired audits. Audits start as soon as their baseline is
+trained. The tables go to a folder and, as artifacts, to one MLflow run tagged ``testbed.study``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.config.schema import ResourcesConfig
+from testbed.runtime.preparation import prepare_data
+from testbed.runtime.round_metrics import privacy_metrics, privacy_plan
+from testbed.study.audits import Stage, audit_stage
+from testbed.study.metric_noise import noise_rows
+from testbed.study.spec import STAGES, StudySpec, experiment_for
+from testbed.study.training import train
+from testbed.tracking.progress import Progress
+from testbed.tracking.store import Tracker
+from testbed.tracking.store_check import check_tracking_uri
+
+STUDY_TAG = "testbed.study"
+TABLES = ("tuning.csv", "training.csv", "audits.csv", "metric_noise.csv")
+
+
+@dataclass
+class StudyResult:
+    """Where the study's tables are, its MLflow run and its wall time."""
+
+    folder: Path
+    run_id: str
+    seconds: float
+
+
+def pick_stages(accuracy: dict[int, float], wanted: Sequence[str]) -> list[Stage]:
+    """The stages of a training curve: the initial model, the first evaluation at >= 50% and >= 90% of the
+    final accuracy. Two stages may fall on the same round (a fast or a flat curve); both are kept."""
+    rounds = sorted(accuracy)
+    final = accuracy[rounds[-1]]
+    thresholds = {"initial": None, "half": 0.5 * final, "ninety": 0.9 * final}
+    stages: list[Stage] = []
+    for name in wanted:
+        threshold = thresholds[name]
+        found = 0 if threshold is None else next(r for r in rounds if accuracy[r] >= threshold)
+        stages.append(Stage(name, found, accuracy[found]))
+    return stages
+
+
+def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> dict[str, Any]:
+    """What the results page states about the run: command, commit, wall time, machine, budgets."""
+    import os
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=source.resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source.resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit = f"`{commit}`" + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    minutes, rest = divmod(round(seconds), 60)
+    budgets = "; ".join(
+        f"{arm.label}: {arm.rounds} rounds, attacks {', '.join(arm.attacks)}"
+        + (f" ({json.dumps(arm.attack_params)})" if arm.attack_params else " (default budgets)")
+        for arm in spec.arms
+    )
+    return {
+        "command": f"`testbed study {source}`",
+        "commit": commit,
+        "study_run": f"`{run_id}` in `{spec.tracking['uri']}`",
+        "wall_time": f"{minutes} min {rest} s with {spec.workers} Ray workers",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "budgets": f"seeds {spec.seeds}; audits: {spec.audit.clients} clients per seed and stage, batch sizes "
+        f"{spec.audit.batch_sizes}; {budgets}",
+        "seconds": round(seconds, 1),
+    }
+
+
+def _spec(payload: str) -> StudySpec:
+    return StudySpec.model_validate_json(payload)
+
+
+def _tune(payload: str, arm_index: int, loss: str, lr: float) -> dict[str, Any]:
+    spec = _spec(payload)
+    arm = spec.arms[arm_index]
+    policy = next(name for name in spec.policies if spec.loss_of(name) == loss and "dp" not in spec.policies[name])
+    experiment = experiment_for(spec, arm, seed=spec.tuning_seed, policy=policy, lr=lr)
+    run = train(experiment, prepare_data(experiment), keep=False)
+    return {"arm": arm.label, "loss": loss, "lr": lr, "policy": policy, "final_accuracy": run.final_accuracy}
+
+
+def _train(payload: str, arm_index: int, seed: int, policy: str, lr: float) -> dict[str, Any]:
+    spec = _spec(payload)
+    arm = spec.arms[arm_index]
+    experiment = experiment_for(spec, arm, seed=seed, policy=policy, lr=lr)
+    data = prepare_data(experiment)
+    baseline = policy == spec.baseline
+    run = train(experiment, data, keep=baseline)
+    privacy = privacy_metrics(privacy_plan(experiment, data.partition.sizes()), experiment.rounds)
+    row: dict[str, Any] = {
+        "arm": arm.label,
+        "seed": seed,
+        "policy": policy,
+        "lr": lr,
+        "final_accuracy": run.final_accuracy,
+        "short_batches": run.short_batches,
+        "epsilon": privacy.get("privacy/c/epsilon", ""),
+        "seconds": round(run.seconds, 2),
+        "curve": json.dumps({str(k): round(v, 4) for k, v in run.accuracy.items()}),
+    }
+    stages = pick_stages(run.accuracy, spec.audit.stages) if baseline else []
+    return {"row": row, "stages": [(stage, run.snapshots[stage.round]) for stage in stages]}
+
+
+def _audit(
+    payload: str, arm_index: int, seed: int, stage: Stage, params: Any, lrs: dict[str, float]
+) -> list[dict[str, Any]]:
+    spec = _spec(payload)
+    arm = spec.arms[arm_index]
+    experiment = experiment_for(spec, arm, seed=seed, policy=spec.baseline, lr=lrs[spec.loss_of(spec.baseline)])
+    return audit_stage(spec, arm, seed, stage, params, lrs, prepare_data(experiment))
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool = True) -> StudyResult:
+    """Run the whole study on a local Ray with ``spec.workers`` CPUs; write the tables to ``out`` and MLflow."""
+    import ray
+
+    from testbed.runtime.cluster import ray_session
+
+    started = time.perf_counter()
+    check_tracking_uri(str(spec.tracking["uri"]))
+    first = experiment_for(spec, spec.arms[0], seed=spec.seeds[0], policy=spec.baseline, lr=spec.arms[0].lr_grid[0])
+    prepare_data(first)  # a missing data set is a one-line error before Ray starts
+    tracker = Tracker.for_experiment(first)
+    tracker.check()
+    out.mkdir(parents=True, exist_ok=True)
+    payload = spec.model_dump_json()
+    losses = sorted({spec.loss_of(name) for name in spec.policies if "dp" not in spec.policies[name]})
+    run_id = tracker.start_run(
+        spec.name,
+        {"study": source.name, "seeds": str(len(spec.seeds)), "arms": str(len(spec.arms))},
+        tags={STUDY_TAG: "study"},
+    )
+    tracker.log_text(run_id, source.read_text(encoding="utf-8"), "study.yaml")
+    status = "FAILED"
+    try:
+        with ray_session(ResourcesConfig(num_cpus=spec.workers)):
+            tune: Any = ray.remote(num_cpus=1)(_tune)
+            trainer: Any = ray.remote(num_cpus=1)(_train)
+            auditor: Any = ray.remote(num_cpus=1)(_audit)
+            ref = ray.put(payload)
+            tuning_refs = [
+                tune.remote(ref, index, loss, lr)
+                for index, arm in enumerate(spec.arms)
+                for loss in losses
+                for lr in arm.lr_grid
+            ]
+            tuning = _gather(tuning_refs, "tuning", show_progress)
+            lrs: list[dict[str, float]] = []
+            for arm in spec.arms:
+                chosen: dict[str, float] = {}
+                for loss in losses:
+                    tried = [row for row in tuning if row["arm"] == arm.label and row["loss"] == loss]
+                    chosen[loss] = max(tried, key=lambda row: (row["final_accuracy"], -row["lr"]))["lr"]
+                lrs.append(chosen)
+            for row in tuning:
+                row["chosen"] = int(lrs[[a.label for a in spec.arms].index(row["arm"])][row["loss"]] == row["lr"])
+            training, audits = _train_and_audit(spec, ref, trainer, auditor, lrs, show_progress)
+        dataset = prepare_data(first).dataset
+        noise = noise_rows(dataset.test_x, dataset.test_y, (dataset.train_x, dataset.train_y), seed=spec.tuning_seed)
+        for name, rows in zip(TABLES, (tuning, training, audits, noise), strict=True):
+            _write(out / name, rows)
+            tracker.log_file(run_id, out / name, "study")
+        seconds = time.perf_counter() - started
+        meta = study_meta(spec, source, run_id, seconds)
+        (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        tracker.log_file(run_id, out / "meta.json", "study")
+        status = "FINISHED"
+    finally:
+        tracker.end_run(run_id, status)
+    return StudyResult(out, run_id, time.perf_counter() - started)
+
+
+def _gather(refs: list[Any], name: str, show_progress: bool) -> list[dict[str, Any]]:
+    import ray
+
+    progress = Progress(len(refs), f"study {name}", enabled=show_progress, unit="run")
+    rows: list[dict[str, Any]] = []
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            rows.append(ray.get(done[0]))
+            progress.update(len(rows), {})
+    finally:
+        progress.close()
+    return rows
+
+
+def _train_and_audit(
+    spec: StudySpec, ref: Any, trainer: Any, auditor: Any, lrs: list[dict[str, float]], show_progress: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every training run; each baseline's stages go to the auditors as soon as it is trained."""
+    import ray
+
+    pending: dict[Any, str] = {}
+    for index, arm in enumerate(spec.arms):
+        for seed in spec.seeds:
+            for policy in spec.trained_policies(arm):
+                lr = (
+                    lrs[index][spec.loss_of(policy)]
+                    if "dp" not in spec.policies[policy]
+                    else lrs[index]["cross-entropy"]
+                )
+                pending[trainer.remote(ref, index, seed, policy, lr)] = f"train:{index}:{seed}"
+    total = len(pending) + len(spec.arms) * len(spec.seeds) * len(STAGES)
+    progress = Progress(total, "study training and audits", enabled=show_progress, unit="task")
+    training: list[dict[str, Any]] = []
+    audits: list[dict[str, Any]] = []
+    finished = 0
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            kind = pending.pop(done[0])
+            finished += 1
+            result = ray.get(done[0])
+            if kind.startswith("train:"):
+                _, index_text, seed_text = kind.split(":")
+                index, seed = int(index_text), int(seed_text)
+                training.append(result["row"])
+                by_round: dict[int, list[tuple[Stage, Any]]] = {}
+                for stage, params in result["stages"]:
+                    by_round.setdefault(stage.round, []).append((stage, params))
+                total -= len(STAGES) - len(by_round) if result["stages"] else 0
+                for same in by_round.values():
+                    stage, params = same[0]
+                    task = auditor.remote(ref, index, seed, stage, params, lrs[index])
+                    pending[task] = "audit:" + ",".join(other.name for other, _ in same[1:])
+            else:
+                audits.extend(result)
+                # a stage on the same round as an earlier one is the same model: its audits are those rows
+                for alias in filter(None, kind.removeprefix("audit:").split(",")):
+                    audits.extend({**row, "stage": alias} for row in result)
+            progress.update(finished, {"audited": float(len(audits))})
+    finally:
+        progress.close()
+    return training, audits

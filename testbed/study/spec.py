@@ -1,0 +1,172 @@
+"""The study file: seeds, training settings, model arms, defence policies, audit stages and budgets.
+
+A study file (``topologies/studies/mixing-study.yaml``) names everything the study varies. Every run it trains
+is an ordinary experiment built by ``experiment_for`` and validated by the topology schema, so a study
+cannot configure what a topology cannot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from testbed.config.schema import Experiment
+from testbed.config.topology import format_loc, read_yaml, validate
+from testbed.errors import UserError
+
+STAGES = ("initial", "half", "ninety")
+STAGE_HELP = "initial: the untrained model; half / ninety: first evaluation at 50% / 90% of the final accuracy"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Setting(_Strict):
+    """How clients train: algorithm, partition, population and the training batch size."""
+
+    algorithm: dict[str, Any] = Field(description="algorithm block without lr (lr comes from the arm's grid)")
+    partition: dict[str, Any] = Field(description="dataset.partition block")
+    clients: int = Field(ge=2)
+    clients_per_round: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="training batch size of every client")
+
+
+class Arm(_Strict):
+    """One model under one setting: its training budget, learning-rate grid and attack portfolio."""
+
+    model: dict[str, Any] = Field(description="model block")
+    setting: str
+    rounds: int = Field(ge=1)
+    evaluate_every: int = Field(ge=1)
+    lr_grid: list[float] = Field(
+        min_length=1, description="tried per loss on the tuning seed; the best final accuracy wins"
+    )
+    attacks: list[str] = Field(min_length=1, description="the portfolio run on every audited update")
+    attack_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    accuracy_policies: list[str] | None = Field(
+        None, description="policies trained on every seed for their accuracy cost (null: all)"
+    )
+
+    @property
+    def label(self) -> str:
+        """A short name: model[-activation]/setting."""
+        name = str(self.model.get("name"))
+        activation = self.model.get("activation")
+        return f"{name}-{activation}/{self.setting}" if activation else f"{name}/{self.setting}"
+
+
+Stage = Literal["initial", "half", "ninety"]
+
+
+def _all_stages() -> list[Stage]:
+    return ["initial", "half", "ninety"]
+
+
+class AuditPlan(_Strict):
+    """What is audited at each stage of each trained baseline."""
+
+    stages: list[Stage] = Field(default_factory=_all_stages)
+    batch_sizes: list[int] = Field(min_length=1)
+    clients: int = Field(ge=1, description="audited clients per (seed, stage); the same clients for every policy")
+    bootstrap: int = Field(2000, ge=100, description="cluster-bootstrap resamples of the audited updates")
+
+
+class StudySpec(_Strict):
+    """A whole study; ``experiment_for`` turns one of its runs into a validated Experiment."""
+
+    name: str
+    seeds: list[int] = Field(min_length=1)
+    tuning_seed: int = Field(description="seed of the learning-rate search, kept apart from the study seeds")
+    dataset: dict[str, Any]
+    tracking: dict[str, Any]
+    workers: int = Field(2, ge=1, description="Ray tasks run at once (one CPU each)")
+    baseline: str = Field(description="the policy whose models are audited (random batching, cross-entropy)")
+    policies: dict[str, dict[str, Any]] = Field(description="name -> defence block")
+    settings: dict[str, Setting]
+    arms: list[Arm] = Field(min_length=1)
+    audit: AuditPlan
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> StudySpec:
+        if self.baseline not in self.policies:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of policies ({', '.join(self.policies)})")
+        for index, arm in enumerate(self.arms):
+            if arm.setting not in self.settings:
+                raise ValueError(
+                    f"arms[{index}].setting: {arm.setting!r} is not one of settings ({', '.join(self.settings)})"
+                )
+            for name in arm.accuracy_policies or []:
+                if name not in self.policies:
+                    raise ValueError(f"arms[{index}].accuracy_policies: unknown policy {name!r}")
+        return self
+
+    def loss_of(self, policy: str) -> str:
+        """The loss a policy trains with (cross-entropy unless its block says otherwise)."""
+        return str(self.policies[policy].get("loss", "cross-entropy"))
+
+    def trained_policies(self, arm: Arm) -> list[str]:
+        """The policies trained on every seed of ``arm``: the baseline first."""
+        names = arm.accuracy_policies if arm.accuracy_policies is not None else list(self.policies)
+        return [self.baseline, *(name for name in names if name != self.baseline)]
+
+
+def experiment_for(
+    spec: StudySpec,
+    arm: Arm,
+    *,
+    seed: int,
+    policy: str,
+    lr: float,
+    batch_size: int | None = None,
+    attack: bool = False,
+) -> Experiment:
+    """The experiment of one run: ``arm`` under ``policy`` with ``lr`` and ``seed``; validated.
+
+    ``batch_size`` replaces the setting's (audits); ``attack`` adds the arm's portfolio (for the attack actors).
+    """
+    setting = spec.settings[arm.setting]
+    data: dict[str, Any] = {
+        "name": f"{spec.name}-{arm.label}",
+        "seed": seed,
+        "rounds": arm.rounds,
+        "dataset": {**spec.dataset, "partition": setting.partition},
+        "model": arm.model,
+        "algorithm": {**setting.algorithm, "lr": lr},
+        "clients": [
+            {
+                "group": "c",
+                "count": setting.clients,
+                "batch_size": batch_size or setting.batch_size,
+                "defence": spec.policies[policy],
+            }
+        ],
+        "sampling": {"clients_per_round": setting.clients_per_round},
+        "evaluation": {"every": arm.evaluate_every},
+        "resources": {"chunk_size": setting.clients_per_round},
+        "tracking": spec.tracking,
+    }
+    if attack:
+        data["attack"] = {"name": arm.attacks, "params": arm.attack_params}
+    return validate(data, source=f"study arm {arm.label}, policy {policy}")
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and check a study file; every run it implies is validated as an experiment (one-line errors)."""
+    data, _ = read_yaml(path)
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = format_loc(error["loc"])
+        raise UserError(f"{path}: {where + ': ' if where else ''}{message}") from None
+    for arm in spec.arms:
+        for policy in spec.policies:
+            for size in spec.audit.batch_sizes:
+                experiment_for(
+                    spec, arm, seed=spec.seeds[0], policy=policy, lr=arm.lr_grid[0], batch_size=size, attack=True
+                )
+    return spec
