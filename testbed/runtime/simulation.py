@@ -269,6 +269,8 @@ def _hand_off(
         if int(client) not in audited:
             continue
         rows = index[row][index[row] >= 0]
+        if len(rows) == 0:
+            continue  # a DP-SGD client whose Poisson batches all came out empty sent pure noise: nothing to audit
         summary.ground_truth[int(client)] = rows
         payload.audited.append(
             ClientUpdate(
