@@ -55,8 +55,12 @@ def audit_stage(
     params: Params,
     lrs: dict[str, float],
     data: PreparedData,
+    attack_params: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every policy x batch size on the stage's audited clients; one row per (update) with its leakage."""
+    """Every policy x batch size on the stage's audited clients; one row per (update) with its leakage.
+
+    ``attack_params`` replaces the arm's attack parameters (the budget check); its rows say ``budget: check``.
+    """
     dataset = data.dataset
     prototypes = ClassPrototypes(dataset.test_x, dataset.test_y)
     clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(spec.audit.batch_sizes))
@@ -64,7 +68,9 @@ def audit_stage(
     for policy in spec.policies:
         lr = lrs[spec.loss_of(policy)]
         for size in spec.audit.batch_sizes:
-            experiment = experiment_for(spec, arm, seed=seed, policy=policy, lr=lr, batch_size=size, attack=True)
+            experiment = experiment_for(
+                spec, arm, seed=seed, policy=policy, lr=lr, batch_size=size, attack=True, attack_params=attack_params
+            )
             context = SimulationContext.build(
                 experiment, dataset.train_x, dataset.train_y, data.partition, dataset.num_classes
             )
@@ -88,6 +94,7 @@ def audit_stage(
                     "stage": stage.name,
                     "stage_round": stage.round,
                     "stage_accuracy": stage.accuracy,
+                    "budget": "study" if attack_params is None else "check",
                     "policy": policy,
                     "batch_size": size,
                     "client": client.outcome.client,

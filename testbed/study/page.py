@@ -20,7 +20,7 @@ from testbed.study.claims import LEAK, judge
 from testbed.study.metric_noise import tolerance
 from testbed.study.spec import STAGE_HELP
 from testbed.study.stats import t_interval
-from testbed.study.tables import Cell, accuracy_by_policy, build_cells, leakage_rows
+from testbed.study.tables import Cell, accuracy_by_policy, budget_rows, build_cells, leakage_rows
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -244,6 +244,42 @@ def write_report(folder: Path, out: Path, page: Path | None, baseline: str, resa
         )
     lines += ["", "## Leakage by arm, stage, policy and batch size", ""]
     lines += _leakage_table(cells, attacks)
+    checks = budget_rows(audits, resamples)
+    if checks:
+        write_rows(out / "budget_check.csv", checks)
+        lines += ["", "## Budget check: the same updates attacked with larger budgets", ""]
+        lines += [f"Larger budgets: {meta.get('budget_check', 'see budget_check.csv')}.", ""]
+        lines += [
+            "| arm | stage | policy | batch | updates | recovered, study budget | recovered, larger budget | p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in checks:
+            lines.append(
+                f"| {row['arm']} | {row['stage']} | {row['policy']} | {row['batch_size']} | {row['updates']} | "
+                + _interval(
+                    row["recovered_study_budget"],
+                    row["recovered_study_budget_ci_low"],
+                    row["recovered_study_budget_ci_high"],
+                )
+                + " | "
+                + _interval(
+                    row["recovered_larger_budget"],
+                    row["recovered_larger_budget_ci_low"],
+                    row["recovered_larger_budget_ci_high"],
+                )
+                + f" | {_n(row['paired_p_value'], 3)} |"
+            )
+        moved = [
+            r
+            for r in checks
+            if (float(r["recovered_study_budget"]) > LEAK) != (float(r["recovered_larger_budget"]) > LEAK)
+        ]
+        lines += [
+            "",
+            f"Cells whose verdict (recovered above {LEAK:.0%} or not) changes with the larger budget: "
+            + (", ".join(f"{r['arm']} {r['policy']} batch {r['batch_size']} {r['stage']}" for r in moved) or "none")
+            + ".",
+        ]
     lines += ["", "## Figures", ""]
     lines += [f"![{figure.stem}](results/{figure.name})" for figure in figures]
     lines += ["", "## Notes", ""]

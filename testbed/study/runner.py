@@ -93,6 +93,10 @@ def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> di
         "budgets": f"seeds {spec.seeds}; audits: {spec.audit.clients} clients per seed and stage, batch sizes "
         f"{spec.audit.batch_sizes}; {budgets}",
         "seconds": round(seconds, 1),
+        "budget_check": "none"
+        if spec.budget_check is None
+        else f"arms {[spec.arms[i].label for i in spec.budget_check.arms]}, seeds {spec.budget_check.seeds}, "
+        f"stages {spec.budget_check.stages}: {json.dumps(spec.budget_check.attack_params)}",
     }
 
 
@@ -133,12 +137,13 @@ def _train(payload: str, arm_index: int, seed: int, policy: str, lr: float) -> d
 
 
 def _audit(
-    payload: str, arm_index: int, seed: int, stage: Stage, params: Any, lrs: dict[str, float]
+    payload: str, arm_index: int, seed: int, stage: Stage, params: Any, lrs: dict[str, float], check: bool = False
 ) -> list[dict[str, Any]]:
     spec = _spec(payload)
     arm = spec.arms[arm_index]
     experiment = experiment_for(spec, arm, seed=seed, policy=spec.baseline, lr=lrs[spec.loss_of(spec.baseline)])
-    return audit_stage(spec, arm, seed, stage, params, lrs, prepare_data(experiment))
+    larger = spec.budget_check.attack_params if check and spec.budget_check is not None else None
+    return audit_stage(spec, arm, seed, stage, params, lrs, prepare_data(experiment), larger)
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -264,6 +269,15 @@ def _train_and_audit(
                     stage, params = same[0]
                     task = auditor.remote(ref, index, seed, stage, params, lrs[index])
                     pending[task] = "audit:" + ",".join(other.name for other, _ in same[1:])
+                    check = spec.budget_check
+                    if check is None or index not in check.arms or seed not in check.seeds:
+                        continue
+                    for other, _ in same:
+                        if other.name in check.stages:
+                            extra = auditor.remote(ref, index, seed, other, params, lrs[index], True)
+                            pending[extra] = "audit:"
+                            total += 1
+                progress.resize(total)
             else:
                 audits.extend(result)
                 # a stage on the same round as an earlier one is the same model: its audits are those rows

@@ -74,6 +74,15 @@ class AuditPlan(_Strict):
     bootstrap: int = Field(2000, ge=100, description="cluster-bootstrap resamples of the audited updates")
 
 
+class BudgetCheck(_Strict):
+    """A subset re-audited with larger attack budgets: the same updates, to show the answer does not move."""
+
+    arms: list[int] = Field(min_length=1, description="indices into arms")
+    seeds: list[int] = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1)
+    attack_params: dict[str, dict[str, Any]] = Field(description="attack -> parameters replacing the arm's")
+
+
 class StudySpec(_Strict):
     """A whole study; ``experiment_for`` turns one of its runs into a validated Experiment."""
 
@@ -88,6 +97,7 @@ class StudySpec(_Strict):
     settings: dict[str, Setting]
     arms: list[Arm] = Field(min_length=1)
     audit: AuditPlan
+    budget_check: BudgetCheck | None = None
 
     @model_validator(mode="after")
     def _names_exist(self) -> StudySpec:
@@ -101,6 +111,14 @@ class StudySpec(_Strict):
             for name in arm.accuracy_policies or []:
                 if name not in self.policies:
                     raise ValueError(f"arms[{index}].accuracy_policies: unknown policy {name!r}")
+        check = self.budget_check
+        if check is not None:
+            for index in check.arms:
+                if not 0 <= index < len(self.arms):
+                    raise ValueError(f"budget_check.arms: {index} is not an arm index (0 to {len(self.arms) - 1})")
+            for seed in check.seeds:
+                if seed not in self.seeds:
+                    raise ValueError(f"budget_check.seeds: {seed} is not one of seeds {self.seeds}")
         return self
 
     def loss_of(self, policy: str) -> str:
@@ -122,10 +140,12 @@ def experiment_for(
     lr: float,
     batch_size: int | None = None,
     attack: bool = False,
+    attack_params: dict[str, dict[str, Any]] | None = None,
 ) -> Experiment:
     """The experiment of one run: ``arm`` under ``policy`` with ``lr`` and ``seed``; validated.
 
-    ``batch_size`` replaces the setting's (audits); ``attack`` adds the arm's portfolio (for the attack actors).
+    ``batch_size`` replaces the setting's (audits); ``attack`` adds the arm's portfolio (for the attack actors),
+    with ``attack_params`` replacing the arm's parameters of the attacks it names (the budget check).
     """
     setting = spec.settings[arm.setting]
     data: dict[str, Any] = {
@@ -149,7 +169,8 @@ def experiment_for(
         "tracking": spec.tracking,
     }
     if attack:
-        data["attack"] = {"name": arm.attacks, "params": arm.attack_params}
+        params = {**arm.attack_params, **(attack_params or {})}
+        data["attack"] = {"name": arm.attacks, "params": {k: v for k, v in params.items() if k in arm.attacks}}
     return validate(data, source=f"study arm {arm.label}, policy {policy}")
 
 

@@ -64,6 +64,50 @@ def _units(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, Any], float]:
     return {(row["seed"], row["client"]): _float(row["recovered"]) / max(_float(row["samples"]), 1.0) for row in rows}
 
 
+def study_budget(audits: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows audited at the study's budgets (not the budget check's re-audits)."""
+    return [row for row in audits if row.get("budget", "study") in ("study", "")]
+
+
+def budget_rows(audits: Sequence[dict[str, Any]], resamples: int) -> list[dict[str, Any]]:
+    """The budget check: per (arm, stage, policy, batch size), the recovered fraction of the same updates at
+    the study's budget and at the larger one, their paired difference and its sign-flip p-value."""
+    key = ("arm", "seed", "stage", "policy", "batch_size", "client")
+    study = {tuple(str(row[k]) for k in key): row for row in study_budget(audits)}
+    cells: dict[tuple[str, str, str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    for row in audits:
+        if row.get("budget") != "check":
+            continue
+        unit = tuple(str(row[k]) for k in key)
+        if unit in study:
+            cells[(unit[0], unit[2], unit[3], unit[4])].append((study[unit], row))
+    rows = []
+    for (arm, stage, policy, size), pairs in sorted(cells.items()):
+        samples = np.array([_float(a["samples"]) for a, _ in pairs])
+        small = np.array([_float(a["recovered"]) for a, _ in pairs])
+        large = np.array([_float(b["recovered"]) for _, b in pairs])
+        before = cluster_bootstrap(small, samples, resamples)
+        after = cluster_bootstrap(large, samples, resamples)
+        differences = (large - small) / np.maximum(samples, 1.0)
+        rows.append(
+            {
+                "arm": arm,
+                "stage": stage,
+                "policy": policy,
+                "batch_size": int(size),
+                "updates": len(pairs),
+                "recovered_study_budget": before.value,
+                "recovered_study_budget_ci_low": before.low,
+                "recovered_study_budget_ci_high": before.high,
+                "recovered_larger_budget": after.value,
+                "recovered_larger_budget_ci_low": after.low,
+                "recovered_larger_budget_ci_high": after.high,
+                "paired_p_value": paired_sign_flip(differences),
+            }
+        )
+    return rows
+
+
 def accuracy_by_policy(training: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
     """(arm, policy) -> seed -> final test accuracy."""
     table: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
@@ -80,7 +124,7 @@ def build_cells(
 ) -> list[Cell]:
     """Every leakage cell with its interval, per-attack fractions, paired comparison and accuracy cost."""
     grouped: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
-    for row in audits:
+    for row in study_budget(audits):
         grouped[(row["arm"], row["stage"], row["policy"], int(row["batch_size"]))].append(row)
     accuracy = accuracy_by_policy(training)
     epsilons = {(row["arm"], row["policy"]): _float(row.get("epsilon")) for row in training}

@@ -25,6 +25,13 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True)
 
+    def resize(self, total: int) -> None:
+        """Change the number of steps expected (work that grows or shrinks as it runs)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def start_at(self, done: int) -> None:
         """Mark ``done`` steps as already complete (a resumed run)."""
         if self._bar is not None:

@@ -35,6 +35,12 @@ def reduced_study(tracking: dict[str, Any], folder: Path) -> Path:
     arm = next(arm for arm in data["arms"] if arm["model"]["name"] == "softmax" and arm["setting"] == "fedsgd-iid")
     data["arms"] = [{**arm, "rounds": 30, "evaluate_every": 5, "lr_grid": [0.3, 1.0]}]
     data["audit"] = {"stages": ["initial", "half", "ninety"], "batch_sizes": [2], "clients": 2, "bootstrap": 300}
+    data["budget_check"] = {
+        "arms": [0],
+        "seeds": [1],
+        "stages": ["ninety"],
+        "attack_params": {"ce-demix": {"restarts": 32}, "inverting-gradients": {"iterations": 9999}},
+    }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -92,6 +98,14 @@ def test_reduced_study_and_its_report(
     assert "## Claims of the paper's abstract" in text and run_id in text
     assert "Identical labels in a batch" in text and "**refuted**" in text  # it leaks as much as the baseline
     assert list(out.glob("leakage_*.png")) and (out / "accuracy.png").stat().st_size > 5_000
+    # the budget check re-attacked seed 1's ninety-stage updates with twice the restarts; same updates, same answer
+    check = {row["policy"]: row for row in _csv(out / "budget_check.csv")}
+    assert set(check) == {"random-ce", "identical-ce", "distinct-mse", "dp-sgd"}
+    assert all(int(row["updates"]) >= 1 for row in check.values())
+    assert float(check["identical-ce"]["recovered_larger_budget"]) >= float(
+        check["identical-ce"]["recovered_study_budget"]
+    )
+    assert "## Budget check" in text
     claims = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "**refuted**" in next(line for head, line in claims.items() if "Identical labels in a batch" in head)
 
