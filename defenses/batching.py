@@ -92,16 +92,34 @@ class IdenticalLabels(Batching):
     """Every batch draws all its samples from one label (the mixing strategy of Eloul et al. 2022).
 
     A label is chosen for about as many batches as its samples fill; a label with fewer than
-    ``batch_size`` samples gives a smaller (short) batch of all its samples.
+    ``batch_size`` samples gives a smaller (short) batch of all its samples. ``min_batch`` keeps every
+    batch at least that large: a client's labels with fewer samples are left out of its batches (those
+    samples are not trained on), and a client with no such label sends no update. A single-sample batch
+    is recovered exactly by the row-ratio attack, so short batches are where this strategy leaks most.
     """
 
     name: ClassVar[str] = "identical-labels"
+    main_parameter: ClassVar[str | None] = "min_batch"
+
+    min_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_batch, bool) or not isinstance(self.min_batch, int) or self.min_batch < 1:
+            raise ParameterError("min_batch", "an integer >= 1", self.min_batch)
 
     def plan(
         self, labels: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
     ) -> BatchPlan:
-        """Plan single-label batches."""
-        return _label_plan(labels, batch_size, num_batches, 1, rng)
+        """Plan single-label batches of at least ``min_batch`` samples."""
+        if self.min_batch <= 1:
+            return _label_plan(labels, batch_size, num_batches, 1, rng)
+        _check_plan_arguments(labels, batch_size, num_batches)
+        values, counts = np.unique(labels, return_counts=True)
+        kept = np.flatnonzero(np.isin(labels, values[counts >= min(self.min_batch, batch_size)]))
+        if len(kept) == 0:
+            return BatchPlan([np.zeros(0, dtype=np.int64) for _ in range(num_batches)], num_batches)
+        plan = _label_plan(labels[kept], batch_size, num_batches, 1, rng)
+        return BatchPlan([kept[batch] for batch in plan.batches], plan.short)
 
 
 @BATCHINGS.add

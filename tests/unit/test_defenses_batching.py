@@ -191,3 +191,28 @@ def test_empty_client_and_zero_batches(batching: RandomBatching) -> None:
 def test_invalid_plan_arguments_raise(batch_size: int, num_batches: int) -> None:
     with pytest.raises(ValueError, match="must be"):
         IdenticalLabels().plan(np.arange(5), batch_size, num_batches, np.random.default_rng(0))
+
+
+def test_identical_labels_min_batch_leaves_out_labels_too_small_to_fill_it() -> None:
+    from defenses.batching import IdenticalLabels
+
+    labels = np.array([0] * 3 + [1] * 10 + [2] * 1)
+    rng = np.random.default_rng(0)
+    plain = IdenticalLabels().plan(labels, batch_size=8, num_batches=20, rng=rng)
+    assert min(len(batch) for batch in plain.batches) < 4  # labels 0 and 2 give batches of 3 and 1
+    kept = IdenticalLabels(min_batch=4).plan(labels, batch_size=8, num_batches=20, rng=np.random.default_rng(0))
+    assert all(len(batch) >= 4 for batch in kept.batches)
+    assert all(set(labels[batch]) == {1} for batch in kept.batches)  # only label 1 has 4 or more samples
+    assert all(len(set(batch.tolist())) == len(batch) for batch in kept.batches)
+    nothing = IdenticalLabels(min_batch=11).plan(labels, batch_size=16, num_batches=2, rng=np.random.default_rng(0))
+    assert [len(batch) for batch in nothing.batches] == [0, 0] and nothing.short == 2
+    with pytest.raises(ValueError, match="min_batch"):
+        IdenticalLabels(min_batch=0)
+
+
+def test_identical_labels_min_batch_from_a_spec() -> None:
+    from defenses import build_policy
+
+    policy = build_policy({"batching": {"identical-labels": {"min_batch": 4}}})
+    assert policy.batching.describe() == {"name": "identical-labels", "min_batch": 4}
+    assert build_policy({"batching": {"identical-labels": 2}}).batching.describe()["min_batch"] == 2

@@ -393,3 +393,28 @@ def test_dp_policy_describes_its_settings() -> None:
         "accountant": "rdp",
     }
     assert "dp" not in build_policy(None).describe()
+
+
+def test_audited_clients_without_samples_are_not_handed_to_the_attack() -> None:
+    """A DP-SGD client whose Poisson batch came out empty, and an identical-labels client whose labels are all
+    below ``min_batch``, train on nothing: they send no attackable update (an empty view was an error)."""
+    experiment = _experiment(
+        {"name": "fedsgd", "lr": 0.1},
+        [
+            {"group": "private", "count": 30, "batch_size": 1, "defence": {"dp": DP}},
+            {"group": "mixed", "count": 10, "batch_size": 8, "defence": {"batching": {"identical-labels": 60}}},
+        ],
+    )
+    data = prepare_data(experiment)
+    dataset = data.dataset
+    built = SimulationContext.build(experiment, dataset.train_x, dataset.train_y, data.partition, dataset.num_classes)
+    params = initial_params(experiment, dataset)
+    empty = 0
+    for group, clients in ((0, np.arange(30)), (1, np.arange(30, 40))):
+        summary, payload = simulate_chunk(built, params, ChunkTask(group, 0, group, clients, clients))
+        index, _ = plan_batches(built, built.groups[group], clients, 0)
+        has_samples = {int(c) for c, rows in zip(clients, index, strict=True) if (rows >= 0).any()}
+        empty += len(clients) - len(has_samples)
+        assert {update.client for update in payload.audited} == has_samples == set(summary.ground_truth)
+        assert all(update.num_samples >= 1 for update in payload.audited)
+    assert empty > 0  # the case happened: batch rate 1/n per client and labels rarer than 60 samples
