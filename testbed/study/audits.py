@@ -63,11 +63,12 @@ def audit_stage(
     """
     dataset = data.dataset
     prototypes = ClassPrototypes(dataset.test_x, dataset.test_y)
-    clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(spec.audit.batch_sizes))
+    sizes = spec.audited_batch_sizes(arm)
+    clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(sizes))
     rows: list[dict[str, Any]] = []
-    for policy in spec.policies:
+    for policy in spec.audited_policies(arm):
         lr = lrs[spec.loss_of(policy)]
-        for size in spec.audit.batch_sizes:
+        for size in sizes:
             experiment = experiment_for(
                 spec, arm, seed=seed, policy=policy, lr=lr, batch_size=size, attack=True, attack_params=attack_params
             )

@@ -82,6 +82,8 @@ def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> di
     budgets = "; ".join(
         f"{arm.label}: {arm.rounds} rounds, attacks {', '.join(arm.attacks)}"
         + (f" ({json.dumps(arm.attack_params)})" if arm.attack_params else " (default budgets)")
+        + (f", audited batch sizes {arm.audit_batch_sizes}" if arm.audit_batch_sizes is not None else "")
+        + (f", audited policies {arm.audit_policies}" if arm.audit_policies is not None else "")
         for arm in spec.arms
     )
     return {

@@ -49,6 +49,8 @@ class Arm(_Strict):
     accuracy_policies: list[str] | None = Field(
         None, description="policies trained on every seed for their accuracy cost (null: all)"
     )
+    audit_policies: list[str] | None = Field(None, description="policies audited at each stage (null: all)")
+    audit_batch_sizes: list[int] | None = Field(None, description="batch sizes audited (null: audit.batch_sizes)")
 
     @property
     def label(self) -> str:
@@ -108,9 +110,12 @@ class StudySpec(_Strict):
                 raise ValueError(
                     f"arms[{index}].setting: {arm.setting!r} is not one of settings ({', '.join(self.settings)})"
                 )
-            for name in arm.accuracy_policies or []:
-                if name not in self.policies:
-                    raise ValueError(f"arms[{index}].accuracy_policies: unknown policy {name!r}")
+            for field_name in ("accuracy_policies", "audit_policies"):
+                for name in getattr(arm, field_name) or []:
+                    if name not in self.policies:
+                        raise ValueError(f"arms[{index}].{field_name}: unknown policy {name!r}")
+            if arm.audit_policies is not None and self.baseline not in arm.audit_policies:
+                raise ValueError(f"arms[{index}].audit_policies: must include the baseline {self.baseline!r}")
         check = self.budget_check
         if check is not None:
             for index in check.arms:
@@ -124,6 +129,14 @@ class StudySpec(_Strict):
     def loss_of(self, policy: str) -> str:
         """The loss a policy trains with (cross-entropy unless its block says otherwise)."""
         return str(self.policies[policy].get("loss", "cross-entropy"))
+
+    def audited_policies(self, arm: Arm) -> list[str]:
+        """The policies audited on ``arm``'s stages."""
+        return arm.audit_policies if arm.audit_policies is not None else list(self.policies)
+
+    def audited_batch_sizes(self, arm: Arm) -> list[int]:
+        """The batch sizes audited on ``arm``'s stages."""
+        return arm.audit_batch_sizes if arm.audit_batch_sizes is not None else self.audit.batch_sizes
 
     def trained_policies(self, arm: Arm) -> list[str]:
         """The policies trained on every seed of ``arm``: the baseline first."""
@@ -185,8 +198,8 @@ def load_study(path: str | Path) -> StudySpec:
         where = format_loc(error["loc"])
         raise UserError(f"{path}: {where + ': ' if where else ''}{message}") from None
     for arm in spec.arms:
-        for policy in spec.policies:
-            for size in spec.audit.batch_sizes:
+        for policy in spec.audited_policies(arm):
+            for size in spec.audited_batch_sizes(arm):
                 experiment_for(
                     spec, arm, seed=spec.seeds[0], policy=policy, lr=arm.lr_grid[0], batch_size=size, attack=True
                 )
