@@ -28,6 +28,9 @@ CENTRE_PRIOR = 0.01
 """Weight of the pull towards zero logits in the fit of the logits shared by all samples (the centre)."""
 STALL = 1e-9
 """A start stops once an accepted step lowers its cost by less than this fraction (the round-off floor)."""
+FIRST_WAVE = 4
+"""Starting points of the first wave of a solve with an exact-fit criterion; the rest run only for the
+problems none of these fits exactly."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,12 @@ def _levenberg_marquardt(
     return points, cost.sqrt(), steps
 
 
+def wave_sizes(restarts: int) -> list[int]:
+    """How many of ``restarts`` starting points each wave of the logit solve runs: ``FIRST_WAVE``, then the rest."""
+    first = min(FIRST_WAVE, restarts)
+    return [first, restarts - first] if restarts > first else [first]
+
+
 def solve_logits(
     loss: str,
     problems: Sequence[LogitProblem],
@@ -179,10 +188,12 @@ def solve_logits(
 ) -> list[LogitSolution]:
     """For each problem, the logits (N x C) whose logit gradients under ``loss`` best explain its update.
 
-    Every problem must have the same N and C; all restarts of all problems run as one batch. Each
-    problem's starts are drawn from a generator seeded with ``seed``, so a problem's answer does not
-    depend on the others solved with it. A problem stops once one of its starts has converged to a
-    relative residual of at most ``good_enough`` (0: every start runs until it converges).
+    Every problem must have the same N and C; all problems run as one batch. Each problem's starts are
+    drawn from a generator seeded with ``seed``, so a problem's answer does not depend on the others
+    solved with it. With ``good_enough`` > 0 the starts run in waves (``wave_sizes``): a problem one of
+    whose starts has converged to a relative residual of at most ``good_enough`` (an exact fit) stops,
+    and its remaining starts never run; the others run the next wave. With ``good_enough`` = 0 every
+    start runs until it converges, in one wave. The start with the smallest residual among those run wins.
     """
     count = len(problems)
     systems = tuple(torch.stack(parts) for parts in zip(*[_system(problem) for problem in problems], strict=True))
@@ -193,23 +204,36 @@ def solve_logits(
     for problem, centre in zip(problems, centres, strict=True):
         generator = torch.Generator().manual_seed(seed)
         starts.append(starting_logits(centre, problem.targets, restarts, generator))
-    repeated = tuple(part.repeat_interleave(restarts, dim=0) for part in systems)
-    points, misfit, steps = _levenberg_marquardt(
-        _equations(loss), torch.cat(starts), repeated, iterations, restarts, good_enough
-    )
-    misfit = torch.where(torch.isfinite(misfit), misfit, torch.full_like(misfit, torch.inf))
+    every = torch.stack(starts)
+    points = every.clone()
+    misfit = torch.full((count, restarts), torch.inf, dtype=torch.float64)
+    pending = torch.arange(count)
+    steps, used, offset = 0, torch.zeros(count, dtype=torch.long), 0
+    for size in wave_sizes(restarts) if good_enough > 0 else [restarts]:
+        if len(pending) == 0:
+            break
+        wave = slice(offset, offset + size)
+        repeated = tuple(part[pending].repeat_interleave(size, dim=0) for part in systems)
+        found, residual, taken = _levenberg_marquardt(
+            _equations(loss), every[pending, wave].flatten(0, 1), repeated, iterations, size, good_enough
+        )
+        points[pending, wave] = found.reshape(len(pending), size, *found.shape[1:])
+        misfit[pending, wave] = torch.where(torch.isfinite(residual), residual, torch.inf).reshape(len(pending), size)
+        used[pending] += size
+        steps += taken
+        offset += size
+        pending = pending[~(misfit[pending, wave] <= good_enough).any(dim=1)]
     solutions = []
     for index, problem in enumerate(problems):
-        chosen = slice(index * restarts, (index + 1) * restarts)
-        best = index * restarts + int(torch.argmin(misfit[chosen]))
-        logits = points[best]
+        best = int(torch.argmin(misfit[index]))
+        logits = points[index, best]
         solutions.append(
             LogitSolution(
                 logits=logits,
                 error=logit_derivatives(loss, logits[None], problem.targets[None])[0][0],
-                residual=float(misfit[best]),
+                residual=float(misfit[index, best]),
                 iterations=steps,
-                restarts=restarts,
+                restarts=int(used[index]),
             )
         )
     return solutions
