@@ -43,6 +43,11 @@ class CocktailParty(Attack):
         "tv_weight": Param(30.0, float, minimum=0.0, help="weight of the total-variation prior on the sources"),
         "seed": Param(0, int, minimum=0, help="seed of the random orthogonal initial unmixing matrix"),
         "rtol": Param(1e-9, float, minimum=0.0, help="whitening eigenvalues below rtol * largest are clamped"),
+        "patience": Param(
+            200, int, minimum=0, help="Adam steps without a min_delta improvement that end the run (0: no early stop)"
+        ),
+        "min_delta": Param(1e-4, float, minimum=0.0, maximum=0.5, help="relative fall of the objective that counts"),
+        "check_every": Param(25, int, minimum=1, help="steps between two checks of the plateau rule"),
     }
 
     def check(self, view: AttackerView) -> None:
@@ -66,6 +71,9 @@ class CocktailParty(Attack):
             tv_weight=p["tv_weight"],
             seed=p["seed"],
             rtol=p["rtol"],
+            patience=p["patience"],
+            min_delta=p["min_delta"],
+            check_every=p["check_every"],
         )
 
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
@@ -106,6 +114,7 @@ class CocktailParty(Attack):
                     "rank": float(separation.rank[index]),
                     "objective": float(separation.objective[index]),
                     "max_correlation": float(separation.max_correlation[index]),
+                    "iterations": float(separation.iterations[index]),
                 },
             )
             for index in range(len(views))

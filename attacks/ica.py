@@ -31,6 +31,8 @@ from math import prod
 import torch
 from torch import Tensor
 
+from attacks.early_stop import Plateau
+
 GAUSSIAN_LOGCOSH = 0.3745672075
 """E[log cosh(nu)] for a standard normal nu (numerical integration)."""
 
@@ -54,6 +56,9 @@ class IcaSettings:
     tv_weight: float
     seed: int
     rtol: float
+    patience: int = 0
+    min_delta: float = 0.0
+    check_every: int = 25
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Separation:
     rank: Tensor
     objective: Tensor
     max_correlation: Tensor
+    iterations: Tensor
 
 
 def whiten(mixtures: Tensor, components: int, rtol: float) -> tuple[Tensor, Tensor]:
@@ -131,6 +137,54 @@ def initial_unmixing(components: int, seed: int) -> Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
+def _optimise(
+    unmixing: Tensor, white: Tensor, image_shape: tuple[int, ...], settings: IcaSettings
+) -> tuple[Tensor, Tensor]:
+    """Adam on every client's unmixing matrix at once; returns the matrices (float64, CPU) and the steps taken.
+
+    With ``settings.patience`` > 0 a client stops once its objective has plateaued
+    (``attacks.early_stop.Plateau``: no relative fall of ``min_delta`` in its best objective for
+    ``patience`` steps, checked every ``check_every`` steps); its matrix is kept as it is after that step and
+    it leaves the batch, the others continue with their Adam moments unchanged (Adam is elementwise).
+    """
+    lanes = len(unmixing)
+    result = unmixing.clone()
+    steps = torch.full((lanes,), settings.iterations, dtype=torch.long)
+    plateau = Plateau(lanes, settings.patience, settings.min_delta, white.device)
+    active = torch.arange(lanes)
+    variable = unmixing.to(device=white.device, dtype=torch.float32).requires_grad_(True)
+    optimiser = torch.optim.Adam([variable], lr=settings.lr)
+    for step in range(1, settings.iterations + 1):
+        optimiser.zero_grad(set_to_none=True)
+        values = objective(variable, white, image_shape, settings)
+        values.sum().backward()
+        optimiser.step()
+        if settings.patience == 0:
+            continue
+        plateau.observe(values, active.to(white.device))
+        if step % settings.check_every or step == settings.iterations:
+            continue
+        flat = plateau.check(step)[active]
+        if not bool(flat.any()):
+            continue
+        done = active[flat]
+        result[done] = variable.detach()[flat].to(device="cpu", dtype=torch.float64)
+        steps[done] = step
+        active = active[~flat]
+        if len(active) == 0:
+            return result, steps
+        keep = (~flat).to(white.device)
+        white = white[keep]
+        state = optimiser.state[variable]
+        variable = variable.detach()[keep].clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([variable], lr=settings.lr)
+        optimiser.state[variable] = {
+            name: value if name == "step" else value[keep].clone() for name, value in state.items()
+        }
+    result[active] = variable.detach().to(device="cpu", dtype=torch.float64)
+    return result, steps
+
+
 def separate(
     mixtures: Tensor,
     components: int,
@@ -149,15 +203,9 @@ def separate(
     white64, rank = whiten(mixtures.to(torch.float64), components, settings.rtol)
     start = initial_unmixing(components, settings.seed)
     unmixing = start.expand(len(mixtures), -1, -1).clone()
+    steps = torch.zeros(len(mixtures), dtype=torch.long)
     if components > 1:
-        white = white64.to(device=device, dtype=torch.float32)
-        variable = unmixing.to(device=device, dtype=torch.float32).requires_grad_(True)
-        optimiser = torch.optim.Adam([variable], lr=settings.lr)
-        for _ in range(settings.iterations):
-            optimiser.zero_grad(set_to_none=True)
-            objective(variable, white, image_shape, settings).sum().backward()
-            optimiser.step()
-        unmixing = variable.detach().to(device="cpu", dtype=torch.float64)
+        unmixing, steps = _optimise(unmixing, white64.to(device=device, dtype=torch.float32), image_shape, settings)
     with torch.no_grad():
         unit = unmixing / unmixing.norm(dim=-1, keepdim=True)
         correlation = (unit @ unit.transpose(-1, -2)).abs() - torch.eye(components, dtype=torch.float64)
@@ -166,6 +214,7 @@ def separate(
             rank=rank,
             objective=objective(unmixing, white64, image_shape, settings),
             max_correlation=correlation.flatten(1).amax(dim=-1),
+            iterations=steps,
         )
 
 
