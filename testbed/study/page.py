@@ -308,6 +308,16 @@ def _notes(
     if grid:
         notes.append("- Learning rates, tuned per arm and loss on the tuning seed (final accuracy; chosen in bold):")
         notes += [f"  - {arm}, {loss}: {', '.join(tried)}" for (arm, loss), tried in grid.items()]
+    finals: dict[str, list[float]] = defaultdict(list)
+    for row in training:
+        finals[row["arm"]].append(float(row["final_accuracy"]))
+    untrained = [arm for arm, values in finals.items() if max(values) < 0.2]
+    if untrained:
+        notes.append(
+            "- Did not learn (every trained policy below 0.2 test accuracy on every seed, whatever the grid's "
+            "learning rate): " + ", ".join(untrained) + ". Their half and ninety stages are the initial model, "
+            "so their leakage cells describe an untrained network only."
+        )
     short: dict[tuple[str, str], int] = defaultdict(int)
     for row in training:
         short[(row["arm"], row["policy"])] += int(float(row.get("short_batches") or 0))

@@ -200,7 +200,7 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
                 lrs.append(chosen)
             for row in tuning:
                 row["chosen"] = int(lrs[[a.label for a in spec.arms].index(row["arm"])][row["loss"]] == row["lr"])
-            training, audits = _train_and_audit(spec, ref, trainer, auditor, lrs, show_progress)
+            training, audits, failures = _train_and_audit(spec, ref, trainer, auditor, lrs, show_progress)
         dataset = prepare_data(first).dataset
         noise = noise_rows(dataset.test_x, dataset.test_y, (dataset.train_x, dataset.train_y), seed=spec.tuning_seed)
         for name, rows in zip(TABLES, (tuning, training, audits, noise), strict=True):
@@ -208,6 +208,11 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
             tracker.log_file(run_id, out / name, "study")
         seconds = time.perf_counter() - started
         meta = study_meta(spec, source, run_id, seconds)
+        meta["notes"] = (
+            [f"{len(failures)} study tasks failed; their cells are missing: " + " / ".join(failures)]
+            if failures
+            else []
+        )
         (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         tracker.log_file(run_id, out / "meta.json", "study")
         status = "FINISHED"
@@ -234,7 +239,7 @@ def _gather(refs: list[Any], name: str, show_progress: bool) -> list[dict[str, A
 
 def _train_and_audit(
     spec: StudySpec, ref: Any, trainer: Any, auditor: Any, lrs: list[dict[str, float]], show_progress: bool
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Every training run; each baseline's stages go to the auditors as soon as it is trained."""
     import ray
 
@@ -252,13 +257,20 @@ def _train_and_audit(
     progress = Progress(total, "study training and audits", enabled=show_progress, unit="task")
     training: list[dict[str, Any]] = []
     audits: list[dict[str, Any]] = []
+    failures: list[str] = []
     finished = 0
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             kind = pending.pop(done[0])
             finished += 1
-            result = ray.get(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:  # one failed task must not lose the rest of the study
+                cause = " ".join(str(exc.cause if exc.cause is not None else exc).split())[:300]
+                failures.append(f"{kind.split(':')[0]} task failed: {type(exc.cause).__name__}: {cause}")
+                progress.update(finished, {"failed": float(len(failures))})
+                continue
             if kind.startswith("train:"):
                 _, index_text, seed_text = kind.split(":")
                 index, seed = int(index_text), int(seed_text)
@@ -288,4 +300,4 @@ def _train_and_audit(
             progress.update(finished, {"audited": float(len(audits))})
     finally:
         progress.close()
-    return training, audits
+    return training, audits, failures
