@@ -1,12 +1,17 @@
-"""Where the CPU time of an audited client goes, stage by stage, against the time to train it.
+"""Where the CPU time of an audited client goes, stage by stage and attack by attack, against training it.
 
-One process, one thread, the reference workload (benchmarks/workload.yaml, FedSGD, batch 32) and
-dense-ratio: a chunk of clients simulated without and with every client audited, the audited chunk's
-raw updates serialised as Ray would (pickle protocol 5, buffers out of band), the attack run on them,
-and their reconstructions matched and scored as the leakage meter does. Prints a markdown table of
-milliseconds per client.
+One process, one thread, the reference workload (benchmarks/workload.yaml, FedSGD): per attack a chunk of
+clients simulated without and with every client audited, the audited raw updates serialised as Ray would
+(pickle protocol 5, buffers out of band), the attack run on them (batched, as the attack actor does), the
+reconstructions matched and scored (AVD assignment, four metrics) and the originals scored against the
+no-information baselines, as the leakage scorer does. Prints one markdown table of milliseconds per
+audited client, each stage also as a multiple of training that client.
 
-    python benchmarks/audit_profile.py [--clients 125] [--repeats 3]
+ce-demix needs a batch no larger than the number of classes minus one (9 here), so its column trains and
+audits batches of 8; the others use the workload's batch of 32. The slow attacks (ce-demix, cocktail-party)
+audit fewer clients per chunk (``--slow-clients``); their training reference is the same chunk unaudited.
+
+    python benchmarks/audit_profile.py [--clients 125] [--slow-clients 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metrics import match_many
+from metrics import ClassPrototypes, baseline_scores, match_many
 from testbed.audit.attack_worker import AttackWorker
 from testbed.audit.scoring import MATCH_BLOCK
 from testbed.config.load import load_experiment
@@ -30,6 +35,16 @@ from testbed.runtime.records import ChunkTask
 from testbed.runtime.simulation import SimulationContext, simulate_chunk
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.yaml"
+ATTACKS = ("dense-ratio", "ce-demix", "cocktail-party")
+STAGES = (
+    "train (FedSGD chunk, unaudited)",
+    "hand-off: per-client updates formed",
+    "serialise (out of band)",
+    "deserialise",
+    "attack",
+    "match and score (AVD assignment, 4 metrics)",
+    "baselines (3 no-information baselines, 4 metrics)",
+)
 
 
 def best_of(repeats: int, work: Callable[[], Any]) -> tuple[float, Any]:
@@ -43,65 +58,86 @@ def best_of(repeats: int, work: Callable[[], Any]) -> tuple[float, Any]:
     return min(times), result
 
 
-def main() -> None:
-    """Time every stage of auditing one chunk and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=125, help="clients in the chunk (the workload's chunk size)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    experiment = load_experiment(WORKLOAD, ["attack.name=dense-ratio", "attack.audit.clients_per_round=1000"])
+def profile(attack: str, clients_in_chunk: int, repeats: int) -> tuple[int, list[float]]:
+    """Batch size and milliseconds per audited client of every stage, for one attack."""
+    batch = 8 if attack == "ce-demix" else 32
+    experiment = load_experiment(
+        WORKLOAD,
+        [f"attack.name={attack}", "attack.audit.clients_per_round=1000", f"clients.all.batch_size={batch}"],
+    )
     data = prepare_data(experiment)
     dataset = data.dataset
     context = SimulationContext.build(experiment, dataset.train_x, dataset.train_y, data.partition, dataset.num_classes)
     params = initial_params(experiment, dataset)
-    clients = np.arange(args.clients)
+    clients = np.arange(clients_in_chunk)
 
     def chunk(audited: np.ndarray) -> Any:
-        task = ChunkTask(index=0, round=1, group=0, clients=clients, audited=audited)
-        return simulate_chunk(context, params, task)
+        return simulate_chunk(context, params, ChunkTask(index=0, round=1, group=0, clients=clients, audited=audited))
 
-    plain, _ = best_of(args.repeats, lambda: chunk(clients[:0]))
-    audited, (summary, payload) = best_of(args.repeats, lambda: chunk(clients))
+    plain, _ = best_of(repeats, lambda: chunk(clients[:0]))
+    audited, (summary, payload) = best_of(repeats, lambda: chunk(clients))
     buffers: list[pickle.PickleBuffer] = []
 
     def serialise() -> bytes:
         buffers.clear()
         return pickle.dumps(payload.audited, protocol=5, buffer_callback=buffers.append)
 
-    packed, blob = best_of(args.repeats, serialise)
-    unpacked, _ = best_of(args.repeats, lambda: pickle.loads(blob, buffers=list(buffers)))
-    worker = AttackWorker(experiment, dataset.train_x.shape[1:], dataset.num_classes)
-    attacked, outcomes = best_of(args.repeats, lambda: worker.audit(params, payload.audited, "root"))
-    shape = dataset.train_x.shape[1:]
+    packed, blob = best_of(repeats, serialise)
+    unpacked, _ = best_of(repeats, lambda: pickle.loads(blob, buffers=list(buffers)))
+    worker = AttackWorker(experiment, dataset.input_shape, dataset.num_classes)
+    attack_repeats = repeats if attack == "dense-ratio" else 1
+    attacked, outcomes = best_of(attack_repeats, lambda: worker.audit(params, payload.audited, "root"))
+    shape = dataset.input_shape
+    originals = [dataset.train_x[summary.ground_truth[o.client]] for o in outcomes if o.reconstruction is not None]
     batches = [
-        (dataset.train_x[summary.ground_truth[o.client]], o.reconstruction.images.numpy().reshape(-1, *shape))
-        for o in outcomes
+        (original, o.reconstruction.images.numpy().reshape(-1, *shape))
+        for original, o in zip(originals, (o for o in outcomes if o.reconstruction is not None), strict=True)
         if o.reconstruction is not None
     ]
     scored, _ = best_of(
-        args.repeats,
-        lambda: [match_many(batches[i : i + MATCH_BLOCK]) for i in range(0, len(batches), MATCH_BLOCK)],
+        repeats, lambda: [match_many(batches[i : i + MATCH_BLOCK]) for i in range(0, len(batches), MATCH_BLOCK)]
     )
-    per = 1000.0 / args.clients
-    megabytes = sum(memoryview(b).nbytes for b in buffers) / 2**20 / args.clients
-    rows = [
-        ("train (fused FedSGD chunk, unaudited)", plain * per),
-        ("hand-off: per-client updates formed", (audited - plain) * per),
-        (f"serialise ({megabytes:.2f} MiB per update, out of band)", packed * per),
-        ("deserialise", unpacked * per),
-        ("dense-ratio attack", attacked * per),
-        ("match and score (AVD assignment, 4 metrics)", scored * per),
+    prototypes = ClassPrototypes(dataset.test_x, dataset.test_y)
+    rng = np.random.default_rng(0)
+    drawn = [
+        (dataset.train_x[idx], prototypes.draw(dataset.train_y[idx], rng)) for idx in summary.ground_truth.values()
     ]
-    train = rows[0][1]
-    total = sum(ms for _, ms in rows[1:])
-    print(f"One thread, chunk of {args.clients} clients, batch 32, best of {args.repeats}.")
+    based, _ = best_of(repeats, lambda: [baseline_scores(x, baselines) for x, baselines in drawn])
+    per = 1000.0 / clients_in_chunk
+    return batch, [
+        plain * per,
+        (audited - plain) * per,
+        packed * per,
+        unpacked * per,
+        attacked * per,
+        scored * per,
+        based * per,
+    ]
+
+
+def main() -> None:
+    """Profile every attack and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=125, help="clients in the chunk (the workload's chunk size)")
+    parser.add_argument("--slow-clients", type=int, default=16, help="audited clients for ce-demix, cocktail-party")
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    columns = []
+    for attack in args.attacks:
+        count = args.clients if attack == "dense-ratio" else args.slow_clients
+        batch, stages = profile(attack, count, args.repeats)
+        columns.append((f"{attack} (batch {batch}, {count} clients)", stages))
+    print(f"One thread, best of {args.repeats} (the slow attacks: one timed run); ms per audited client.")
     print()
-    print("| stage | ms per client | x training |")
-    print("| --- | ---: | ---: |")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.3f} | {ms / train:.2f}x |")
-    print(f"| audit total | {total:.3f} | {total / train:.2f}x |")
+    print("| stage | " + " | ".join(f"{name} ms | x training" for name, _ in columns) + " |")
+    print("| --- |" + " ---: | ---: |" * len(columns))
+    for row, stage in enumerate(STAGES):
+        cells = " | ".join(f"{ms[row]:.3f} | {ms[row] / ms[0]:.2f}x" for _, ms in columns)
+        print(f"| {stage} | {cells} |")
+    totals = " | ".join(f"{sum(ms[1:]):.3f} | {sum(ms[1:]) / ms[0]:.2f}x" for _, ms in columns)
+    print(f"| audit total | {totals} |")
 
 
 if __name__ == "__main__":
