@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -106,6 +106,10 @@ class IdenticalLabels(Batching):
     def __post_init__(self) -> None:
         if isinstance(self.min_batch, bool) or not isinstance(self.min_batch, int) or self.min_batch < 1:
             raise ParameterError("min_batch", "an integer >= 1", self.min_batch)
+
+    def parameters(self) -> dict[str, Any]:
+        """``min_batch`` only when set: the plain strategy describes (and is labelled) as before it existed."""
+        return {"min_batch": self.min_batch} if self.min_batch != 1 else {}
 
     def plan(
         self, labels: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
