@@ -67,7 +67,7 @@ def audit_stage(
     clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(sizes))
     rows: list[dict[str, Any]] = []
     for policy in spec.audited_policies(arm):
-        lr = lrs[spec.loss_of(policy)]
+        lr = spec.lr_for(lrs, policy)
         for size in sizes:
             experiment = experiment_for(
                 spec, arm, seed=seed, policy=policy, lr=lr, batch_size=size, attack=True, attack_params=attack_params

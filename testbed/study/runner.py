@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.config.schema import ResourcesConfig
+from testbed.errors import UserError
 from testbed.runtime.preparation import prepare_data
 from testbed.runtime.round_metrics import privacy_metrics, privacy_plan
 from testbed.study.audits import Stage, audit_stage
@@ -26,6 +28,8 @@ from testbed.study.training import train
 from testbed.tracking.progress import Progress
 from testbed.tracking.store import Tracker
 from testbed.tracking.store_check import check_tracking_uri
+
+log = logging.getLogger(__name__)
 
 STUDY_TAG = "testbed.study"
 TABLES = ("tuning.csv", "training.csv", "audits.csv", "metric_noise.csv")
@@ -143,9 +147,24 @@ def _audit(
 ) -> list[dict[str, Any]]:
     spec = _spec(payload)
     arm = spec.arms[arm_index]
-    experiment = experiment_for(spec, arm, seed=seed, policy=spec.baseline, lr=lrs[spec.loss_of(spec.baseline)])
+    experiment = experiment_for(spec, arm, seed=seed, policy=spec.baseline, lr=spec.lr_for(lrs, spec.baseline))
     larger = spec.budget_check.attack_params if check and spec.budget_check is not None else None
     return audit_stage(spec, arm, seed, stage, params, lrs, prepare_data(experiment), larger)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a pending Ray task is: training (``what`` = policy) or an audit (``what`` = stage)."""
+
+    kind: str
+    arm: int
+    seed: int
+    label: str
+    what: str
+    aliases: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"{self.kind} of {self.label}, seed {self.seed}, {self.what}"
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -196,6 +215,10 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
                 chosen: dict[str, float] = {}
                 for loss in losses:
                     tried = [row for row in tuning if row["arm"] == arm.label and row["loss"] == loss]
+                    if not tried:
+                        raise UserError(
+                            f"study: every learning-rate run of {arm.label} with {loss} failed (see the log)"
+                        )
                     chosen[loss] = max(tried, key=lambda row: (row["final_accuracy"], -row["lr"]))["lr"]
                 lrs.append(chosen)
             for row in tuning:
@@ -230,7 +253,10 @@ def _gather(refs: list[Any], name: str, show_progress: bool) -> list[dict[str, A
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            rows.append(ray.get(done[0]))
+            try:
+                rows.append(ray.get(done[0]))
+            except ray.exceptions.RayError as exc:  # a failed tuning run is left out of the learning-rate choice
+                log.warning("study %s run failed: %s", name, " ".join(str(exc).split())[:300])
             progress.update(len(rows), {})
     finally:
         progress.close()
@@ -243,16 +269,12 @@ def _train_and_audit(
     """Every training run; each baseline's stages go to the auditors as soon as it is trained."""
     import ray
 
-    pending: dict[Any, str] = {}
+    pending: dict[Any, _Task] = {}
     for index, arm in enumerate(spec.arms):
         for seed in spec.seeds:
             for policy in spec.trained_policies(arm):
-                lr = (
-                    lrs[index][spec.loss_of(policy)]
-                    if "dp" not in spec.policies[policy]
-                    else lrs[index]["cross-entropy"]
-                )
-                pending[trainer.remote(ref, index, seed, policy, lr)] = f"train:{index}:{seed}"
+                lr = spec.lr_for(lrs[index], policy)
+                pending[trainer.remote(ref, index, seed, policy, lr)] = _Task("train", index, seed, arm.label, policy)
     total = len(pending) + len(spec.arms) * len(spec.seeds) * len(STAGES)
     progress = Progress(total, "study training and audits", enabled=show_progress, unit="task")
     training: list[dict[str, Any]] = []
@@ -262,40 +284,43 @@ def _train_and_audit(
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            kind = pending.pop(done[0])
+            task = pending.pop(done[0])
             finished += 1
             try:
                 result = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:  # one failed task must not lose the rest of the study
-                cause = " ".join(str(exc.cause if exc.cause is not None else exc).split())[:300]
-                failures.append(f"{kind.split(':')[0]} task failed: {type(exc.cause).__name__}: {cause}")
+            except ray.exceptions.RayError as exc:  # one failed task (or a lost worker) must not lose the rest
+                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+                failures.append(
+                    f"{task.describe()} failed: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+                )
                 progress.update(finished, {"failed": float(len(failures))})
                 continue
-            if kind.startswith("train:"):
-                _, index_text, seed_text = kind.split(":")
-                index, seed = int(index_text), int(seed_text)
+            index, seed = task.arm, task.seed
+            if task.kind == "train":
                 training.append(result["row"])
                 by_round: dict[int, list[tuple[Stage, Any]]] = {}
                 for stage, params in result["stages"]:
                     by_round.setdefault(stage.round, []).append((stage, params))
                 total -= len(STAGES) - len(by_round) if result["stages"] else 0
+                label = spec.arms[index].label
                 for same in by_round.values():
                     stage, params = same[0]
-                    task = auditor.remote(ref, index, seed, stage, params, lrs[index])
-                    pending[task] = "audit:" + ",".join(other.name for other, _ in same[1:])
+                    aliases = tuple(other.name for other, _ in same[1:])
+                    reference = auditor.remote(ref, index, seed, stage, params, lrs[index])
+                    pending[reference] = _Task("audit", index, seed, label, stage.name, aliases)
                     check = spec.budget_check
                     if check is None or index not in check.arms or seed not in check.seeds:
                         continue
                     for other, _ in same:
                         if other.name in check.stages:
                             extra = auditor.remote(ref, index, seed, other, params, lrs[index], True)
-                            pending[extra] = "audit:"
+                            pending[extra] = _Task("budget check", index, seed, label, other.name)
                             total += 1
                 progress.resize(total)
             else:
                 audits.extend(result)
                 # a stage on the same round as an earlier one is the same model: its audits are those rows
-                for alias in filter(None, kind.removeprefix("audit:").split(",")):
+                for alias in task.aliases:
                     audits.extend({**row, "stage": alias} for row in result)
             progress.update(finished, {"audited": float(len(audits))})
     finally:

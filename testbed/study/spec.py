@@ -116,6 +116,10 @@ class StudySpec(_Strict):
                         raise ValueError(f"arms[{index}].{field_name}: unknown policy {name!r}")
             if arm.audit_policies is not None and self.baseline not in arm.audit_policies:
                 raise ValueError(f"arms[{index}].audit_policies: must include the baseline {self.baseline!r}")
+        if self.tuning_seed in self.seeds:
+            raise ValueError(
+                f"tuning_seed: {self.tuning_seed} is one of seeds; tune on a seed the study does not report"
+            )
         check = self.budget_check
         if check is not None:
             for index in check.arms:
@@ -125,6 +129,11 @@ class StudySpec(_Strict):
                 if seed not in self.seeds:
                     raise ValueError(f"budget_check.seeds: {seed} is not one of seeds {self.seeds}")
         return self
+
+    def lr_for(self, lrs: dict[str, float], policy: str) -> float:
+        """A policy's learning rate from the rates tuned per loss (a DP-SGD policy's loss, if tuned, else
+        cross-entropy's: DP-SGD policies are not tuned on their own)."""
+        return lrs.get(self.loss_of(policy)) or lrs.get("cross-entropy") or next(iter(lrs.values()))
 
     def loss_of(self, policy: str) -> str:
         """The loss a policy trains with (cross-entropy unless its block says otherwise)."""

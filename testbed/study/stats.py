@@ -32,10 +32,23 @@ def pooled_fraction(recovered: np.ndarray, samples: np.ndarray) -> float:
 
 
 def cluster_bootstrap(recovered: np.ndarray, samples: np.ndarray, resamples: int, seed: int = 0) -> Interval:
-    """The pooled recovered fraction with a 95% percentile interval from resampling whole updates."""
+    """The pooled recovered fraction with a 95% interval from resampling whole updates.
+
+    When every update agrees (none recovered anything, or each recovered all its samples) the bootstrap has
+    nothing to resample and would give a zero-width interval; the interval is then the exact (Clopper-Pearson)
+    bound on the share of updates that leak, ``[0, 1 - 0.025^(1/n)]`` or ``[0.025^(1/n), 1]`` for ``n``
+    updates: a conservative bound on the pooled fraction, since samples of one update are not independent.
+    """
     recovered = np.asarray(recovered, dtype=np.float64)
     samples = np.asarray(samples, dtype=np.float64)
     value = pooled_fraction(recovered, samples)
+    if len(samples) < 1 or not np.isfinite(value):
+        return Interval(value, float("nan"), float("nan"))
+    shares = recovered / np.maximum(samples, 1.0)
+    if np.all(shares == 0):
+        return Interval(value, 0.0, float(1 - 0.025 ** (1 / len(samples))))
+    if np.all(shares == 1):
+        return Interval(value, float(0.025 ** (1 / len(samples))), 1.0)
     if len(samples) < 2:
         return Interval(value, float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
@@ -43,6 +56,32 @@ def cluster_bootstrap(recovered: np.ndarray, samples: np.ndarray, resamples: int
     totals = samples[picks].sum(axis=1)
     fractions = np.where(totals > 0, recovered[picks].sum(axis=1) / np.maximum(totals, 1e-300), np.nan)
     low, high = np.nanpercentile(fractions, [2.5, 97.5])
+    return Interval(value, float(low), float(high))
+
+
+def paired_pooled_difference(
+    mine: np.ndarray,
+    theirs: np.ndarray,
+    samples_mine: np.ndarray,
+    samples_theirs: np.ndarray,
+    resamples: int,
+    seed: int = 0,
+) -> Interval:
+    """Pooled recovered fraction of one policy minus another's over the same units, with a 95% interval from
+    resampling units (each unit: the same seed, stage, client and global model under both policies)."""
+    mine, theirs = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    samples_mine, samples_theirs = (
+        np.asarray(samples_mine, dtype=np.float64),
+        np.asarray(samples_theirs, dtype=np.float64),
+    )
+    value = pooled_fraction(mine, samples_mine) - pooled_fraction(theirs, samples_theirs)
+    if len(mine) < 2:
+        return Interval(value, float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(mine), size=(resamples, len(mine)))
+    first = mine[picks].sum(axis=1) / np.maximum(samples_mine[picks].sum(axis=1), 1e-300)
+    second = theirs[picks].sum(axis=1) / np.maximum(samples_theirs[picks].sum(axis=1), 1e-300)
+    low, high = np.percentile(first - second, [2.5, 97.5])
     return Interval(value, float(low), float(high))
 
 
@@ -61,7 +100,7 @@ def bootstrap_mean(values: np.ndarray, resamples: int, seed: int = 0) -> Interva
 
 
 def paired_sign_flip(differences: np.ndarray, resamples: int = 20000, seed: int = 0) -> float:
-    """Two-sided p-value of a zero mean paired difference: exact over all sign flips up to 2^16 units,
+    """Two-sided p-value of a zero mean paired difference: exact over all 2^n sign flips for up to 16 units,
     else ``resamples`` random flips (with the observed assignment counted)."""
     d = np.asarray(differences, dtype=np.float64)
     d = d[np.isfinite(d)]

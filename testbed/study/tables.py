@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.study.stats import Interval, bootstrap_mean, cluster_bootstrap, paired_sign_flip, t_interval
+from testbed.study.stats import Interval, cluster_bootstrap, paired_pooled_difference, paired_sign_flip, t_interval
 
 STAGE_ORDER = {"initial": 0, "half": 1, "ninety": 2}
 
@@ -59,9 +59,9 @@ class Cell:
         return len({row["seed"] for row in self.rows})
 
 
-def _units(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, Any], float]:
-    """Per (seed, client): the update's recovered fraction."""
-    return {(row["seed"], row["client"]): _float(row["recovered"]) / max(_float(row["samples"]), 1.0) for row in rows}
+def _units(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, Any], tuple[float, float]]:
+    """Per (seed, client): the update's (recovered, samples)."""
+    return {(row["seed"], row["client"]): (_float(row["recovered"]), _float(row["samples"])) for row in rows}
 
 
 def study_budget(audits: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,9 +143,13 @@ def build_cells(
             mine = _units(rows)
             shared = sorted(set(base) & set(mine))
             if shared:
-                differences = np.array([mine[unit] - base[unit] for unit in shared])
-                cell.versus_baseline = bootstrap_mean(differences, resamples)
-                cell.p_value = paired_sign_flip(differences)
+                ours = np.array([mine[unit] for unit in shared])
+                theirs = np.array([base[unit] for unit in shared])
+                cell.versus_baseline = paired_pooled_difference(
+                    ours[:, 0], theirs[:, 0], ours[:, 1], theirs[:, 1], resamples
+                )
+                fractions = ours[:, 0] / np.maximum(ours[:, 1], 1.0) - theirs[:, 0] / np.maximum(theirs[:, 1], 1.0)
+                cell.p_value = paired_sign_flip(fractions)
         by_seed = accuracy.get((arm, policy))
         if by_seed:
             cell.accuracy = t_interval(np.array(list(by_seed.values())))

@@ -27,9 +27,13 @@ def test_cluster_bootstrap_resamples_updates_not_samples() -> None:
     assert interval.high == 1.0 or interval.high > 0.9
 
 
-def test_cluster_bootstrap_is_degenerate_when_every_update_agrees() -> None:
+def test_when_every_update_agrees_the_interval_is_the_exact_update_level_bound() -> None:
+    # the bootstrap has nothing to resample: Clopper-Pearson over updates, not a zero-width interval
     interval = cluster_bootstrap(np.array([2, 2, 2]), np.array([2, 2, 2]), resamples=500)
-    assert (interval.value, interval.low, interval.high) == (1.0, 1.0, 1.0)
+    assert (interval.value, interval.high) == (1.0, 1.0)
+    assert interval.low == pytest.approx(scipy_stats.beta.ppf(0.025, 3, 1))  # 0.025^(1/3)
+    nothing = cluster_bootstrap(np.zeros(15), np.full(15, 8), resamples=500)
+    assert nothing.value == 0.0 and nothing.high == pytest.approx(scipy_stats.beta.ppf(0.975, 1, 15))  # about 0.22
     assert np.isnan(cluster_bootstrap(np.array([1]), np.array([2]), resamples=500).low)
     assert np.isnan(pooled_fraction(np.array([]), np.array([])))
 
@@ -84,24 +88,26 @@ def _rows(arm: str, policy: str, recovered: list[int], size: int = 2) -> list[di
 
 
 def test_claims_follow_their_rules() -> None:
+    mlp, softmax = "mlp-relu/fedsgd-iid", "softmax/fedsgd-iid"
     audits = [
-        *_rows("mlp-relu/x", "random-ce", [2] * 8),  # the baseline leaks
-        *_rows("mlp-relu/x", "identical-ce", [0] * 8),  # identical labels resist, paired below it
-        *_rows("softmax/x", "random-ce", [2] * 8),
-        *_rows("softmax/x", "distinct-ce", [2] * 8),
-        *_rows("softmax/x", "identical-ce", [2] * 8),  # same leakage as the baseline: against the claim
+        *_rows(mlp, "random-ce", [2] * 12),  # the baseline leaks
+        *_rows(mlp, "identical-ce", [0] * 12),  # identical labels: nothing recovered from 12 updates, paired below
+        *_rows(mlp, "identical-mse", [1] * 12),  # the other loss: half recovered (the best identical policy counts)
+        *_rows(softmax, "random-ce", [2] * 12),
+        *_rows(softmax, "distinct-ce", [2] * 12),
+        *_rows(softmax, "identical-ce", [2] * 12),  # same leakage as the baseline: against the claim
     ]
     training = [
         {"arm": a, "policy": p, "seed": s, "final_accuracy": 0.9}
-        for a in ("mlp-relu/x", "softmax/x")
+        for a in (mlp, softmax)
         for p in ("random-ce", "identical-ce")
         for s in range(3)
     ]
     cells = build_cells(audits, training, "random-ce", resamples=500)
     by = {(c.arm, c.policy): c for c in cells}
-    assert leaks(by[("mlp-relu/x", "random-ce")]) and resists(by[("mlp-relu/x", "identical-ce")])
-    assert lowers(by[("mlp-relu/x", "identical-ce")]) and not lowers(by[("softmax/x", "identical-ce")])
-    assert by[("mlp-relu/x", "identical-ce")].cost == Interval(0.0, 0.0, 0.0)
+    assert leaks(by[(mlp, "random-ce")]) and resists(by[(mlp, "identical-ce")])
+    assert lowers(by[(mlp, "identical-ce")]) and not lowers(by[(softmax, "identical-ce")])
+    assert by[(mlp, "identical-ce")].cost == Interval(0.0, 0.0, 0.0)
     verdicts = {claim.text.split(" (")[0]: claim.verdict for claim in judge(cells, "random-ce", [])}
     assert verdicts["Mixing in a dense layer resists inversion"] == "refuted"  # the MLP baseline leaks at batch 2
     assert verdicts["Identical labels in a batch"] == "partly"  # resists on the MLP, not on softmax
