@@ -187,7 +187,8 @@ def experiment_for(
         ],
         "sampling": {"clients_per_round": setting.clients_per_round},
         "evaluation": {"every": arm.evaluate_every},
-        "resources": {"chunk_size": setting.clients_per_round},
+        # the study's tasks are all audits and training: none should yield the CPU to the others
+        "resources": {"chunk_size": setting.clients_per_round, "attack": {"nice": 0}},
         "tracking": spec.tracking,
     }
     if attack:
