@@ -205,7 +205,7 @@ def load_study(path: str | Path) -> StudySpec:
     except ValidationError as exc:
         error = exc.errors()[0]
         message = str(error["msg"]).removeprefix("Value error, ")
-        where = format_loc(error["loc"])
+        where = format_loc(error["loc"]) if error["loc"] else ""
         raise UserError(f"{path}: {where + ': ' if where else ''}{message}") from None
     for arm in spec.arms:
         for policy in spec.audited_policies(arm):

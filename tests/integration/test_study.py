@@ -33,6 +33,7 @@ def reduced_study(tracking: dict[str, Any], folder: Path) -> Path:
         name: data["policies"][name] for name in ("random-ce", "identical-ce", "distinct-mse", "dp-sgd")
     }
     arm = next(arm for arm in data["arms"] if arm["model"]["name"] == "softmax" and arm["setting"] == "fedsgd-iid")
+    arm = {k: v for k, v in arm.items() if k not in ("accuracy_policies", "audit_policies", "audit_batch_sizes")}
     data["arms"] = [{**arm, "rounds": 30, "evaluate_every": 5, "lr_grid": [0.3, 1.0]}]
     data["audit"] = {"stages": ["initial", "half", "ninety"], "batch_sizes": [2], "clients": 2, "bootstrap": 300}
     data["budget_check"] = {
