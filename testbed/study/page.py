@@ -197,9 +197,12 @@ def _leakage_table(cells: Sequence[Cell], attacks: list[str]) -> list[str]:
     return lines
 
 
-def write_report(folder: Path, out: Path, page: Path | None, baseline: str, resamples: int) -> Path:
+def write_report(
+    folder: Path, out: Path, page: Path | None, baseline: str, resamples: int, produced_by: str = ""
+) -> Path:
     """Read the study tables in ``folder``; write leakage.csv, accuracy.csv, figures and report.md to ``out``;
-    with ``page``, also the results page (claims first). Returns the report's path."""
+    with ``page``, also the results page (claims first). ``produced_by`` names the report command. Returns
+    the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     audits = read_table(folder / "audits.csv")
     training = read_table(folder / "training.csv")
@@ -228,6 +231,8 @@ def write_report(folder: Path, out: Path, page: Path | None, baseline: str, resa
     for key in ("command", "commit", "study_run", "wall_time", "machine", "budgets"):
         if key in meta:
             lines.append(f"| {key.replace('_', ' ')} | {meta[key]} |")
+    if produced_by:
+        lines.append(f"| report | {produced_by} |")
     lines += ["", "## Claims of the paper's abstract", ""]
     lines += ["| claim | verdict | rule | cells (recovered fraction [95% CI], stage) |", "|---|---|---|---|"]
     for claim in claims:

@@ -35,4 +35,22 @@ def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path
         folder = Path(client.download_artifacts(target, "study", scratch))
         spec_text = Path(client.download_artifacts(target, "study.yaml", scratch)).read_text(encoding="utf-8")
         spec = StudySpec.model_validate(yaml.safe_load(spec_text))
-        return write_report(folder, out, page, spec.baseline, spec.audit.bootstrap)
+        command = f"testbed report {target} --uri {uri} --out {out}" + (f" --page {page}" if page else "")
+        return write_report(folder, out, page, spec.baseline, spec.audit.bootstrap, f"`{command}`{_commit()}")
+
+
+def _commit() -> str:
+    """', at commit <hash>' of the checkout the testbed runs from, when it is one."""
+    import subprocess
+
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" at commit `{found.stdout.strip()}`"
