@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
-    validate = commands.add_parser("validate", help="check a topology file and print OK or its errors")
+    validate = commands.add_parser("validate", help="check a topology (or study) file and print OK or its errors")
     validate.add_argument("file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -115,8 +115,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from testbed.config.load import load_experiment
+    from testbed.config.topology import read_yaml
     from testbed.tracking.store_check import check_tracking_uri
 
+    data, _ = read_yaml(args.file)
+    if isinstance(data, dict) and "arms" in data and "policies" in data:  # a study file (testbed study)
+        from testbed.study.spec import load_study
+
+        if args.overrides:
+            raise UserError("validate: --set applies to topology files, not to study files")
+        spec = load_study(args.file)
+        check_tracking_uri(str(spec.tracking.get("uri", "")))
+        print(f"{args.file}: OK (study: {len(spec.arms)} arms, {len(spec.seeds)} seeds)")
+        return 0
     experiment = load_experiment(args.file, args.overrides)
     check_tracking_uri(experiment.tracking.uri)
     print(f"{args.file}: OK")

@@ -149,7 +149,9 @@ def test_study_training_equals_the_engine(local_ray: None, tracking: dict[str, A
     assert study.final_accuracy == pytest.approx(engine.final_accuracy, abs=2 / 1000)
 
 
-def test_the_committed_study_file_is_valid() -> None:
+def test_the_committed_study_file_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(REPO / "topologies" / "studies" / "mixing-study.yaml")]) == 0
+    assert "OK (study: 8 arms, 5 seeds)" in capsys.readouterr().out
     spec = load_study(REPO / "topologies" / "studies" / "mixing-study.yaml")
     assert len(spec.seeds) >= 5
     assert {arm.model["name"] for arm in spec.arms} >= {"softmax", "mlp", "lenet", "cnn"}
