@@ -340,6 +340,22 @@ def _notes(
             f"- {arm} did not learn (every trained policy below 0.2 test accuracy on every seed, whatever the "
             f"grid's learning rate); its audited stages are rounds {rounds}, so its cells describe a network at chance."
         )
+    by_run: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for row in training:
+        by_run[(row["arm"], row["policy"])][str(row["seed"])] = float(row["final_accuracy"])
+    diverged = [
+        f"{arm} {policy} seed {seed} ({value:.2f} against a median of {median:.2f})"
+        for (arm, policy), seeds in by_run.items()
+        for median in [float(np.median(list(seeds.values())))]
+        for seed, value in seeds.items()
+        if median >= 0.5 and value < 0.5 * median
+    ]
+    if diverged:
+        notes.append(
+            "- Runs that did not train while the other seeds of their policy did (divergence at the tuned learning "
+            "rate; their final accuracy is in the intervals above, and a diverged baseline's stages fall on early "
+            "rounds): " + "; ".join(diverged)
+        )
     short: dict[tuple[str, str], int] = defaultdict(int)
     for row in training:
         short[(row["arm"], row["policy"])] += int(float(row.get("short_batches") or 0))
