@@ -7,7 +7,7 @@ from pathlib import Path
 
 from testbed.errors import UserError
 from testbed.study.page import write_report
-from testbed.study.runner import STUDY_TAG
+from testbed.study.runner import STUDY_TAG, checkout_commit
 from testbed.study.spec import StudySpec
 
 
@@ -36,21 +36,10 @@ def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path
         spec_text = Path(client.download_artifacts(target, "study.yaml", scratch)).read_text(encoding="utf-8")
         spec = StudySpec.model_validate(yaml.safe_load(spec_text))
         command = f"testbed report {target} --uri {uri} --out {out}" + (f" --page {page}" if page else "")
-        return write_report(folder, out, page, spec.baseline, spec.audit.bootstrap, f"`{command}`{_commit()}")
+        return write_report(folder, out, page, spec.baseline, spec.audit.bootstrap, f"`{command}`{_at_commit()}")
 
 
-def _commit() -> str:
+def _at_commit() -> str:
     """', at commit <hash>' of the checkout the testbed runs from, when it is one."""
-    import subprocess
-
-    try:
-        found = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return f" at commit `{found.stdout.strip()}`"
+    found = checkout_commit(Path(__file__).parent)
+    return f" at commit `{found[0]}`" if found is not None else ""

@@ -8,7 +8,6 @@ trained. The tables go to a folder and, as artifacts, to one MLflow run tagged `
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from testbed.runtime.preparation import prepare_data
 from testbed.runtime.round_metrics import privacy_metrics, privacy_plan
 from testbed.study.audits import Stage, audit_stage
 from testbed.study.metric_noise import noise_rows
+from testbed.study.page import write_rows
 from testbed.study.spec import STAGES, StudySpec, experiment_for
 from testbed.study.training import train
 from testbed.tracking.progress import Progress
@@ -58,30 +58,31 @@ def pick_stages(accuracy: dict[int, float], wanted: Sequence[str]) -> list[Stage
     return stages
 
 
+def checkout_commit(folder: Path) -> tuple[str, bool] | None:
+    """The short commit of the git checkout holding ``folder`` and whether tracked files differ from it;
+    None outside a checkout (or without git)."""
+    import subprocess
+
+    def git(*arguments: str) -> str:
+        done = subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> dict[str, Any]:
     """What the results page states about the run: command, commit, wall time, machine, budgets."""
     import os
     import platform
-    import subprocess
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=source.resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source.resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        commit = f"`{commit}`" + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    found = checkout_commit(source.resolve().parent)
+    if found is None:
         commit = "unknown (not a git checkout)"
+    else:
+        commit = f"`{found[0]}`" + (" (with uncommitted changes)" if found[1] else "")
     minutes, rest = divmod(round(seconds), 60)
     budgets = "; ".join(
         f"{arm.label}: {arm.rounds} rounds, attacks {', '.join(arm.attacks)}"
@@ -167,14 +168,6 @@ class _Task:
         return f"{self.kind} of {self.label}, seed {self.seed}, {self.what}"
 
 
-def _write(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns: list[str] = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool = True) -> StudyResult:
     """Run the whole study on a local Ray with ``spec.workers`` CPUs; write the tables to ``out`` and MLflow."""
     import ray
@@ -227,7 +220,7 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
         dataset = prepare_data(first).dataset
         noise = noise_rows(dataset.test_x, dataset.test_y, (dataset.train_x, dataset.train_y), seed=spec.tuning_seed)
         for name, rows in zip(TABLES, (tuning, training, audits, noise), strict=True):
-            _write(out / name, rows)
+            write_rows(out / name, rows)
             tracker.log_file(run_id, out / name, "study")
         seconds = time.perf_counter() - started
         meta = study_meta(spec, source, run_id, seconds)
