@@ -324,13 +324,24 @@ def _notes(
     meta: dict[str, Any],
 ) -> list[str]:
     notes: list[str] = []
-    grid: dict[tuple[str, str], list[str]] = defaultdict(list)
+    grid: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    chosen: set[tuple[str, str, str]] = set()
     for row in tuning:
-        mark = "**" if str(row.get("chosen")) == "1" else ""
-        grid[(row["arm"], row["loss"])].append(f"{mark}{row['lr']}: {_n(row['final_accuracy'])}{mark}")
+        grid[(row["arm"], row["loss"])][str(row["lr"])].append(float(row["final_accuracy"]))
+        if str(row.get("chosen")) == "1":
+            chosen.add((row["arm"], row["loss"], str(row["lr"])))
     if grid:
-        notes.append("- Learning rates, tuned per arm and loss on the tuning seed (final accuracy; chosen in bold):")
-        notes += [f"  - {arm}, {loss}: {', '.join(tried)}" for (arm, loss), tried in grid.items()]
+        seeds = len({str(row.get("seed", "")) for row in tuning})
+        notes.append(
+            f"- Learning rates, tuned per arm and loss on {seeds} tuning seed(s) apart from the study's "
+            "(worst / mean final accuracy over them; chosen in bold, the best worst case):"
+        )
+        for (arm, loss), by_lr in grid.items():
+            tried = []
+            for lr, values in sorted(by_lr.items(), key=lambda item: float(item[0])):
+                mark = "**" if (arm, loss, lr) in chosen else ""
+                tried.append(f"{mark}{lr}: {_n(min(values))} / {_n(sum(values) / len(values))}{mark}")
+            notes.append(f"  - {arm}, {loss}: {', '.join(tried)}")
     finals: dict[str, list[float]] = defaultdict(list)
     for row in training:
         finals[row["arm"]].append(float(row["final_accuracy"]))

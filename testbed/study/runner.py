@@ -1,6 +1,6 @@
 """Running a study on Ray: tune the learning rates, train every seed, audit the baselines' stages.
 
-Three waves of one-CPU Ray tasks: (1) per arm and loss, each learning rate of the grid on the tuning
+Three waves of one-CPU Ray tasks: (1) per arm and loss, each learning rate of the grid on each tuning
 seed; (2) per arm, seed and trained policy, a full training run (the baseline's models are kept at its
 stages); (3) per arm, seed and stage, the paired audits. Audits start as soon as their baseline is
 trained. The tables go to a folder and, as artifacts, to one MLflow run tagged ``testbed.study``.
@@ -25,6 +25,7 @@ from testbed.study.metric_noise import noise_rows
 from testbed.study.page import write_rows
 from testbed.study.spec import STAGES, StudySpec, experiment_for
 from testbed.study.training import train
+from testbed.study.tuning import choose_rate
 from testbed.tracking.progress import Progress
 from testbed.tracking.store import Tracker
 from testbed.tracking.store_check import check_tracking_uri
@@ -111,13 +112,20 @@ def _spec(payload: str) -> StudySpec:
     return StudySpec.model_validate_json(payload)
 
 
-def _tune(payload: str, arm_index: int, loss: str, lr: float) -> dict[str, Any]:
+def _tune(payload: str, arm_index: int, loss: str, lr: float, seed: int) -> dict[str, Any]:
     spec = _spec(payload)
     arm = spec.arms[arm_index]
     policy = next(name for name in spec.policies if spec.loss_of(name) == loss and "dp" not in spec.policies[name])
-    experiment = experiment_for(spec, arm, seed=spec.tuning_seed, policy=policy, lr=lr)
+    experiment = experiment_for(spec, arm, seed=seed, policy=policy, lr=lr)
     run = train(experiment, prepare_data(experiment), keep=False)
-    return {"arm": arm.label, "loss": loss, "lr": lr, "policy": policy, "final_accuracy": run.final_accuracy}
+    return {
+        "arm": arm.label,
+        "loss": loss,
+        "lr": lr,
+        "seed": seed,
+        "policy": policy,
+        "final_accuracy": run.final_accuracy,
+    }
 
 
 def _train(payload: str, arm_index: int, seed: int, policy: str, lr: float) -> dict[str, Any]:
@@ -197,10 +205,11 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
             auditor: Any = ray.remote(num_cpus=1)(_audit)
             ref = ray.put(payload)
             tuning_refs = [
-                tune.remote(ref, index, loss, lr)
+                tune.remote(ref, index, loss, lr, seed)
                 for index, arm in enumerate(spec.arms)
                 for loss in losses
                 for lr in arm.lr_grid
+                for seed in spec.tuning_seeds
             ]
             tuning = _gather(tuning_refs, "tuning", show_progress)
             lrs: list[dict[str, float]] = []
@@ -212,13 +221,15 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
                         raise UserError(
                             f"study: every learning-rate run of {arm.label} with {loss} failed (see the log)"
                         )
-                    chosen[loss] = max(tried, key=lambda row: (row["final_accuracy"], -row["lr"]))["lr"]
+                    chosen[loss] = choose_rate(tried, spec.tuning_seeds)
                 lrs.append(chosen)
             for row in tuning:
                 row["chosen"] = int(lrs[[a.label for a in spec.arms].index(row["arm"])][row["loss"]] == row["lr"])
             training, audits, failures = _train_and_audit(spec, ref, trainer, auditor, lrs, show_progress)
         dataset = prepare_data(first).dataset
-        noise = noise_rows(dataset.test_x, dataset.test_y, (dataset.train_x, dataset.train_y), seed=spec.tuning_seed)
+        noise = noise_rows(
+            dataset.test_x, dataset.test_y, (dataset.train_x, dataset.train_y), seed=spec.tuning_seeds[0]
+        )
         for name, rows in zip(TABLES, (tuning, training, audits, noise), strict=True):
             write_rows(out / name, rows)
             tracker.log_file(run_id, out / name, "study")

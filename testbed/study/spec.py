@@ -42,7 +42,7 @@ class Arm(_Strict):
     rounds: int = Field(ge=1)
     evaluate_every: int = Field(ge=1)
     lr_grid: list[float] = Field(
-        min_length=1, description="tried per loss on the tuning seed; the best final accuracy wins"
+        min_length=1, description="tried per loss on every tuning seed; the best worst-seed final accuracy wins"
     )
     attacks: list[str] = Field(min_length=1, description="the portfolio run on every audited update")
     attack_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -90,7 +90,9 @@ class StudySpec(_Strict):
 
     name: str
     seeds: list[int] = Field(min_length=1)
-    tuning_seed: int = Field(description="seed of the learning-rate search, kept apart from the study seeds")
+    tuning_seeds: list[int] = Field(
+        min_length=1, description="seeds of the learning-rate search, kept apart from the study seeds"
+    )
     dataset: dict[str, Any]
     tracking: dict[str, Any]
     workers: int = Field(2, ge=1, description="Ray tasks run at once (one CPU each)")
@@ -116,10 +118,9 @@ class StudySpec(_Strict):
                         raise ValueError(f"arms[{index}].{field_name}: unknown policy {name!r}")
             if arm.audit_policies is not None and self.baseline not in arm.audit_policies:
                 raise ValueError(f"arms[{index}].audit_policies: must include the baseline {self.baseline!r}")
-        if self.tuning_seed in self.seeds:
-            raise ValueError(
-                f"tuning_seed: {self.tuning_seed} is one of seeds; tune on a seed the study does not report"
-            )
+        for seed in self.tuning_seeds:
+            if seed in self.seeds:
+                raise ValueError(f"tuning_seeds: {seed} is one of seeds; tune on seeds the study does not report")
         check = self.budget_check
         if check is not None:
             for index in check.arms:

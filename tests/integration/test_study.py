@@ -27,6 +27,7 @@ def reduced_study(tracking: dict[str, Any], folder: Path) -> Path:
     data = yaml.safe_load((REPO / "topologies" / "studies" / "mixing-study.yaml").read_text(encoding="utf-8"))
     data["name"] = "reduced-study"
     data["seeds"] = [0, 1]
+    data["tuning_seeds"] = [100, 101]
     data["dataset"]["max_test"] = 300
     data["tracking"] = {"uri": tracking["uri"], "experiment": "reduced-study"}
     data["policies"] = {
@@ -122,11 +123,11 @@ def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "baseline" in error and "random-ce" in error
     data["baseline"] = "random-ce"
-    data["tuning_seed"] = data["seeds"][0]
+    data["tuning_seeds"] = [100, data["seeds"][0]]
     bad.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
-    assert "tuning_seed" in capsys.readouterr().err
-    data["tuning_seed"] = 100
+    assert "tuning_seeds" in capsys.readouterr().err
+    data["tuning_seeds"] = [100]
     data["arms"][0]["model"]["name"] = "no-such-model"
     bad.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2

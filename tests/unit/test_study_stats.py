@@ -13,6 +13,7 @@ from testbed.study.metric_noise import noise_rows, tolerance
 from testbed.study.runner import pick_stages
 from testbed.study.stats import Interval, cluster_bootstrap, paired_sign_flip, pooled_fraction, t_interval
 from testbed.study.tables import build_cells
+from testbed.study.tuning import choose_rate
 
 
 def test_cluster_bootstrap_resamples_updates_not_samples() -> None:
@@ -125,3 +126,22 @@ def test_noise_test_on_images_with_a_known_answer() -> None:
     for metric in ("avd", "mse", "psnr", "ssim"):
         assert tolerance(rows, metric) == 0.01
         assert next(r["detected"] for r in rows if r["metric"] == metric and r["sigma"] == 5.0) < 0.5
+
+
+def test_learning_rate_is_the_best_worst_seed() -> None:
+    rows = [
+        {"lr": 0.3, "seed": 100, "final_accuracy": 0.95},
+        {"lr": 0.3, "seed": 101, "final_accuracy": 0.10},  # collapsed to chance on one seed
+        {"lr": 0.3, "seed": 102, "final_accuracy": 0.96},
+        {"lr": 0.1, "seed": 100, "final_accuracy": 0.92},
+        {"lr": 0.1, "seed": 101, "final_accuracy": 0.93},
+        {"lr": 0.1, "seed": 102, "final_accuracy": 0.91},
+        {"lr": 0.2, "seed": 100, "final_accuracy": 0.97},
+        {"lr": 0.2, "seed": 102, "final_accuracy": 0.99},  # seed 101 failed: counts as 0
+    ]
+    assert choose_rate(rows, [100, 101, 102]) == 0.1
+    assert choose_rate(rows, [100, 102]) == 0.2
+    tie = [{"lr": lr, "seed": 0, "final_accuracy": 0.9} for lr in (1.0, 0.3)]
+    assert choose_rate(tie, [0]) == 0.3
+    with pytest.raises(ValueError):
+        choose_rate([], [0])
