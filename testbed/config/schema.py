@@ -117,6 +117,11 @@ class ModelConfig(Strict):
     activation: Literal["relu", "sigmoid", "tanh"] | None = Field(
         None, description="hidden activation (mlp, lenet, cnn; default: relu, but sigmoid for lenet as in DLG)"
     )
+    init: Literal["default", "dlg"] = Field(
+        "default",
+        description="initial weights: torch's layer defaults, or dlg (every parameter uniform(-0.5, 0.5), as the "
+        "DLG code initialises its LeNet; the sigmoid LeNet needs it to train under plain SGD)",
+    )
 
     @field_validator("hidden")
     @classmethod

@@ -101,6 +101,16 @@ def small_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "r
 
 
 MODEL_NAMES = ("softmax", "mlp", "lenet", "cnn")
+INITS = ("default", "dlg")
+
+
+def dlg_init(model: nn.Module) -> nn.Module:
+    """Draw every parameter of ``model`` from uniform(-0.5, 0.5), the initialisation of the DLG code
+    (Zhu et al. 2019) for its LeNet; with sigmoid activations it is what lets plain SGD leave chance."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-0.5, 0.5)
+    return model
 
 
 @contextmanager
@@ -124,25 +134,32 @@ def build_model(
     *,
     hidden: Sequence[int] = (256,),
     activation: str | None = None,
+    init: str = "default",
     seed: int | None = None,
 ) -> nn.Module:
     """Build a registered model; with ``seed`` its initial weights depend only on that seed.
 
     ``activation`` None takes the model's default (``DEFAULT_ACTIVATIONS``); softmax regression has none.
+    ``init`` "dlg" redraws every parameter with ``dlg_init``; "default" keeps torch's layer initialisation.
     """
     if len(input_shape) != 3:
         raise UnknownModelError(f"model: input shape must be C x H x W, got {tuple(input_shape)}")
+    if init not in INITS:
+        raise UnknownModelError(f"model.init: unknown initialisation {init!r}; allowed: {', '.join(INITS)}")
     chosen = activation or DEFAULT_ACTIVATIONS.get(name, "relu")
     with _seeded(seed):
+        model: nn.Module
         if name == "softmax":
-            return softmax_regression(input_shape, num_classes)
-        if name == "mlp":
-            return mlp(input_shape, num_classes, hidden, chosen)
-        if name == "lenet":
-            return lenet(input_shape, num_classes, chosen)
-        if name == "cnn":
-            return small_cnn(input_shape, num_classes, chosen)
-    raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+            model = softmax_regression(input_shape, num_classes)
+        elif name == "mlp":
+            model = mlp(input_shape, num_classes, hidden, chosen)
+        elif name == "lenet":
+            model = lenet(input_shape, num_classes, chosen)
+        elif name == "cnn":
+            model = small_cnn(input_shape, num_classes, chosen)
+        else:
+            raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+        return dlg_init(model) if init == "dlg" else model
 
 
 def model_for(config: ModelConfig, input_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
@@ -152,7 +169,14 @@ def model_for(config: ModelConfig, input_shape: Sequence[int], num_classes: int,
     """
     if is_import_path(config.name):
         with _seeded(seed):
-            return build_user_model(config, input_shape, num_classes)
+            model = build_user_model(config, input_shape, num_classes)
+            return dlg_init(model) if config.init == "dlg" else model
     return build_model(
-        config.name, input_shape, num_classes, hidden=config.hidden, activation=config.activation, seed=seed
+        config.name,
+        input_shape,
+        num_classes,
+        hidden=config.hidden,
+        activation=config.activation,
+        init=config.init,
+        seed=seed,
     )

@@ -69,3 +69,19 @@ def test_report_labels_a_dp_sgd_group_by_its_parameters() -> None:
 
     spec = {"dp": {"clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}, "loss": "mse"}
     assert describe_defence(spec) == "dp(clip=1.0, noise_multiplier=1.1, delta=1e-05, accountant=rdp) / mse"
+
+
+def test_dlg_init_draws_every_parameter_uniform_and_seeded() -> None:
+    model = build_model("lenet", (1, 28, 28), 10, init="dlg", seed=3)
+    values = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert values.abs().max() <= 0.5
+    # uniform(-0.5, 0.5) has standard deviation 1/sqrt(12); over n draws the sample deviation's own
+    # standard error is about 0.5 * sqrt(0.8 / n) (excess kurtosis -1.2), so 6 of them is a safe band
+    expected = 12**-0.5
+    assert abs(values.std().item() - expected) < 6 * expected * (0.2 / values.numel()) ** 0.5
+    again = build_model("lenet", (1, 28, 28), 10, init="dlg", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    default = build_model("lenet", (1, 28, 28), 10, seed=3)
+    assert torch.cat([p.detach().flatten() for p in default.parameters()]).abs().max() < 0.5 * values.abs().max()
+    with pytest.raises(UnknownModelError, match=r"model\.init"):
+        build_model("lenet", (1, 28, 28), 10, init="xavier")
