@@ -7,7 +7,14 @@ See docs/metrics.md.
 """
 
 from metrics.avd import avd, first_order_map, pairwise_avd, quantize, second_order_map
-from metrics.baselines import BASELINES, ClassPrototypes, baseline_scores, best_baseline, recovered_beyond
+from metrics.baselines import (
+    BASELINES,
+    BaselineCache,
+    ClassPrototypes,
+    baseline_scores,
+    best_baseline,
+    recovered_beyond,
+)
 from metrics.classification import accuracy
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, PSNR_CEILING_DB, WORST_SCORE
 from metrics.matching import UNMATCHED, MatchResult, match, match_many
@@ -24,6 +31,7 @@ __all__ = [
     "PSNR_CEILING_DB",
     "UNMATCHED",
     "WORST_SCORE",
+    "BaselineCache",
     "ClassPrototypes",
     "LeakageSummary",
     "MatchResult",

@@ -50,13 +50,21 @@ class ClassPrototypes:
 
     def draw(self, labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The three baselines for originals of classes ``labels``: name -> (N, C, H, W) array."""
+        return self.draw_at(labels, rng.random(len(labels)))
+
+    def draw_at(self, labels: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The three baselines for originals of classes ``labels``, the random class image of sample i being
+        the one at ``positions[i]`` (in [0, 1)) along its class's pool: name -> (N, C, H, W) array."""
         labels = np.asarray(labels).astype(np.int64)
+        positions = np.asarray(positions, dtype=np.float64)
         shape = (len(labels), *self.overall.shape)
         means = np.stack([self.means.get(int(c), self.overall) for c in labels]) if len(labels) else np.zeros(shape)
-        picks = [
-            int(rng.choice(self.members[int(c)])) if int(c) in self.members else int(rng.integers(len(self.images)))
-            for c in labels
-        ]
+        picks = []
+        for c, u in zip(labels, positions, strict=True):
+            pool = self.members.get(int(c))
+            count = len(pool) if pool is not None else len(self.images)
+            at = min(int(u * count), count - 1)
+            picks.append(int(pool[at]) if pool is not None else at)
         return {
             "blank": np.zeros(shape, dtype=np.float32),
             "class_mean": means.astype(np.float32),
@@ -86,6 +94,41 @@ def baseline_scores(originals: np.ndarray, baselines: Mapping[str, np.ndarray]) 
         name: {metric: scores[metric][k * count : (k + 1) * count] for metric in METRIC_NAMES}
         for k, name in enumerate(names)
     }
+
+
+class BaselineCache:
+    """The no-information baselines' scores of training samples, each sample scored once and kept.
+
+    A baseline depends only on the original (its pixels and its class), never on an update, so a sample
+    audited in many rounds, or by several attacks, is scored against the baselines once per run. The
+    random held-out image of ``class_random`` is therefore drawn once per sample: position ``u_i`` along its
+    class's pool, ``u`` drawn for the whole training set from a generator seeded by ``seed``.
+    """
+
+    def __init__(self, prototypes: ClassPrototypes, train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> None:
+        self.prototypes = prototypes
+        self.train_x = train_x
+        self.train_y = train_y
+        self.positions = np.random.default_rng([seed, 0xBA5E]).random(len(train_x))
+        self.known = np.zeros(len(train_x), dtype=bool)
+        self.table = np.zeros((len(train_x), len(BASELINES), len(METRIC_NAMES)))
+
+    def scores(self, indices: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Baseline -> metric -> (len(indices),) scores of the training samples at ``indices`` (as
+        ``baseline_scores`` gives for their draws), scoring only the samples not seen before."""
+        indices = np.asarray(indices, dtype=np.int64)
+        fresh = np.unique(indices[~self.known[indices]])
+        if len(fresh):
+            drawn = self.prototypes.draw_at(self.train_y[fresh], self.positions[fresh])
+            scored = baseline_scores(self.train_x[fresh], drawn)
+            for b, name in enumerate(BASELINES):
+                for m, metric in enumerate(METRIC_NAMES):
+                    self.table[fresh, b, m] = scored[name][metric]
+            self.known[fresh] = True
+        rows = self.table[indices]
+        return {
+            name: {metric: rows[:, b, m] for m, metric in enumerate(METRIC_NAMES)} for b, name in enumerate(BASELINES)
+        }
 
 
 def best_baseline(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from metrics import MatchResult, label_accuracy, match_many
-from metrics.baselines import ClassPrototypes, baseline_scores, recovered_beyond
+from metrics.baselines import BaselineCache, ClassPrototypes, recovered_beyond
 from testbed.audit.outcome import AuditOutcome
 from testbed.audit.priority import lower_priority
 
@@ -63,15 +63,14 @@ def score_outcomes(
     train_y: np.ndarray,
     round_index: int,
     keep_images: int = 0,
-    prototypes: ClassPrototypes | None = None,
-    seed: int = 0,
+    baselines: BaselineCache | None = None,
 ) -> ScoredAudit:
     """Match every outcome with the originals behind it; keep the reconstructions of the first ``keep_images``
     clients (of every attack, so a grid can show each client's worst case).
 
-    With ``prototypes`` (a held-out split), each sample is also scored against the no-information
-    baselines, drawn with a generator seeded by (seed, round, client), and ``flags`` marks the samples
-    recovered beyond them; without, ``flags`` is the plain threshold rule.
+    With ``baselines`` (drawn from a held-out split), each sample is also scored against the no-information
+    baselines (once per sample and run: ``BaselineCache``), and ``flags`` marks the samples recovered beyond
+    them; without, ``flags`` is the plain threshold rule.
     """
     found: list[tuple[AuditOutcome, np.ndarray]] = []
     reasons: list[tuple[str, str, str]] = []
@@ -93,7 +92,7 @@ def score_outcomes(
         for start in range(0, len(batches), MATCH_BLOCK)
         for result in match_many(batches[start : start + MATCH_BLOCK])
     ]
-    baselines_of: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # per client: one draw shared by its attacks
+    baselines_of: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # per client, shared by its attacks
     shown = list(dict.fromkeys(outcome.client for outcome, _ in found))[:keep_images]  # every attack's images
     scored = []
     for (outcome, indices), result in zip(found, results, strict=True):
@@ -104,18 +103,14 @@ def score_outcomes(
             inferred = reconstruction.labels.cpu().numpy()
             labels = label_accuracy(train_y[indices], inferred)
             exact = bool(np.array_equal(np.sort(train_y[indices]), np.sort(inferred.astype(train_y.dtype))))
-        baselines: dict[str, dict[str, np.ndarray]] = {}
-        if prototypes is not None:
+        known: dict[str, dict[str, np.ndarray]] = {}
+        if baselines is not None:
             if outcome.client not in baselines_of:
-                # edge aggregates carry negative ids (-(edge + 1)): offset them into a seed word of their own
-                who = outcome.client if outcome.client >= 0 else 2**32 + outcome.client
-                rng = np.random.default_rng([seed, round_index, who])
-                drawn = prototypes.draw(train_y[indices], rng)
-                baselines_of[outcome.client] = baseline_scores(train_x[indices], drawn)
-            baselines = baselines_of[outcome.client]
-        flags = recovered_beyond(result.scores, baselines)
+                baselines_of[outcome.client] = baselines.scores(indices)
+            known = baselines_of[outcome.client]
+        flags = recovered_beyond(result.scores, known)
         kept = outcome if outcome.client in shown else dataclasses.replace(outcome, reconstruction=None)
-        scored.append(ScoredClient(kept, indices, result, labels, baselines, flags, exact))
+        scored.append(ScoredClient(kept, indices, result, labels, known, flags, exact))
     return ScoredAudit(round_index, scored, reasons, float(sum(o.seconds for o in outcomes)))
 
 
@@ -133,11 +128,14 @@ class LeakageScorer:
         self.train_x = np.asarray(data["x"])
         self.train_y = np.asarray(data["y"])
         self.keep_images = keep_images
-        self.seed = seed
-        self.prototypes = ClassPrototypes(held_out["x"], held_out["y"]) if held_out is not None else None
+        self.baselines = (
+            BaselineCache(ClassPrototypes(held_out["x"], held_out["y"]), self.train_x, self.train_y, seed)
+            if held_out is not None
+            else None
+        )
 
     def score(self, outcomes: list[AuditOutcome], truth: dict[int, np.ndarray], round_index: int) -> ScoredAudit:
         """Score one attack task's outcomes (Ray resolves both arguments before the call)."""
         return score_outcomes(
-            outcomes, truth, self.train_x, self.train_y, round_index, self.keep_images, self.prototypes, self.seed
+            outcomes, truth, self.train_x, self.train_y, round_index, self.keep_images, self.baselines
         )

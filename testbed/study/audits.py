@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from metrics import METRIC_NAMES
-from metrics.baselines import ClassPrototypes, best_baseline
+from metrics.baselines import BaselineCache, ClassPrototypes, best_baseline
 from testbed.audit.attack_worker import AttackWorker
 from testbed.audit.scoring import score_outcomes
 from testbed.audit.worst_case import worst_cases
@@ -62,7 +62,7 @@ def audit_stage(
     ``attack_params`` replaces the arm's attack parameters (the budget check); its rows say ``budget: check``.
     """
     dataset = data.dataset
-    prototypes = ClassPrototypes(dataset.test_x, dataset.test_y)
+    baselines = BaselineCache(ClassPrototypes(dataset.test_x, dataset.test_y), dataset.train_x, dataset.train_y, seed)
     sizes = spec.audited_batch_sizes(arm)
     clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(sizes))
     rows: list[dict[str, Any]] = []
@@ -82,7 +82,7 @@ def audit_stage(
             outcomes = worker.audit(params, payload.audited, "study")
             seconds = time.perf_counter() - started
             scored = score_outcomes(
-                outcomes, summary.ground_truth, dataset.train_x, dataset.train_y, stage.round, 0, prototypes, seed
+                outcomes, summary.ground_truth, dataset.train_x, dataset.train_y, stage.round, 0, baselines
             )
             steps = {update.client: max(update.local_steps, 1) for update in payload.audited}
             for case in worst_cases(scored.scored):

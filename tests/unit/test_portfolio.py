@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from attacks import Reconstruction
-from metrics import BASELINES, ClassPrototypes, baseline_scores, best_baseline, recovered, recovered_beyond
+from metrics import (
+    BASELINES,
+    BaselineCache,
+    ClassPrototypes,
+    baseline_scores,
+    best_baseline,
+    recovered,
+    recovered_beyond,
+)
 from metrics.paired import paired_avd, paired_ssim
 from testbed.audit.outcome import AuditOutcome
 from testbed.audit.scoring import score_outcomes
@@ -97,7 +105,8 @@ def test_worst_case_takes_each_sample_from_the_attack_that_recovered_it(mnist: t
         _outcome(7, "b", b, np.zeros(4, dtype=np.int64)),
         AuditOutcome(7, "g", 0, "root", None, "c: does not apply", attack="c"),
     ]
-    audit = score_outcomes(outcomes, {7: indices}, train_x, train_y, 0, 1, ClassPrototypes(test_x, test_y), seed=3)
+    baselines = BaselineCache(ClassPrototypes(test_x, test_y), train_x, train_y, seed=3)
+    audit = score_outcomes(outcomes, {7: indices}, train_x, train_y, 0, 1, baselines)
     assert audit.not_applicable == [("g", "c", "c: does not apply")]
     by_attack = {item.outcome.attack: item for item in audit.scored}
     assert by_attack["a"].flags.tolist() == [True, True, False, False]
@@ -111,3 +120,29 @@ def test_worst_case_takes_each_sample_from_the_attack_that_recovered_it(mnist: t
     assert summary["recovered_fraction"] == 1.0 and summary["label_histogram_exact"] == 1.0
     assert summarise([by_attack["a"]])["recovered_fraction"] == 0.5
     assert 0.3 < summary["avd_baseline"] < 0.5  # the best baseline's AVD, logged beside the attack's
+
+
+def test_baseline_cache_scores_each_sample_once_and_as_the_direct_path(mnist: tuple[np.ndarray, ...]) -> None:
+    train_x, train_y, test_x, test_y = mnist
+    cache = BaselineCache(ClassPrototypes(test_x, test_y), train_x, train_y, seed=5)
+    first = np.array([3, 1, 4, 1, 5, 9, 2, 6])  # sample 1 twice, as when two attacks score one client
+    scores = cache.scores(first)
+    unique = np.unique(first)
+    direct = baseline_scores(train_x[unique], cache.prototypes.draw_at(train_y[unique], cache.positions[unique]))
+    where = np.searchsorted(unique, first)
+    for name in BASELINES:
+        for metric, values in scores[name].items():
+            np.testing.assert_array_equal(values, direct[name][metric][where])
+    assert int(cache.known.sum()) == len(unique)
+    # a later round touching old and new samples scores only the new ones; old scores do not move
+    before = cache.table[unique].copy()
+    later = cache.scores(np.array([9, 7, 3]))
+    assert int(cache.known.sum()) == len(unique) + 1
+    np.testing.assert_array_equal(cache.table[unique], before)
+    assert later["class_random"]["ssim"][0] == scores["class_random"]["ssim"][5]
+    # the random class image is the sample's own draw: of its class, and the same for another cache with the seed
+    again = BaselineCache(ClassPrototypes(test_x, test_y), train_x, train_y, seed=5)
+    np.testing.assert_array_equal(again.scores(first)["class_random"]["avd"], scores["class_random"]["avd"])
+    picks = cache.prototypes.draw_at(train_y[first], cache.positions[first])["class_random"]
+    for image, label in zip(picks, train_y[first], strict=True):
+        assert int(test_y[np.flatnonzero((test_x == image).all(axis=(1, 2, 3)))[0]]) == label
