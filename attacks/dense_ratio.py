@@ -9,7 +9,9 @@ pairwise products cost H x H x k. A projection onto an orthonormal basis never l
 the part of each row outside the basis bounds the error of every projected cosine; only the pairs
 whose bound does not exclude them from both thresholds (exact copies among them) are verified on the
 full float64 rows, and every other pair is certainly below both. The decisions (support, order and
-merging) are therefore those of the all-pairs cosine, up to round-off of the cosine itself.
+merging) are therefore those of the all-pairs cosine, up to round-off of the cosine itself. The updates
+of a batch are screened together (``near_pairs_many``: one batched QR and two batched products), and the
+ranking reads only the verified pairs (``rank_from_pairs``), never an H x H matrix.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ MARGIN = 1e-3
 round-off are below 1e-5); pairs within it of a threshold are verified exactly."""
 DENSE_FRACTION = 0.125
 """A view with more candidate pairs to verify than this fraction of all pairs takes the all-pairs product."""
-BELOW = -2.0
-"""Similarity given to pairs certified below both thresholds (no cosine is that low)."""
+SCREEN_BLOCK = 16
+"""Updates screened per batched call (bounds the stacked copy of their weight rows)."""
 SAFE_THRESHOLD = 1 - 1e-9
 """Thresholds above this are decided by the round-off of a row's own norm: such views take the all-pairs path."""
 
@@ -92,20 +94,69 @@ def near_pairs(weight: Tensor, bias: Tensor, usable: Tensor, basis_rows: int, th
     p_i . p_j + |r_i| |r_j| + MARGIN below ``threshold`` is certainly below it. The basis spans the
     ``basis_rows`` usable rows of largest norm (all of a batch's rows when it has at most that many samples).
     """
-    rows32 = weight.detach().to(torch.float32)
-    norms = rows32.norm(dim=1)
+    return near_pairs_many(weight[None], bias[None], usable[None], basis_rows, threshold)[0]
+
+
+def near_pairs_many(
+    weights: Tensor, biases: Tensor, usable: Tensor, basis_rows: int, threshold: float
+) -> list[NearPairs]:
+    """``near_pairs`` of V updates at once: ``weights`` (V, H, D), ``biases`` and ``usable`` (V, H).
+
+    One batched QR and two batched products instead of V small ones; each update's answer is its own.
+    """
+    rows32 = weights.detach().to(torch.float32)
+    norms = rows32.norm(dim=2)
     live = usable.to(norms.device) & (norms > 0)
-    scale = torch.sign(bias).to(torch.float32) / norms.clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.sign(biases).to(torch.float32) / norms.clamp_min(torch.finfo(torch.float32).tiny)
     scale = torch.where(live, scale, torch.zeros_like(scale))
-    chosen = torch.where(live, norms, torch.full_like(norms, -1.0)).topk(basis_rows).indices
-    basis, _ = torch.linalg.qr(rows32[chosen].T)  # (D, k), orthonormal columns
-    projected = (rows32 @ basis) * scale[:, None]
-    outside = (live.to(torch.float32) - projected.pow(2).sum(dim=1)).clamp_min(0.0).sqrt()
-    bound = torch.addmm(outside[:, None] * outside[None, :], projected, projected.T)
-    candidate = (bound >= threshold - MARGIN) & live[:, None] & live[None, :]
-    pairs = torch.nonzero(torch.triu(candidate, diagonal=1))
-    count = int(live.sum())
-    return NearPairs(pairs, norms, len(pairs) > count * (count - 1) // 2 * DENSE_FRACTION)
+    chosen = torch.where(live, norms, torch.full_like(norms, -1.0)).topk(basis_rows, dim=1).indices
+    picked = torch.gather(rows32, 1, chosen[:, :, None].expand(-1, -1, rows32.shape[2]))
+    basis, _ = torch.linalg.qr(picked.transpose(1, 2))  # (V, D, k), orthonormal columns
+    projected = torch.bmm(rows32, basis) * scale[:, :, None]
+    outside = (live.to(torch.float32) - projected.pow(2).sum(dim=2)).clamp_min(0.0).sqrt()
+    bound = torch.baddbmm(outside[:, :, None] * outside[:, None, :], projected, projected.transpose(1, 2))
+    candidate = (bound >= threshold - MARGIN) & live[:, :, None] & live[:, None, :]
+    found = torch.nonzero(torch.triu(candidate, diagonal=1))  # (P, 3): update, i, j
+    per_update = torch.bincount(found[:, 0], minlength=len(weights)).tolist()
+    counts = live.sum(dim=1).tolist()
+    return [
+        NearPairs(pairs[:, 1:], norms[v], len(pairs) > counts[v] * (counts[v] - 1) // 2 * DENSE_FRACTION)
+        for v, pairs in enumerate(torch.split(found, per_update))
+    ]
+
+
+def rank_from_pairs(
+    diagonal: np.ndarray,
+    pairs: np.ndarray,
+    cosines: np.ndarray,
+    magnitude: np.ndarray,
+    limit: int,
+    copy_cosine: float,
+    dedup_cosine: float,
+) -> tuple[list[int], np.ndarray]:
+    """``rank_by_similarity`` when only the pairs ``pairs`` (P, 2) can reach either threshold (> 0).
+
+    ``diagonal`` holds each candidate's cosine with itself and ``cosines`` the verified cosine of each
+    pair; every other pair is below both thresholds, so the N x N matrix is never formed.
+    """
+    support = (diagonal >= copy_cosine).astype(np.int64)
+    copies = pairs[cosines >= copy_cosine]
+    support += np.bincount(copies.ravel(), minlength=len(diagonal))
+    order = np.lexsort((-magnitude, -support))
+    close: dict[int, list[int]] = {}
+    for i, j in pairs[cosines > dedup_cosine].tolist():
+        close.setdefault(i, []).append(j)
+        close.setdefault(j, []).append(i)
+    kept: list[int] = []
+    taken: set[int] = set()
+    for index in order.tolist():
+        if any(other in taken for other in close.get(index, ())):
+            continue
+        kept.append(index)
+        taken.add(index)
+        if len(kept) == limit:
+            break
+    return kept, support[kept]
 
 
 class DenseRatio(Attack):
@@ -176,10 +227,17 @@ class DenseRatio(Attack):
         threshold = min(copy_cosine, dedup_cosine)
         unsafe = max(copy_cosine, dedup_cosine) > SAFE_THRESHOLD or threshold <= 0
         screened = not (unsafe or 4 * basis_rows > width or 2 * basis_rows > rows)  # else all pairs pay
+        screens: list[NearPairs | None] = [None] * len(views)
+        if screened:
+            for start in range(0, len(views), SCREEN_BLOCK):
+                block = range(start, min(start + SCREEN_BLOCK, len(views)))
+                weights = torch.stack([views[i].update[layer.weight_key].detach().cpu() for i in block])
+                found = near_pairs_many(
+                    weights, bias[block.start : block.stop], usable[block.start : block.stop], basis_rows, threshold
+                )
+                screens[block.start : block.stop] = found
         results = []
-        for position, view in enumerate(views):
-            weight = view.update[layer.weight_key].detach().cpu()
-            screen = near_pairs(weight, bias[position], usable[position], basis_rows, threshold) if screened else None
+        for position, (view, screen) in enumerate(zip(views, screens, strict=True)):
             if screen is None or screen.needs_all_pairs:
                 results.append(self._all_pairs(view, layer.weight_key, bias[position], usable[position]))
             else:
@@ -232,12 +290,7 @@ class DenseRatio(Attack):
         pairs = screen.pairs
         diagonal = (screen.norms[usable] > 0).to(torch.float64).numpy()
         magnitude = bias.abs()[usable].numpy()
-        if pairs.numel() == 0 and dedup_cosine >= 0 and copy_cosine > 0:
-            support = (diagonal >= copy_cosine).astype(np.int64)
-            order = np.lexsort((-magnitude, -support))[: view.num_samples]
-            return self._answer(view, weight_key, bias, usable[order], torch.from_numpy(support[order]), len(usable))
-        similarity = np.full((usable.numel(), usable.numel()), BELOW)
-        np.fill_diagonal(similarity, diagonal)
+        exact = np.zeros(0)
         if pairs.numel():
             involved = torch.unique(pairs.flatten())
             candidates = gradient_rows(view, weight_key, involved) / bias[involved, None]
@@ -245,8 +298,6 @@ class DenseRatio(Attack):
             slot = torch.full((bias.shape[0],), -1, dtype=torch.long)
             slot[involved] = torch.arange(involved.numel())
             exact = (unit[slot[pairs[:, 0]]] * unit[slot[pairs[:, 1]]]).sum(dim=1).numpy()
-            first, second = position[pairs[:, 0]].numpy(), position[pairs[:, 1]].numpy()
-            similarity[first, second] = exact
-            similarity[second, first] = exact
-        kept, support = rank_by_similarity(similarity, magnitude, view.num_samples, copy_cosine, dedup_cosine)
+        local = position[pairs].numpy().reshape(-1, 2)
+        kept, support = rank_from_pairs(diagonal, local, exact, magnitude, view.num_samples, copy_cosine, dedup_cosine)
         return self._answer(view, weight_key, bias, usable[kept], torch.from_numpy(support), len(usable))

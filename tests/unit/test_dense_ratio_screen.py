@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from attacks import AttackerView
-from attacks.dense_ratio import DenseRatio, near_pairs, ranked_distinct_rows
+from attacks.dense_ratio import DenseRatio, near_pairs, rank_by_similarity, rank_from_pairs, ranked_distinct_rows
 from attacks.layers import summed_gradient
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -152,3 +153,21 @@ def test_an_update_without_usable_rows_gives_no_candidate() -> None:
     results = DenseRatio().reconstruct_many([view, other])
     assert results[0].images.shape == (0, *SHAPE)
     assert results[1].images.shape[0] == 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranking_from_the_near_pairs_equals_the_full_matrix(seed: int) -> None:
+    """rank_from_pairs on the pairs that can reach a threshold gives rank_by_similarity's answer."""
+    generator = np.random.default_rng(seed)
+    count = 60
+    similarity = np.full((count, count), -2.0)
+    np.fill_diagonal(similarity, (generator.random(count) > 0.1).astype(np.float64))  # some all-zero rows
+    pairs = np.array([(i, j) for i in range(count) for j in range(i + 1, count) if generator.random() < 0.08])
+    cosines = generator.choice([COPY, COPY + 5e-7, DEDUP + 1e-3, DEDUP, 0.5, 1.0], size=len(pairs))
+    similarity[pairs[:, 0], pairs[:, 1]] = cosines
+    similarity[pairs[:, 1], pairs[:, 0]] = cosines
+    magnitude = generator.random(count).round(1)  # ties in |gb| as well as in support
+    for limit in (1, 7, count):
+        expected = rank_by_similarity(similarity, magnitude, limit, COPY, DEDUP)
+        kept, support = rank_from_pairs(np.diag(similarity).copy(), pairs, cosines, magnitude, limit, COPY, DEDUP)
+        assert kept == expected[0] and np.array_equal(support, expected[1])
