@@ -10,7 +10,7 @@ the part of each row outside the basis bounds the error of every projected cosin
 whose bound does not exclude them from both thresholds (exact copies among them) are verified on the
 full float64 rows, and every other pair is certainly below both. The decisions (support, order and
 merging) are therefore those of the all-pairs cosine, up to round-off of the cosine itself. The updates
-of a batch are screened together (``near_pairs_many``: one batched QR and two batched products), and the
+of a batch are screened together (``near_pairs_many``: one batched QR and batched bounds), and the
 ranking reads only the verified pairs (``rank_from_pairs``), never an H x H matrix.
 """
 
@@ -94,30 +94,31 @@ def near_pairs(weight: Tensor, bias: Tensor, usable: Tensor, basis_rows: int, th
     p_i . p_j + |r_i| |r_j| + MARGIN below ``threshold`` is certainly below it. The basis spans the
     ``basis_rows`` usable rows of largest norm (all of a batch's rows when it has at most that many samples).
     """
-    return near_pairs_many(weight[None], bias[None], usable[None], basis_rows, threshold)[0]
+    return near_pairs_many([weight], bias[None], usable[None], basis_rows, threshold)[0]
 
 
 def near_pairs_many(
-    weights: Tensor, biases: Tensor, usable: Tensor, basis_rows: int, threshold: float
+    weights: Sequence[Tensor], biases: Tensor, usable: Tensor, basis_rows: int, threshold: float
 ) -> list[NearPairs]:
-    """``near_pairs`` of V updates at once: ``weights`` (V, H, D), ``biases`` and ``usable`` (V, H).
+    """``near_pairs`` of V updates at once: ``weights`` V tensors (H, D), ``biases`` and ``usable`` (V, H).
 
-    One batched QR and two batched products instead of V small ones; each update's answer is its own.
+    One batched QR and batched bounds instead of V small calls; the weight rows are read where they lie
+    (never stacked into one copy). Each update's answer is its own.
     """
-    rows32 = weights.detach().to(torch.float32)
-    norms = rows32.norm(dim=2)
+    rows32 = [weight.detach().to(torch.float32) for weight in weights]
+    norms = torch.stack([rows.norm(dim=1) for rows in rows32])
     live = usable.to(norms.device) & (norms > 0)
     scale = torch.sign(biases).to(torch.float32) / norms.clamp_min(torch.finfo(torch.float32).tiny)
     scale = torch.where(live, scale, torch.zeros_like(scale))
     chosen = torch.where(live, norms, torch.full_like(norms, -1.0)).topk(basis_rows, dim=1).indices
-    picked = torch.gather(rows32, 1, chosen[:, :, None].expand(-1, -1, rows32.shape[2]))
+    picked = torch.stack([rows[index] for rows, index in zip(rows32, chosen, strict=True)])
     basis, _ = torch.linalg.qr(picked.transpose(1, 2))  # (V, D, k), orthonormal columns
-    projected = torch.bmm(rows32, basis) * scale[:, :, None]
+    projected = torch.stack([rows @ base for rows, base in zip(rows32, basis, strict=True)]) * scale[:, :, None]
     outside = (live.to(torch.float32) - projected.pow(2).sum(dim=2)).clamp_min(0.0).sqrt()
     bound = torch.baddbmm(outside[:, :, None] * outside[:, None, :], projected, projected.transpose(1, 2))
     candidate = (bound >= threshold - MARGIN) & live[:, :, None] & live[:, None, :]
     found = torch.nonzero(torch.triu(candidate, diagonal=1))  # (P, 3): update, i, j
-    per_update = torch.bincount(found[:, 0], minlength=len(weights)).tolist()
+    per_update = torch.bincount(found[:, 0], minlength=len(rows32)).tolist()
     counts = live.sum(dim=1).tolist()
     return [
         NearPairs(pairs[:, 1:], norms[v], len(pairs) > counts[v] * (counts[v] - 1) // 2 * DENSE_FRACTION)
@@ -231,7 +232,7 @@ class DenseRatio(Attack):
         if screened:
             for start in range(0, len(views), SCREEN_BLOCK):
                 block = range(start, min(start + SCREEN_BLOCK, len(views)))
-                weights = torch.stack([views[i].update[layer.weight_key].detach().cpu() for i in block])
+                weights = [views[i].update[layer.weight_key].detach().cpu() for i in block]
                 found = near_pairs_many(
                     weights, bias[block.start : block.stop], usable[block.start : block.stop], basis_rows, threshold
                 )
