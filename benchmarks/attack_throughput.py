@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="victims per call (GPU: 1 64 1024 4096, CPU: 1 8 32 64)",
+        help="victims per call (GPU: 1 64 1024 4096, CPU: 1 8 64 256)",
     )
     parser.add_argument(
         "--naive-victims", type=int, default=None, help="victims the one-victim loop is timed on (GPU 2, CPU 4)"
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    victims = args.victims or ([1, 64, 1024, 4096] if cuda else [1, 8, 32, 64])
+    victims = args.victims or ([1, 64, 1024, 4096] if cuda else [1, 8, 64, 256])
     if min(args.iterations, args.batch_size, args.repeats, args.naive_victims or 1, *victims) < 1:
         parser.error("--iterations, --batch-size, --repeats, --naive-victims and --victims must be >= 1")
     if args.threads is not None:

@@ -158,13 +158,15 @@ def engine(
     audit: str | None = None,
     attack: str = "dense-ratio",
     audited: int | None = None,
+    attack_gpus: float = 0.0,
 ) -> tuple[float, float, float]:
     """Median seconds per round (rounds 2-4) of the Ray engine, peak memory (PSS) in MiB, share of rounds 2-4 audited.
 
     Memory comes from a separate two-round run of the same configuration, so sampling it does not touch the timing.
 
     With ``audit`` ("wait" or "skip", ``attack.audit.when_busy``) the root runs ``attack`` on ``audited``
-    clients' raw updates (default: every client), every round, with the default backlog of audited rounds.
+    clients' raw updates (default: every client), every round, with the default backlog of audited rounds;
+    ``attack_gpus`` > 0 puts the attack actors on the GPU (that fraction of one each).
     """
     chunk = min(int(base["resources"]["chunk_size"]), math.ceil(clients / (os.cpu_count() or 1)))
     overrides = [
@@ -181,6 +183,7 @@ def engine(
             f"attack.audit.clients_per_round={audited or clients}",
             f"attack.audit.when_busy={audit}",
             "resources.attack.num_cpus=0",
+            f"resources.attack.num_gpus={attack_gpus}",
         ]
     data = apply_overrides(base, overrides)
     data["tracking"] = {
@@ -213,10 +216,20 @@ def audit_runs(
         audited = min(limits.get(attack, clients), clients)
         for mode in ("wait", "skip") if attack == "dense-ratio" else ("wait",):
             seconds, memory, covered = engine(
-                base, clients, "fedsgd", workdir, batch=attack_batch, audit=mode, attack=attack, audited=audited
+                base,
+                clients,
+                "fedsgd",
+                workdir,
+                batch=attack_batch,
+                audit=mode,
+                attack=attack,
+                audited=audited,
+                attack_gpus=args.attack_gpus,
             )
             ratio = seconds / reference
             who = "all" if audited == clients else f"{audited:,} of {clients:,}"
+            if args.attack_gpus:
+                who += f", attack actors on the GPU ({args.attack_gpus:g} each)"
             label = f"engine + {attack} audits {who}, when_busy={mode} ({ratio:.2f}x; {covered:.0%} audited"
             if audited < clients:
                 label += f"; every client: {1 + (ratio - 1) * clients / audited:.1f}x extrapolated"
@@ -242,6 +255,12 @@ def main() -> None:
         default=[],
         metavar="ATTACK=K",
         help="audit K clients a round with ATTACK instead of every client (ratios then also extrapolated)",
+    )
+    parser.add_argument(
+        "--attack-gpus",
+        type=float,
+        default=0.0,
+        help="GPU share of each attack actor (resources.attack.num_gpus; 0: attacks on the CPU)",
     )
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
