@@ -22,6 +22,9 @@ class Attack(abc.ABC):
 
     name: ClassVar[str]
     parameters: ClassVar[Mapping[str, Param]] = {}
+    reads_factors: ClassVar[bool] = False
+    """Whether the attack reads a weight given as a thin SVD (``AttackerView.factors``) through the helpers
+    of ``attacks.layers``; other attacks are given every weight multiplied out."""
 
     def __init__(self, device: str | torch.device = "cpu", **params: Any) -> None:
         try:

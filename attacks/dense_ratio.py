@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
-from attacks.layers import first_dense_on_image, gradient_rows, summed_gradient
+from attacks.layers import first_dense_on_image, gradient_factors, gradient_rows, summed_gradient
 from attacks.params import Param
 from attacks.view import AttackerView, Reconstruction
 
@@ -170,6 +170,7 @@ class DenseRatio(Attack):
     """
 
     name: ClassVar[str] = "dense-ratio"
+    reads_factors: ClassVar[bool] = True
     parameters: ClassVar[dict[str, Param]] = {
         "tol": Param(1e-6, float, minimum=0.0, help="rows with |gb_j| <= tol * max|gb| are skipped"),
         "copy_cosine": Param(
@@ -229,17 +230,19 @@ class DenseRatio(Attack):
         unsafe = max(copy_cosine, dedup_cosine) > SAFE_THRESHOLD or threshold <= 0
         screened = not (unsafe or 4 * basis_rows > width or 2 * basis_rows > rows)  # else all pairs pay
         screens: list[NearPairs | None] = [None] * len(views)
+        formed = [i for i, view in enumerate(views) if layer.weight_key not in view.factors]
         if screened:
-            for start in range(0, len(views), SCREEN_BLOCK):
-                block = range(start, min(start + SCREEN_BLOCK, len(views)))
+            for start in range(0, len(formed), SCREEN_BLOCK):
+                block = formed[start : start + SCREEN_BLOCK]
                 weights = [views[i].update[layer.weight_key].detach().cpu() for i in block]
-                found = near_pairs_many(
-                    weights, bias[block.start : block.stop], usable[block.start : block.stop], basis_rows, threshold
-                )
-                screens[block.start : block.stop] = found
+                found = near_pairs_many(weights, bias[block], usable[block], basis_rows, threshold)
+                for i, near in zip(block, found, strict=True):
+                    screens[i] = near
         results = []
         for position, (view, screen) in enumerate(zip(views, screens, strict=True)):
-            if screen is None or screen.needs_all_pairs:
+            if layer.weight_key in view.factors:
+                results.append(self._factored(view, layer.weight_key, bias[position], usable[position]))
+            elif screen is None or screen.needs_all_pairs:
                 results.append(self._all_pairs(view, layer.weight_key, bias[position], usable[position]))
             else:
                 results.append(self._screened(view, layer.weight_key, bias[position], usable[position], screen))
@@ -276,6 +279,24 @@ class DenseRatio(Attack):
             self.params["dedup_cosine"],
         )
         return self._answer(view, weight_key, bias, usable[kept], support, usable.numel())
+
+    def _factored(self, view: AttackerView, weight_key: str, bias: Tensor, usable_mask: Tensor) -> Reconstruction:
+        """The all-pairs cosine read from a thin SVD: with V orthonormal, row i of L @ V.T has the length and
+        the inner products of row i of L, so every pair costs r (the update's rank) multiply-adds."""
+        usable = torch.nonzero(usable_mask).flatten()
+        if usable.numel() == 0:
+            return self._empty(view)
+        left, _ = gradient_factors(view, weight_key)
+        rows = left[usable] * torch.sign(bias[usable])[:, None]  # candidate j points along gW_j / gb_j
+        unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        kept, support = rank_by_similarity(
+            (unit @ unit.T).numpy(),
+            bias.abs()[usable].numpy(),
+            view.num_samples,
+            self.params["copy_cosine"],
+            self.params["dedup_cosine"],
+        )
+        return self._answer(view, weight_key, bias, usable[kept], torch.from_numpy(support), usable.numel())
 
     def _screened(
         self, view: AttackerView, weight_key: str, bias: Tensor, usable_mask: Tensor, screen: NearPairs

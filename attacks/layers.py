@@ -118,6 +118,9 @@ def summed_gradient(view: AttackerView, key: str) -> Tensor:
 
     For a delta after several local steps this is the sum of the per-step batch-mean gradients.
     """
+    if key in view.factors:
+        left, right = gradient_factors(view, key)
+        return left @ right.T
     update = view.update[key].detach().to(torch.float64).cpu()
     if view.kind == "delta":
         return -update / view.lr
@@ -129,7 +132,17 @@ def gradient_rows(view: AttackerView, key: str, rows: Tensor) -> Tensor:
 
     Elementwise the same operations as ``summed_gradient``, so the values are identical.
     """
+    if key in view.factors:
+        left, right = gradient_factors(view, key)
+        return left[rows.to(left.device)] @ right.T
     update = view.update[key].detach()[rows.to(view.update[key].device)].to(torch.float64).cpu()
     if view.kind == "delta":
         return -update / view.lr
     return update
+
+
+def gradient_factors(view: AttackerView, key: str) -> tuple[Tensor, Tensor]:
+    """``summed_gradient(view, key)`` as (L, V) with L @ V.T the gradient and V orthonormal, for a weight
+    the view holds as a thin SVD (``AttackerView.factors``); float64 on the CPU."""
+    left, right = (part.detach().to(torch.float64).cpu() for part in view.factors[key])
+    return (-left / view.lr if view.kind == "delta" else left), right

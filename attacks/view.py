@@ -29,7 +29,10 @@ class AttackerView:
 
     ``update`` is the mean loss gradient of one batch (``kind="gradient"``, FedSGD) or the weight
     delta ``params_after - params_before`` after ``local_steps`` SGD steps (``kind="delta"``, FedAvg).
-    ``labels`` is set only when the threat model declares the labels public.
+    ``labels`` is set only when the threat model declares the labels public. ``factors`` holds the
+    weights that came as a thin SVD, key -> (L, V) with the update equal to L @ V.T (V's columns
+    orthonormal; a function of the update alone); such keys are then absent from ``update``. Only attacks
+    that declare ``reads_factors`` are given views with factors; the helpers of ``attacks.layers`` read both.
     """
 
     model: torch.nn.Module
@@ -44,6 +47,7 @@ class AttackerView:
     input_shape: tuple[int, ...]
     num_classes: int
     labels: Tensor | None = None
+    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
@@ -53,7 +57,7 @@ class AttackerView:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.kind == "delta" and not self.lr > 0:
             raise ValueError(f"lr: must be > 0 for a delta update, got {self.lr}")
-        missing = sorted(set(self.global_params) - set(self.update))
+        missing = sorted(set(self.global_params) - set(self.update) - set(self.factors))
         if missing:
             raise ValueError(f"update: missing parameters {', '.join(missing)}")
         if self.labels is not None and self.labels.shape[0] != self.num_samples:

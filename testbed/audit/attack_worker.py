@@ -83,6 +83,7 @@ class AttackWorker:
                 self.input_shape,
                 self.num_classes,
                 self.losses[update.group],
+                keep_factors=all(attack.reads_factors for attack in self.attacks),
             )
             for update in updates
         ]

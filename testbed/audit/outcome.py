@@ -39,14 +39,21 @@ def attacker_view(
     input_shape: tuple[int, ...],
     num_classes: int,
     loss_name: str,
+    keep_factors: bool = False,
 ) -> AttackerView:
-    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss)."""
+    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss).
+
+    A weight the client sent as a thin SVD (``ClientUpdate.factors``) is multiplied out, unless
+    ``keep_factors`` (every attack to run reads factors: ``Attack.reads_factors``) passes it as it came.
+    """
     labels = torch.as_tensor(update.labels) if update.labels is not None else None
     algorithm = experiment.algorithm
+    sent = update.update if keep_factors else update.formed()
     return AttackerView(
         model=model,
-        global_params={key: value for key, value in global_params.items() if key in update.update},  # no buffers
-        update={key: value.clone() for key, value in update.update.items()},  # received tensors are read-only
+        global_params={key: value for key, value in global_params.items() if key in sent or key in update.factors},
+        update={key: value.clone() for key, value in sent.items()},  # received tensors are read-only
+        factors=dict(update.factors) if keep_factors else {},
         kind="gradient" if algorithm.name == "fedsgd" else "delta",
         batch_size=update.batch_size,
         num_samples=update.num_samples,

@@ -171,4 +171,4 @@ class Aggregator:
 
 def _inline(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     """The updates that arrived with their tensors (edge aggregates), not as metadata of referenced ones."""
-    return [update for update in updates if update.update]
+    return [update for update in updates if update.update or update.factors]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from defenses import Loss
 from testbed.runtime.local_update import StackedBatches
+from testbed.runtime.low_rank import Factors, thin_factors
 from testbed.runtime.records import Params
 
 ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh)
@@ -107,10 +108,15 @@ class FusedTrace:
                 squares += _total(g.sum(dim=1) for g in layer.signals).pow(2).sum(dim=1)
         return squares.clamp_min(0.0).sqrt() * abs(self.scale)
 
-    def per_client(self, rows: Tensor) -> Params:
-        """The full updates of the clients at positions ``rows``, stacked by client."""
+    def per_client(self, rows: Tensor, skip: frozenset[str] = frozenset()) -> Params:
+        """The full updates of the clients at positions ``rows``, stacked by client (weights named in ``skip``
+        left out: ``factors`` gives them)."""
         update: Params = {}
         for layer in self.layers:
+            if layer.weight_key in skip:
+                if layer.bias_key is not None:
+                    update[layer.bias_key] = _total((g[rows] * self.scale).sum(dim=1) for g in layer.signals)
+                continue
             signals = [g[rows] * self.scale for g in layer.signals]
             update[layer.weight_key] = _total(
                 torch.bmm(g.transpose(1, 2), a[rows]) for g, a in zip(signals, layer.inputs, strict=True)
@@ -118,6 +124,17 @@ class FusedTrace:
             if layer.bias_key is not None:
                 update[layer.bias_key] = _total(g.sum(dim=1) for g in signals)
         return update
+
+    def samples(self, layer: int = 0) -> int:
+        """Rows behind one client's update of a layer (samples per step x steps): a bound on its rank."""
+        return sum(a.shape[1] for a in self.layers[layer].inputs)
+
+    def factors(self, rows: Tensor, layer: int = 0) -> list[Factors]:
+        """Per client at ``rows``, its update of the weight of ``layers[layer]`` as a thin SVD (``thin_factors``)."""
+        dense = self.layers[layer]
+        signals = torch.cat([g[rows] * self.scale for g in dense.signals], dim=1)
+        inputs = torch.cat([a[rows] for a in dense.inputs], dim=1)
+        return thin_factors(signals, inputs)
 
 
 def _total(terms: Iterable[Tensor]) -> Tensor:

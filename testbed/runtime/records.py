@@ -38,16 +38,29 @@ class ClientUpdate:
     batch_size: int
     local_steps: int
     labels: np.ndarray | None  # the batch labels, only when the threat model declares them public
+    # weights sent as a thin SVD (testbed.runtime.low_rank): key -> (L, V), the update being L @ V.T;
+    # such a key is not in ``update`` (``formed`` gives every parameter as a tensor)
+    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def formed(self) -> Params:
+        """Every parameter's update as a tensor of the update's dtype (factored weights multiplied out)."""
+        dtype = next(iter(self.update.values())).dtype if self.update else torch.float32
+        return {**self.update, **{key: (left @ right.T).to(dtype) for key, (left, right) in self.factors.items()}}
 
     def __getstate__(self) -> dict[str, Any]:
         """Tensors travel as numpy arrays, which Ray's object store passes without copying them."""
         state = dict(self.__dict__)
         state["update"] = {key: value.detach().cpu().numpy() for key, value in self.update.items()}
+        state["factors"] = {key: (left.numpy(), right.numpy()) for key, (left, right) in self.factors.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Arrays from the object store are read-only: the tensors alias them (readers must not write)."""
         state["update"] = _tensors(state["update"])
+        factors = state.get("factors", {})
+        lefts = _tensors({key: pair[0] for key, pair in factors.items()})
+        rights = _tensors({key: pair[1] for key, pair in factors.items()})
+        state["factors"] = {key: (lefts[key], rights[key]) for key in factors}
         self.__dict__.update(state)
 
 

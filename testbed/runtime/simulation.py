@@ -24,6 +24,7 @@ from testbed.runtime.dp_update import dp_local_steps, dp_updates
 from testbed.runtime.faults import corrupt_values, malformed
 from testbed.runtime.fused import dense_deltas, fusable, fused_trace, worth_fusing
 from testbed.runtime.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
+from testbed.runtime.low_rank import Factors, worth_factoring
 from testbed.runtime.models import model_for
 from testbed.runtime.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
 from testbed.runtime.validation import structure_problem, validate_stack
@@ -260,8 +261,12 @@ def _hand_off(
     update: Params,
     summary: ChunkSummary,
     payload: ChunkPayload,
+    factors: list[dict[str, Factors]] | None = None,
 ) -> None:
-    """Pass the audited clients' raw updates to the aggregator; keep their sample indices as ground truth."""
+    """Pass the audited clients' raw updates to the aggregator; keep their sample indices as ground truth.
+
+    ``factors`` (per row of ``clients``) holds the weights sent as a thin SVD instead of in ``update``.
+    """
     experiment = context.experiment
     audited = {int(c) for c in task.audited}
     public_labels = experiment.attack is not None and experiment.attack.labels_known
@@ -282,6 +287,7 @@ def _hand_off(
                 batch_size=group.config.batch_size,
                 local_steps=int((used[row] > 0).sum()),
                 labels=context.labels[rows] if public_labels else None,
+                factors=factors[row] if factors is not None else {},
             )
         )
 
@@ -335,8 +341,12 @@ def _fused(
     rows = [row for row, client in enumerate(clients) if int(client) in audited]
     if rows:
         chosen = torch.tensor(rows, device=batches.x.device)
-        update = trace.per_client(chosen)
-        _hand_off(context, group, task, clients[rows], index[rows], used[chosen], update, summary, payload)
+        first = trace.layers[0]
+        shape = params[first.weight_key].shape
+        factored = worth_factoring(trace.samples(), shape[0], shape[1])  # sent as a thin SVD, never formed
+        update = trace.per_client(chosen, frozenset({first.weight_key}) if factored else frozenset())
+        factors = [{first.weight_key: pair} for pair in trace.factors(chosen)] if factored else None
+        _hand_off(context, group, task, clients[rows], index[rows], used[chosen], update, summary, payload, factors)
     return True
 
 

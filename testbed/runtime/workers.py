@@ -57,7 +57,7 @@ class ClientWorker:
         """
         summary, payload = simulate_chunk(self.context, params, task)
         audited = payload.audited
-        payload.audited = [dataclasses.replace(update, update={}) for update in audited]
+        payload.audited = [dataclasses.replace(update, update={}, factors={}) for update in audited]
         return summary, payload, audited
 
 

@@ -1,0 +1,111 @@
+"""Audited updates sent as a thin SVD: the same matrix, a function of the update alone, the same attack answer."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import DenseRatio
+from testbed.audit.attack_worker import attack_model
+from testbed.audit.outcome import attacker_view
+from testbed.config.topology import validate
+from testbed.runtime import simulation
+from testbed.runtime.low_rank import thin_factors, worth_factoring
+from testbed.runtime.preparation import initial_params, prepare_data
+from testbed.runtime.records import ChunkTask, ClientUpdate
+from testbed.runtime.simulation import SimulationContext, simulate_chunk
+from tests.conftest import small_experiment
+
+
+def test_thin_factors_are_the_update_and_a_function_of_it_alone() -> None:
+    generator = torch.Generator().manual_seed(0)
+    signals = torch.randn(3, 12, 64, generator=generator, dtype=torch.float64)
+    inputs = torch.rand(3, 12, 200, generator=generator, dtype=torch.float64)
+    signals[1, 8:] = 0.0  # padding rows add nothing: client 1 has rank 8
+    inputs[2, 6:] = inputs[2, :6]  # repeated samples: client 2 has rank at most 6
+    factors = thin_factors(signals, inputs)
+    assert [right.shape[1] for _, right in factors] == [12, 8, 6]
+    # a different set of rows behind the same updates: M G and M^-T A for an invertible M
+    mixing = torch.randn(3, 12, 12, generator=generator, dtype=torch.float64) + 4 * torch.eye(12, dtype=torch.float64)
+    again = thin_factors(mixing @ signals, torch.linalg.solve(mixing.transpose(1, 2), inputs))
+    for c, ((left, right), (left2, right2)) in enumerate(zip(factors, again, strict=True)):
+        formed = signals[c].T @ inputs[c]
+        scale = formed.abs().max()
+        # float64 round-off of a product of 12-term sums, relative to the largest entry
+        assert (left @ right.T - formed).abs().max() <= 1e-12 * scale
+        torch.testing.assert_close(right.T @ right, torch.eye(right.shape[1], dtype=torch.float64), atol=1e-12, rtol=0)
+        assert (right.abs().argmax(dim=0) == (right.argmax(dim=0))).all()  # each column's peak is positive
+        # the same factors, to the conditioning of the random M (singular values are well separated here)
+        torch.testing.assert_close(right2, right, atol=1e-8, rtol=0)
+        torch.testing.assert_close(left2, left, atol=1e-8 * float(scale), rtol=0)
+
+
+def test_worth_factoring_needs_a_thin_update() -> None:
+    assert worth_factoring(32, 256, 784) and not worth_factoring(32, 64, 784) and not worth_factoring(16, 32, 784)
+
+
+def _chunk(hidden: int, batch: int) -> tuple[Any, Any, Any, Any]:
+    data = small_experiment(
+        {"uri": "sqlite:///unused.db"},
+        model={"name": "mlp", "hidden": [hidden]},
+        clients=[{"group": "a", "count": 8, "batch_size": batch}],
+        attack={"name": "dense-ratio"},
+    )
+    experiment = validate(data)
+    prepared = prepare_data(experiment)
+    dataset = prepared.dataset
+    context = SimulationContext.build(
+        experiment, dataset.train_x, dataset.train_y, prepared.partition, dataset.num_classes
+    )
+    params = initial_params(experiment, dataset)
+    clients = np.arange(8)
+    task = ChunkTask(index=0, round=1, group=0, clients=clients, audited=clients[:5])
+    _, payload = simulate_chunk(context, params, task)
+    return experiment, dataset, params, payload
+
+
+def test_a_fused_chunk_sends_its_audited_first_layers_factored() -> None:
+    experiment, dataset, params, payload = _chunk(hidden=256, batch=8)
+    assert len(payload.audited) == 5
+    for update in payload.audited:
+        assert set(update.factors) == {"1.weight"} and "1.weight" not in update.update
+        left, right = update.factors["1.weight"]
+        assert right.shape[1] <= update.num_samples
+        back = pickle.loads(pickle.dumps(update, protocol=5))
+        assert isinstance(back, ClientUpdate) and torch.equal(back.factors["1.weight"][0], left)
+    # the same chunk with the factoring off gives the formed updates: equal to float32 round-off
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(simulation, "worth_factoring", lambda *_: False)
+        _, _, _, formed_payload = _chunk(hidden=256, batch=8)
+    for update, formed in zip(payload.audited, formed_payload.audited, strict=True):
+        assert not formed.factors
+        for key, value in formed.update.items():
+            rebuilt = update.formed()[key]
+            assert rebuilt.dtype == value.dtype
+            # float32 products of 8-term sums against float64 factors: a few float32 ulps of the largest entry
+            assert (rebuilt - value).abs().max() <= 1e-5 * value.abs().max()
+            if key != "1.weight":
+                assert torch.equal(update.update[key], value)
+    # dense-ratio reads the factors directly, and recovers what it recovers from the formed update
+    net = attack_model(experiment, dataset.input_shape, dataset.num_classes)
+    attack = DenseRatio()
+    for update, formed in zip(payload.audited, formed_payload.audited, strict=True):
+        args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
+        factored_view = attacker_view(update, *args, keep_factors=True)
+        assert "1.weight" in factored_view.factors and "1.weight" not in factored_view.update
+        plain_view = attacker_view(formed, *args)
+        mine, theirs = attack.reconstruct(factored_view), attack.reconstruct(plain_view)
+        assert mine.images.shape == theirs.images.shape
+        # the same rows kept; each image is a row over its bias, from float32 W against float64 factors
+        torch.testing.assert_close(mine.images, theirs.images, atol=1e-4, rtol=1e-4)
+        # without keep_factors the view holds the weight multiplied out, as any other attack needs it
+        assert "1.weight" in attacker_view(update, *args).update
+
+
+def test_a_wide_batch_is_sent_formed() -> None:
+    _, _, _, payload = _chunk(hidden=32, batch=16)
+    assert all(not update.factors and "1.weight" in update.update for update in payload.audited)
