@@ -43,17 +43,14 @@ def thin_factors(signals: Tensor, inputs: Tensor) -> list[Factors]:
     kept = lam > lam.amax(dim=1, keepdim=True) * RANK_TOLERANCE
     root = torch.where(kept, lam.clamp_min(0.0).sqrt(), torch.zeros_like(lam))
     inverse = torch.where(kept, 1.0 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
-    gq = g.transpose(1, 2) @ q  # (C, out, R): G^T Q
-    gram = (gq * root[:, None, :]).transpose(1, 2) @ (gq * root[:, None, :])  # lam^1/2 Q^T K_g Q lam^1/2
-    power, z = torch.linalg.eigh(gram)
-    left = ((gq * root[:, None, :]) @ z).cpu()
-    right = (a.transpose(1, 2) @ (q * inverse[:, None, :]) @ z).cpu()
-    significant = (power > power.amax(dim=1, keepdim=True) * RANK_TOLERANCE).cpu()
-    factors: list[Factors] = []
-    for c in range(len(power)):
-        keep = significant[c].flip(0)  # largest singular value first
-        kept_left, kept_right = left[c].flip(1)[:, keep], right[c].flip(1)[:, keep]
-        peak = kept_right.abs().argmax(dim=0)
-        sign = torch.sign(kept_right[peak, torch.arange(kept_right.shape[1])])
-        factors.append((kept_left * sign, kept_right * sign))
-    return factors
+    # every product keeps the R rows first, so the long axes (out, in) stay contiguous
+    scaled = (q * root[:, None, :]).transpose(1, 2) @ g  # (C, R, out): lam^1/2 Q^T G
+    power, z = torch.linalg.eigh(scaled @ scaled.transpose(1, 2))
+    power, z = power.flip(1).cpu(), z.flip(2)  # largest singular value first
+    left = (z.transpose(1, 2) @ scaled).cpu()  # (C, R, out): L^T
+    right = (((q * inverse[:, None, :]) @ z).transpose(1, 2) @ a).cpu()  # (C, R, in): V^T
+    sign = torch.sign(torch.gather(right, 2, right.abs().argmax(dim=2, keepdim=True)))  # largest entry positive
+    left *= sign
+    right *= sign
+    ranks = (power > power[:, :1] * RANK_TOLERANCE).sum(dim=1).tolist()  # a prefix: descending order
+    return [(left[c, :rank].T, right[c, :rank].T) for c, rank in enumerate(ranks)]

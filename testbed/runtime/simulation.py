@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from attacks.registry import ATTACKS
 from defenses import DefencePolicy, build_policy, expected_batch_size, poisson_sample, sample_rate
 from testbed.config.schema import ClientGroupConfig, Experiment
 from testbed.data.partition import Partition
@@ -62,6 +63,7 @@ class SimulationContext:
     groups: list[GroupRuntime]
     device: torch.device
     fusable: bool = False
+    factor_audits: bool = False  # every attack reads factored weights (Attack.reads_factors)
 
     @classmethod
     def build(
@@ -94,6 +96,8 @@ class SimulationContext:
             groups=groups,
             device=torch.device(device),
             fusable=fusable(model),
+            factor_audits=experiment.attack is not None
+            and all(getattr(ATTACKS.get(name), "reads_factors", False) for name in experiment.attack.names),
         )
 
     def num_batches(self, samples: int, batch_size: int) -> tuple[int, int]:
@@ -343,7 +347,8 @@ def _fused(
         chosen = torch.tensor(rows, device=batches.x.device)
         first = trace.layers[0]
         shape = params[first.weight_key].shape
-        factored = worth_factoring(trace.samples(), shape[0], shape[1])  # sent as a thin SVD, never formed
+        # sent as a thin SVD, never formed, when every attack reads it so (the others would multiply it out)
+        factored = context.factor_audits and worth_factoring(trace.samples(), shape[0], shape[1])
         update = trace.per_client(chosen, frozenset({first.weight_key}) if factored else frozenset())
         factors = [{first.weight_key: pair} for pair in trace.factors(chosen)] if factored else None
         _hand_off(context, group, task, clients[rows], index[rows], used[chosen], update, summary, payload, factors)

@@ -48,12 +48,12 @@ def test_worth_factoring_needs_a_thin_update() -> None:
     assert worth_factoring(32, 256, 784) and not worth_factoring(32, 64, 784) and not worth_factoring(16, 32, 784)
 
 
-def _chunk(hidden: int, batch: int) -> tuple[Any, Any, Any, Any]:
+def _chunk(hidden: int, batch: int, attack: Any = "dense-ratio") -> tuple[Any, Any, Any, Any]:
     data = small_experiment(
         {"uri": "sqlite:///unused.db"},
         model={"name": "mlp", "hidden": [hidden]},
         clients=[{"group": "a", "count": 8, "batch_size": batch}],
-        attack={"name": "dense-ratio"},
+        attack={"name": attack},
     )
     experiment = validate(data)
     prepared = prepare_data(experiment)
@@ -106,6 +106,7 @@ def test_a_fused_chunk_sends_its_audited_first_layers_factored() -> None:
         assert "1.weight" in attacker_view(update, *args).update
 
 
-def test_a_wide_batch_is_sent_formed() -> None:
-    _, _, _, payload = _chunk(hidden=32, batch=16)
-    assert all(not update.factors and "1.weight" in update.update for update in payload.audited)
+def test_a_wide_batch_or_an_attack_that_needs_the_matrix_gets_it_formed() -> None:
+    for payload in (_chunk(hidden=32, batch=16)[3], _chunk(256, 8, ["dense-ratio", "inverting-gradients"])[3]):
+        assert payload.audited
+        assert all(not update.factors and "1.weight" in update.update for update in payload.audited)
