@@ -130,7 +130,8 @@ def summed_gradient(view: AttackerView, key: str) -> Tensor:
 def gradient_rows(view: AttackerView, key: str, rows: Tensor) -> Tensor:
     """Rows ``rows`` of ``summed_gradient(view, key)`` (a 2-d parameter), computed for those rows only.
 
-    Elementwise the same operations as ``summed_gradient``, so the values are identical.
+    Elementwise the same operations as ``summed_gradient``, so the values are identical (for a weight held
+    as a thin SVD: the same rows of L times V^T, equal to round-off).
     """
     if key in view.factors:
         left, right = gradient_factors(view, key)
