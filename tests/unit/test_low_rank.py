@@ -44,6 +44,21 @@ def test_thin_factors_are_the_update_and_a_function_of_it_alone() -> None:
         torch.testing.assert_close(left2, left, atol=1e-8 * float(scale), rtol=0)
 
 
+def test_a_faint_sample_keeps_its_own_rows() -> None:
+    """A confident sample drives a few units with a tiny error signal: dense-ratio uses such rows (|gb_j|
+    above 1e-6 of the largest), so the factors must keep them as exact as the formed update does."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.rand(1, 64, 784, generator=generator, dtype=torch.float64)
+    signals = torch.randn(1, 64, 256, generator=generator, dtype=torch.float64)
+    signals[0, :, :4] = 0.0
+    signals[0, 5] *= 1e-9  # sample 5: a billionth of the others' signal, and alone on units 0-3
+    signals[0, 5, :4] = 3e-9
+    [(left, right)] = thin_factors(signals, inputs)
+    rows = left[:4] @ right.T
+    cosine = (rows @ inputs[0, 5]) / (rows.norm(dim=1) * inputs[0, 5].norm())
+    assert right.shape[1] == 64 and (1 - cosine).abs().max() < 1e-9
+
+
 def test_worth_factoring_needs_a_thin_update() -> None:
     assert worth_factoring(32, 256, 784) and not worth_factoring(32, 64, 784) and not worth_factoring(16, 32, 784)
 
