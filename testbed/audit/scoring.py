@@ -92,7 +92,6 @@ def score_outcomes(
         for start in range(0, len(batches), MATCH_BLOCK)
         for result in match_many(batches[start : start + MATCH_BLOCK])
     ]
-    baselines_of: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # per client, shared by its attacks
     shown = list(dict.fromkeys(outcome.client for outcome, _ in found))[:keep_images]  # every attack's images
     scored = []
     for (outcome, indices), result in zip(found, results, strict=True):
@@ -103,11 +102,7 @@ def score_outcomes(
             inferred = reconstruction.labels.cpu().numpy()
             labels = label_accuracy(train_y[indices], inferred)
             exact = bool(np.array_equal(np.sort(train_y[indices]), np.sort(inferred.astype(train_y.dtype))))
-        known: dict[str, dict[str, np.ndarray]] = {}
-        if baselines is not None:
-            if outcome.client not in baselines_of:
-                baselines_of[outcome.client] = baselines.scores(indices)
-            known = baselines_of[outcome.client]
+        known = baselines.scores(indices) if baselines is not None else {}
         flags = recovered_beyond(result.scores, known)
         kept = outcome if outcome.client in shown else dataclasses.replace(outcome, reconstruction=None)
         scored.append(ScoredClient(kept, indices, result, labels, known, flags, exact))

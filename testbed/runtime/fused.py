@@ -113,14 +113,11 @@ class FusedTrace:
         left out: ``factors`` gives them)."""
         update: Params = {}
         for layer in self.layers:
-            if layer.weight_key in skip:
-                if layer.bias_key is not None:
-                    update[layer.bias_key] = _total((g[rows] * self.scale).sum(dim=1) for g in layer.signals)
-                continue
             signals = [g[rows] * self.scale for g in layer.signals]
-            update[layer.weight_key] = _total(
-                torch.bmm(g.transpose(1, 2), a[rows]) for g, a in zip(signals, layer.inputs, strict=True)
-            )
+            if layer.weight_key not in skip:
+                update[layer.weight_key] = _total(
+                    torch.bmm(g.transpose(1, 2), a[rows]) for g, a in zip(signals, layer.inputs, strict=True)
+                )
             if layer.bias_key is not None:
                 update[layer.bias_key] = _total(g.sum(dim=1) for g in signals)
         return update
