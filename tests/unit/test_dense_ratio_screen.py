@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from attacks import AttackerView
-from attacks.dense_ratio import DenseRatio, near_pairs, rank_by_similarity, rank_from_pairs, ranked_distinct_rows
+from attacks.dense_ratio import (
+    DenseRatio,
+    near_pairs,
+    rank_by_similarity,
+    rank_by_similarity_many,
+    rank_from_pairs,
+    ranked_distinct_rows,
+)
 from attacks.layers import summed_gradient
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -171,3 +178,29 @@ def test_ranking_from_the_near_pairs_equals_the_full_matrix(seed: int) -> None:
         expected = rank_by_similarity(similarity, magnitude, limit, COPY, DEDUP)
         kept, support = rank_from_pairs(np.diag(similarity).copy(), pairs, cosines, magnitude, limit, COPY, DEDUP)
         assert kept == expected[0] and np.array_equal(support, expected[1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranking_many_views_at_once_equals_ranking_each(seed: int) -> None:
+    """rank_by_similarity_many gives every view rank_by_similarity's answer on its usable rows."""
+    generator = np.random.default_rng(seed)
+    views, count = 6, 40
+    cosines = generator.choice([COPY, COPY - 1e-9, DEDUP + 1e-3, DEDUP, 0.5, 1.0, -0.3], size=(views, count, count))
+    similarity = np.triu(cosines, 1)
+    similarity = similarity + similarity.transpose(0, 2, 1)
+    for v in range(views):
+        np.fill_diagonal(similarity[v], (generator.random(count) > 0.1).astype(np.float64))  # some all-zero rows
+    magnitude = generator.random((views, count)).round(1)  # ties in |gb| as well as in support
+    usable = generator.random((views, count)) > 0.3
+    usable[0] = False  # a view without a usable row
+    limits = [1, 7, count, 3, 12, 5]
+    answers = rank_by_similarity_many(similarity, magnitude, usable, limits, COPY, DEDUP)
+    for v, (kept, support) in enumerate(answers):
+        rows = np.flatnonzero(usable[v])
+        expected_kept, expected_support = (
+            rank_by_similarity(similarity[v][np.ix_(rows, rows)], magnitude[v, rows], limits[v], COPY, DEDUP)
+            if len(rows)
+            else ([], np.zeros(0, dtype=np.int64))
+        )
+        assert kept == rows[expected_kept].tolist()
+        assert np.array_equal(support, expected_support)

@@ -108,15 +108,20 @@ def test_a_fused_chunk_sends_its_audited_first_layers_factored() -> None:
     # dense-ratio reads the factors directly, and recovers what it recovers from the formed update
     net = attack_model(experiment, dataset.input_shape, dataset.num_classes)
     attack = DenseRatio()
-    for update, formed in zip(payload.audited, formed_payload.audited, strict=True):
-        args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
-        factored_view = attacker_view(update, *args, keep_factors=True)
+    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
+    factored_views = [attacker_view(update, *args, keep_factors=True) for update in payload.audited]
+    together = attack.reconstruct_many(factored_views)  # all factored views ranked in one batch
+    for update, formed, factored_view, batched in zip(
+        payload.audited, formed_payload.audited, factored_views, together, strict=True
+    ):
         assert "1.weight" in factored_view.factors and "1.weight" not in factored_view.update
         plain_view = attacker_view(formed, *args)
         mine, theirs = attack.reconstruct(factored_view), attack.reconstruct(plain_view)
-        assert mine.images.shape == theirs.images.shape
+        assert mine.images.shape == theirs.images.shape == batched.images.shape
         # the same rows kept; each image is a row over its bias, from float32 W against float64 factors
         torch.testing.assert_close(mine.images, theirs.images, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.images, mine.images, atol=1e-6, rtol=1e-6)
+        assert batched.diagnostics["top_support"] == theirs.diagnostics["top_support"]
         # without keep_factors the view holds the weight multiplied out, as any other attack needs it
         assert "1.weight" in attacker_view(update, *args).update
 
