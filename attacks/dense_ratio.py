@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
+from attacks.copy_ranking import rank_by_units
 from attacks.layers import first_dense_on_image, gradient_factors, gradient_rows, summed_gradient
 from attacks.params import Param
 from attacks.view import AttackerView, Reconstruction
@@ -39,11 +40,6 @@ DENSE_FRACTION = 0.125
 """A view with more candidate pairs to verify than this fraction of all pairs takes the all-pairs product."""
 SCREEN_BLOCK = 16
 """Updates screened per batched call (bounds the stacked copy of their weight rows)."""
-FACTOR_MARGIN = 1e-5
-"""Bound on the error of a float32 cosine of two unit vectors of at most 64 float64 components (about
-64 float32 round-offs, 4e-6): pairs within it of a threshold are decided by their float64 cosine."""
-FACTOR_BLOCK = 16
-"""Views whose float32 cosines are taken per batched product (16 x 256 x 256 floats: 4 MiB)."""
 SAFE_THRESHOLD = 1 - 1e-9
 """Thresholds above this are decided by the round-off of a row's own norm: such views take the all-pairs path."""
 
@@ -68,58 +64,6 @@ def rank_by_similarity(
         if len(kept) == limit:
             break
     return kept, support[kept]
-
-
-def rank_by_similarity_many(
-    similarity: np.ndarray,
-    magnitude: np.ndarray,
-    usable: np.ndarray,
-    limits: Sequence[int],
-    copy_cosine: float,
-    dedup_cosine: float,
-) -> list[tuple[list[int], np.ndarray]]:
-    """``rank_by_similarity`` of V views at once, each on its usable rows; indices are into all H rows.
-
-    ``similarity`` is (V, H, H), ``magnitude`` and ``usable`` (V, H). View v's answer equals
-    ``rank_by_similarity`` on its usable rows and columns, with the indices mapped back.
-    """
-    both = usable[:, :, None] & usable[:, None, :]
-    return rank_by_relations(
-        (similarity >= copy_cosine) & both, (similarity > dedup_cosine) & both, magnitude, usable, limits
-    )
-
-
-def rank_by_relations(
-    copies: np.ndarray, close: np.ndarray, magnitude: np.ndarray, usable: np.ndarray, limits: Sequence[int]
-) -> list[tuple[list[int], np.ndarray]]:
-    """``rank_by_similarity_many`` from the two relations it reads: ``copies`` (cosine at least the copy
-    threshold) and ``close`` (above the merge threshold), both (V, H, H) boolean and false wherever a row
-    or a column is not usable.
-
-    The greedy merge walks the V orders together, one candidate of every view per step, so a step is a
-    few array operations over V x H entries instead of a Python call per candidate and view.
-    """
-    views, rows = usable.shape
-    support = np.where(usable, np.count_nonzero(copies, axis=2), -1)  # unusable rows sort last
-    order = np.lexsort((-magnitude, -support), axis=-1)
-    limit = np.asarray(limits, dtype=np.int64)
-    kept = np.zeros((views, rows), dtype=bool)
-    chosen = np.zeros((views, rows), dtype=np.int64)
-    count = np.zeros(views, dtype=np.int64)
-    every = np.arange(views)
-    for step in range(rows):
-        index = order[:, step]
-        trying = usable[every, index] & (count < limit)
-        if not trying.any():
-            break  # usable rows come first, so every view is done
-        active = every[trying]
-        index = index[trying]
-        keep = ~(close[active, index] & kept[active]).any(axis=1)
-        active, index = active[keep], index[keep]
-        kept[active, index] = True
-        chosen[active, count[active]] = index
-        count[active] += 1
-    return [(chosen[v, : count[v]].tolist(), support[v, chosen[v, : count[v]]]) for v in range(views)]
 
 
 def ranked_distinct_rows(
@@ -352,9 +296,9 @@ class DenseRatio(Attack):
 
         With V orthonormal, row i of L @ V.T has the length and the inner products of row i of L, so a
         pair costs r (the update's rank) multiply-adds. The factors of all views are stacked (padded
-        with zero columns, which change no product); the cosines of every pair are taken in float32
-        (off by at most ``FACTOR_MARGIN``), and those that may reach either threshold are taken again in
-        float64, so the relations ranked (``rank_by_relations``) are those of the float64 cosine. The
+        with zero columns, which change no product) and ranked together from the rows' unit vectors
+        (``attacks.copy_ranking.rank_by_units``: copies found among neighbours of a sorted projection,
+        closeness taken against the kept rows only; the float64 cosine decides every relation). The
         kept rows of every view, over their biases, become images through one batched float32 product
         (float32 round-off of each pixel, far below an 8-bit level).
         """
@@ -368,21 +312,13 @@ class DenseRatio(Attack):
             lefts[v, :, : left.shape[1]] = left
         signed = lefts * (torch.sign(bias) * usable)[:, :, None]  # candidate j points along gW_j / gb_j
         unit = signed / signed.norm(dim=2, keepdim=True).clamp_min(1e-30)  # an unusable row is 0
-        copy_cosine, dedup_cosine = self.params["copy_cosine"], self.params["dedup_cosine"]
-        rough = unit.to(torch.float32)
-        found = []
-        for start in range(0, len(views), FACTOR_BLOCK):  # a block's cosines stay in cache
-            block = rough[start : start + FACTOR_BLOCK]
-            near = torch.bmm(block, block.transpose(1, 2)) >= min(copy_cosine, dedup_cosine) - FACTOR_MARGIN
-            found.append(torch.nonzero(near) + torch.tensor([start, 0, 0]))
-        view, i, j = torch.cat(found).unbind(dim=1)
-        exact = (unit[view, i] * unit[view, j]).sum(dim=1)
-        copies = torch.zeros((len(views), rows, rows), dtype=torch.bool)
-        close = torch.zeros((len(views), rows, rows), dtype=torch.bool)
-        copies[view, i, j] = exact >= copy_cosine
-        close[view, i, j] = exact > dedup_cosine
-        ranked = rank_by_relations(
-            copies.numpy(), close.numpy(), bias.abs().numpy(), usable.numpy(), [v.num_samples for v in views]
+        ranked = rank_by_units(
+            unit.numpy(),
+            usable.numpy(),
+            bias.abs().numpy(),
+            [view.num_samples for view in views],
+            self.params["copy_cosine"],
+            self.params["dedup_cosine"],
         )
         most = max(len(kept) for kept, _ in ranked)
         slots = torch.zeros((len(views), most), dtype=torch.long)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from attacks import AttackerView
+from attacks.copy_ranking import rank_by_units
 from attacks.dense_ratio import (
     DenseRatio,
     near_pairs,
     rank_by_similarity,
-    rank_by_similarity_many,
     rank_from_pairs,
     ranked_distinct_rows,
 )
@@ -180,27 +180,50 @@ def test_ranking_from_the_near_pairs_equals_the_full_matrix(seed: int) -> None:
         assert kept == expected[0] and np.array_equal(support, expected[1])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_ranking_many_views_at_once_equals_ranking_each(seed: int) -> None:
-    """rank_by_similarity_many gives every view rank_by_similarity's answer on its usable rows."""
-    generator = np.random.default_rng(seed)
-    views, count = 6, 40
-    cosines = generator.choice([COPY, COPY - 1e-9, DEDUP + 1e-3, DEDUP, 0.5, 1.0, -0.3], size=(views, count, count))
-    similarity = np.triu(cosines, 1)
-    similarity = similarity + similarity.transpose(0, 2, 1)
+def _planted_units(generator: np.random.Generator, views: int, count: int, rank: int) -> np.ndarray:
+    """Unit vectors with planted exact copies, copies just inside and outside the copy threshold, near
+    duplicates either side of the merge threshold, and zero rows."""
+    unit = generator.standard_normal((views, count, rank))
     for v in range(views):
-        np.fill_diagonal(similarity[v], (generator.random(count) > 0.1).astype(np.float64))  # some all-zero rows
+        for i in range(0, count - 1, 5):
+            base = unit[v, i] / np.linalg.norm(unit[v, i])
+            kind = generator.integers(5)
+            other = generator.standard_normal(rank)
+            other -= (other @ base) * base
+            other /= np.linalg.norm(other)
+            # cosine cos(theta): copy (exact), 1 - 0.5e-6 / 1 - 2e-6 either side of COPY, DEDUP +- 1e-4
+            cosine = [1.0, 1 - 0.5e-6, 1 - 2e-6, DEDUP + 1e-4, DEDUP - 1e-4][kind]
+            unit[v, i + 1] = cosine * base + math.sqrt(max(1 - cosine**2, 0.0)) * other
+            if generator.random() < 0.3 and i + 2 < count:
+                unit[v, i + 2] = unit[v, i + 1] * 3.0  # a third row along the same line
+    unit /= np.linalg.norm(unit, axis=2, keepdims=True)
+    unit[:, ::17] = 0.0  # rows whose L is zero
+    return unit
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("thresholds", [(COPY, DEDUP), (0.9, 0.8), (1 - 1e-4, 0.999)])
+def test_ranking_many_views_from_unit_vectors_equals_ranking_each(seed: int, thresholds: tuple[float, float]) -> None:
+    """rank_by_units gives every view rank_by_similarity's answer on the float64 cosines of its usable rows,
+    through the projection screen (high copy thresholds) and the all-pairs path (low ones)."""
+    copy, dedup = thresholds
+    generator = np.random.default_rng(seed)
+    views, count = 6, 60
+    unit = _planted_units(generator, views, count, 12)
     magnitude = generator.random((views, count)).round(1)  # ties in |gb| as well as in support
-    usable = generator.random((views, count)) > 0.3
+    usable = generator.random((views, count)) > 0.2
     usable[0] = False  # a view without a usable row
     limits = [1, 7, count, 3, 12, 5]
-    answers = rank_by_similarity_many(similarity, magnitude, usable, limits, COPY, DEDUP)
+    answers = rank_by_units(unit, usable, magnitude, limits, copy, dedup)
     for v, (kept, support) in enumerate(answers):
         rows = np.flatnonzero(usable[v])
+        similarity = unit[v][rows] @ unit[v][rows].T
         expected_kept, expected_support = (
-            rank_by_similarity(similarity[v][np.ix_(rows, rows)], magnitude[v, rows], limits[v], COPY, DEDUP)
+            rank_by_similarity(similarity, magnitude[v, rows], limits[v], copy, dedup)
             if len(rows)
             else ([], np.zeros(0, dtype=np.int64))
         )
         assert kept == rows[expected_kept].tolist()
         assert np.array_equal(support, expected_support)
+    # the planted copies are found: some view has a candidate repeated by another row
+    assert max(int(support[0]) for kept, support in answers if kept) >= 2
