@@ -5,11 +5,14 @@ Two ideas carry the fast scoring paths (``match_many``, ``baseline_scores``, the
 - all-pairs squared distances are squared norms plus one matrix product,
   ``|a_i - b_j|^2 = |a_i|^2 + |b_j|^2 - 2 a_i . b_j``, so an N x M score matrix costs one BLAS call
   instead of N x M passes over the pixels;
-- images are laid out *pixel-major*, ``(H, W, C, N)``, so that the shifts and window sums of the
-  metrics slice the two leading axes and every numpy inner loop runs contiguously over the images.
+- images are laid out *pixel-major*, ``(H, W, C, N)``, so that the shifts of the metrics slice the two
+  leading axes, every numpy inner loop runs contiguously over the images, and a window sum along an
+  image axis is one matrix product with a band of ones over the whole batch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -46,41 +49,26 @@ def squared_distances(
     return np.maximum(distances, 0.0, out=distances)
 
 
-def _along(images: np.ndarray, axis: int, start: int, size: int) -> np.ndarray:
-    index = [slice(None)] * images.ndim
-    index[axis] = slice(start, start + size)
-    return images[tuple(index)]
-
-
-def _sliding_sums(images: np.ndarray, window: int, axis: int) -> np.ndarray:
-    """Sums of ``window`` consecutive entries along ``axis`` (0 or 1), every start that fits."""
-    length = images.shape[axis] - window + 1
-    runs = {1: images}  # runs[p]: sums of p consecutive entries, built by doubling
-    power = 1
-    while 2 * power <= window:
-        shorter = runs[power].shape[axis] - power
-        runs[2 * power] = _along(runs[power], axis, 0, shorter) + _along(runs[power], axis, power, shorter)
-        power *= 2
-    sums: np.ndarray | None = None
-    offset = 0
-    for power in sorted(runs, reverse=True):  # window = sum of its binary digits, largest run first
-        if window - offset >= power:
-            part = _along(runs[power], axis, offset, length)
-            if sums is None:
-                sums = part.copy()
-            else:
-                sums += part
-            offset += power
-    assert sums is not None
-    return sums
+@functools.lru_cache(maxsize=16)
+def _band(length: int, window: int) -> np.ndarray:
+    """The (length - window + 1) x length matrix whose row k sums entries k to k + window - 1."""
+    starts = np.arange(length - window + 1)[:, None]
+    columns = np.arange(length)[None, :]
+    band = ((columns >= starts) & (columns < starts + window)).astype(np.float64)
+    band.setflags(write=False)  # shared by every caller through the cache
+    return band
 
 
 def window_sums(images: np.ndarray, window: int) -> np.ndarray:
     """Sums over every ``window`` x ``window`` square that fits inside a pixel-major batch (H, W, ...).
 
     Returns (H - window + 1, W - window + 1, ...): the "valid" part of a box filter, with no border
-    handling, which is all that SSIM keeps once its borders are cropped. Each axis takes runs of 1, 2,
-    4, ... pixels by doubling and adds the runs of the window's binary digits (4 + 2 + 1 for a 7-pixel
-    window), so a window of w pixels costs about log2(w) passes per axis.
+    handling, which is all that SSIM keeps once its borders are cropped. Each axis is one matrix product
+    with a band of ones (the rows axis one product over the whole batch, the columns axis one per output
+    row), so the sums run in BLAS rather than as a chain of whole-array additions; float64, exact to a
+    few round-offs of the window's largest sum.
     """
-    return _sliding_sums(_sliding_sums(images, window, 0), window, 1)
+    height, width = images.shape[:2]
+    rest = images.shape[2:]
+    rows = (_band(height, window) @ images.reshape(height, -1)).reshape(height - window + 1, width, -1)
+    return np.matmul(_band(width, window), rows).reshape(height - window + 1, width - window + 1, *rest)
