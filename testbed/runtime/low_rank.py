@@ -79,7 +79,8 @@ def thin_factors(signals: Tensor, inputs: Tensor) -> list[Factors]:
     s below ``RANK_TOLERANCE`` of the largest are round-off and dropped. A sample that drives a row only
     faintly keeps its own component (tested down to 1e-9 of the strongest signal).
     """
-    live = (signals.detach() != 0).any(dim=2, keepdim=True)
+    rows = signals.detach()
+    live = (rows.amax(dim=2, keepdim=True) > 0) | (rows.amin(dim=2, keepdim=True) < 0)  # a nonzero signal
     g = signals.detach().to(torch.float64)
     a = inputs.detach().to(torch.float64)
     if not bool(live.all()):
