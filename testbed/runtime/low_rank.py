@@ -28,16 +28,21 @@ Factors = tuple[Tensor, Tensor]
 """(L, V): a matrix W = L @ V.T with V's columns orthonormal."""
 
 
+def _through_numpy(x: Tensor) -> bool:
+    """Whether the factorisation of ``x`` runs through numpy (on the CPU) rather than torch (CUDA)."""
+    return x.device.type == "cpu"
+
+
 def _bmm(x: Tensor, y: Tensor) -> Tensor:
     """Batched ``x @ y``; on the CPU through numpy's matmul (about 2.5x torch's float64 bmm for these shapes)."""
-    if x.device.type == "cpu" and y.device.type == "cpu":
+    if _through_numpy(x) and _through_numpy(y):
         return torch.from_numpy(np.matmul(x.numpy(), y.numpy()))
     return x @ y
 
 
 def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
     """Batched symmetric eigendecomposition, ascending (numpy's LAPACK call on the CPU)."""
-    if x.device.type == "cpu":
+    if _through_numpy(x):
         values, vectors = np.linalg.eigh(x.numpy())
         return torch.from_numpy(values), torch.from_numpy(vectors)
     lam, q = torch.linalg.eigh(x)
@@ -46,14 +51,14 @@ def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _triangle(x: Tensor) -> Tensor:
     """The R of a batched QR of tall matrices, without forming Q."""
-    if x.device.type == "cpu":
+    if _through_numpy(x):
         return torch.from_numpy(np.linalg.qr(x.numpy(), mode="r"))
     return torch.linalg.qr(x, mode="r")[1]
 
 
 def _svd(x: Tensor) -> tuple[Tensor, Tensor]:
     """Left singular vectors and descending singular values of a batch of square matrices."""
-    if x.device.type == "cpu":
+    if _through_numpy(x):
         u, values, _ = np.linalg.svd(x.numpy())
         return torch.from_numpy(u), torch.from_numpy(values)
     u, values, _ = torch.linalg.svd(x)

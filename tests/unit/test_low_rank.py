@@ -13,7 +13,7 @@ from attacks import DenseRatio
 from testbed.audit.attack_worker import attack_model
 from testbed.audit.outcome import attacker_view
 from testbed.config.topology import validate
-from testbed.runtime import simulation
+from testbed.runtime import low_rank, simulation
 from testbed.runtime.low_rank import thin_factors, worth_factoring
 from testbed.runtime.preparation import initial_params, prepare_data
 from testbed.runtime.records import ChunkTask, ClientUpdate
@@ -130,3 +130,20 @@ def test_a_wide_batch_or_an_attack_that_needs_the_matrix_gets_it_formed() -> Non
     for payload in (_chunk(hidden=32, batch=16)[3], _chunk(256, 8, ["dense-ratio", "inverting-gradients"])[3]):
         assert payload.audited
         assert all(not update.factors and "1.weight" in update.update for update in payload.audited)
+
+
+def test_the_torch_path_of_the_factorisation_gives_the_numpy_paths_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA chunks factor through torch's linear algebra, CPU ones through numpy's: the same factors (the
+    torch path runs here on the CPU, so CI checks its arithmetic without a GPU)."""
+    generator = torch.Generator().manual_seed(2)
+    signals = torch.randn(4, 16, 64, generator=generator, dtype=torch.float64)
+    inputs = torch.rand(4, 16, 200, generator=generator, dtype=torch.float64)
+    signals[3, 10:] = 0.0
+    through_numpy = thin_factors(signals, inputs)
+    monkeypatch.setattr(low_rank, "_through_numpy", lambda _: False)
+    through_torch = thin_factors(signals, inputs)
+    for (left, right), (left2, right2) in zip(through_numpy, through_torch, strict=True):
+        assert right.shape == right2.shape
+        # two LAPACK builds on the same well-separated problem: equal to the conditioning times round-off
+        torch.testing.assert_close(right2, right, atol=1e-9, rtol=0)
+        torch.testing.assert_close(left2, left, atol=1e-9 * float(left.abs().max()), rtol=0)
