@@ -12,7 +12,9 @@ H x H matrix:
 - closeness is only ever asked of a candidate against the rows already kept (at most ``limit`` of
   them), so the greedy merge takes those cosines as it goes, for every view at once.
 
-The answer of each view equals ``rank_by_similarity`` on the float64 cosines of its usable rows (tested).
+The answer of each view equals ``rank_by_similarity`` on the float64 cosines of its usable rows (tested)
+for thresholds between -1 + 1e-9 and 1 - 1e-9; nearer to +-1 a decision turns on the last bit of a
+cosine, and dense-ratio ranks such views one by one from the matrix product, as its reference does.
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+SAFE_THRESHOLD = 1 - 1e-9
+"""Thresholds above this (or below its negative) are decided by the round-off of a row's own norm."""
 SCREEN_LIMIT = 0.05
 """Widest projection window (sqrt(2 (1 - copy_cosine)); 0.05 is a copy threshold of 0.99875) screened."""
+SCREEN_COMPONENTS = 8
+"""Fewest components worth screening: below, all H x H cosines cost at most 8 H^2 multiply-adds a view (and
+rows of a rank-1 or rank-2 update are mostly copies of each other, which the screen would pair one by one)."""
+DISTANCE_ROUND_OFF = 1e-13
+"""Slack on the squared window for the float64 round-off of a cosine of unit vectors (about r x 1e-16)."""
 ROUND_OFF = 1e-8
-"""Slack on the window for the float64 round-off of unit lengths and projections (about r x 1e-16)."""
+"""Slack on the window for the round-off of unit lengths and projections (about r x 1e-16)."""
 DENSE_BLOCK = 16
 """Views whose all-pairs cosines are taken per batched product when the window is too wide."""
 
@@ -42,8 +51,8 @@ def copy_support(unit: np.ndarray, usable: np.ndarray, copy_cosine: float) -> np
     ``unit`` is (V, H, r) float64, each row of unit length or zero; ``usable`` (V, H) boolean.
     """
     views, rows, components = unit.shape
-    window = math.sqrt(2.0 * max(1.0 - copy_cosine, 0.0))
-    if copy_cosine <= 0 or window > SCREEN_LIMIT:
+    window = math.sqrt(2.0 * max(1.0 - copy_cosine, 0.0) + DISTANCE_ROUND_OFF) + ROUND_OFF
+    if copy_cosine <= 0 or window > SCREEN_LIMIT or components < SCREEN_COMPONENTS:
         support = np.zeros((views, rows), dtype=np.int64)
         for start in range(0, views, DENSE_BLOCK):
             block = slice(start, start + DENSE_BLOCK)
@@ -56,7 +65,7 @@ def copy_support(unit: np.ndarray, usable: np.ndarray, copy_cosine: float) -> np
     order = np.argsort(projection, axis=1)
     ordered = np.take_along_axis(projection, order, axis=1)
     for offset in range(1, rows):
-        near = ordered[:, offset:] - ordered[:, :-offset] <= window + ROUND_OFF
+        near = ordered[:, offset:] - ordered[:, :-offset] <= window
         if not near.any():
             break  # sorted: a wider offset only spans wider gaps
         view, position = np.nonzero(near)
@@ -81,6 +90,11 @@ def rank_by_units(
     ``magnitude`` (|gb|) are (V, H); only usable rows are candidates. The greedy merge walks the V orders
     together, one candidate of every view per step, its cosines with the view's kept rows taken then.
     """
+    if max(abs(copy_cosine), abs(dedup_cosine)) > SAFE_THRESHOLD:
+        raise ValueError(
+            f"rank_by_units: thresholds must lie within {SAFE_THRESHOLD} of 0 (the last bit of a cosine decides "
+            f"beyond), got copy {copy_cosine} and dedup {dedup_cosine}"
+        )
     views, rows, components = unit.shape
     support = copy_support(unit, usable, copy_cosine)
     order = np.lexsort((-magnitude, -np.where(usable, support, -1)), axis=-1)  # unusable rows last

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
-from attacks.copy_ranking import rank_by_units
+from attacks.copy_ranking import SAFE_THRESHOLD, rank_by_units
 from attacks.layers import first_dense_on_image, gradient_factors, gradient_rows, summed_gradient
 from attacks.params import Param
 from attacks.view import AttackerView, Reconstruction
@@ -40,8 +40,6 @@ DENSE_FRACTION = 0.125
 """A view with more candidate pairs to verify than this fraction of all pairs takes the all-pairs product."""
 SCREEN_BLOCK = 16
 """Updates screened per batched call (bounds the stacked copy of their weight rows)."""
-SAFE_THRESHOLD = 1 - 1e-9
-"""Thresholds above this are decided by the round-off of a row's own norm: such views take the all-pairs path."""
 
 
 def rank_by_similarity(
@@ -220,7 +218,8 @@ class DenseRatio(Attack):
         return (magnitude > self.params["tol"] * largest) & (largest > 0)
 
     def _solve(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        """Views whose first dense layers have one shape: screened together, then ranked one by one."""
+        """Views whose first dense layers have one shape: factored views ranked together, formed ones screened
+        together and then ranked one by one."""
         layer = first_dense_on_image(views[0].model, views[0].input_shape, self.name)
         copy_cosine, dedup_cosine = self.params["copy_cosine"], self.params["dedup_cosine"]
         bias = torch.stack([summed_gradient(view, layer.bias_key) for view in views])
@@ -298,9 +297,11 @@ class DenseRatio(Attack):
         pair costs r (the update's rank) multiply-adds. The factors of all views are stacked (padded
         with zero columns, which change no product) and ranked together from the rows' unit vectors
         (``attacks.copy_ranking.rank_by_units``: copies found among neighbours of a sorted projection,
-        closeness taken against the kept rows only; the float64 cosine decides every relation). The
-        kept rows of every view, over their biases, become images through one batched float32 product
-        (float32 round-off of each pixel, far below an 8-bit level).
+        closeness taken against the kept rows only; the float64 cosine decides every relation; a threshold
+        within 1e-9 of +-1 is decided by the last bit of a cosine, so such views are ranked one by one
+        from the matrix product, as on formed updates). The kept rows of every view, over their biases,
+        become images through one batched float32 product (round-off about 1e-7 of the image's largest
+        pixel, far below an 8-bit level).
         """
         if not views:
             return []
@@ -312,14 +313,19 @@ class DenseRatio(Attack):
             lefts[v, :, : left.shape[1]] = left
         signed = lefts * (torch.sign(bias) * usable)[:, :, None]  # candidate j points along gW_j / gb_j
         unit = signed / signed.norm(dim=2, keepdim=True).clamp_min(1e-30)  # an unusable row is 0
-        ranked = rank_by_units(
-            unit.numpy(),
-            usable.numpy(),
-            bias.abs().numpy(),
-            [view.num_samples for view in views],
-            self.params["copy_cosine"],
-            self.params["dedup_cosine"],
-        )
+        copy_cosine, dedup_cosine = self.params["copy_cosine"], self.params["dedup_cosine"]
+        limits = [view.num_samples for view in views]
+        if max(abs(copy_cosine), abs(dedup_cosine)) > SAFE_THRESHOLD:  # decided by the last bit: as the reference
+            ranked = []
+            for v, limit in enumerate(limits):
+                members = torch.nonzero(usable[v]).flatten()
+                own = unit[v, members]
+                kept, support = rank_by_similarity(
+                    (own @ own.T).numpy(), bias[v, members].abs().numpy(), limit, copy_cosine, dedup_cosine
+                )
+                ranked.append((members[kept].tolist(), support))
+        else:
+            ranked = rank_by_units(unit.numpy(), usable.numpy(), bias.abs().numpy(), limits, copy_cosine, dedup_cosine)
         most = max(len(kept) for kept, _ in ranked)
         slots = torch.zeros((len(views), most), dtype=torch.long)
         for v, (kept, _) in enumerate(ranked):

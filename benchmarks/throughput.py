@@ -54,9 +54,9 @@ HERE = Path(__file__).resolve().parent
 ROUNDS = 4
 AUDIT_ATTACKS = ("dense-ratio", "ce-demix", "cocktail-party")
 DEMIX_BATCH = 8
+"""Batch size of the ce-demix audit: at most C - 1 samples can be de-mixed through ten classes' logits."""
 LATE_ROUNDS = 10
 """Rounds of dense-ratio's ``wait`` run: the median of its last three is reported too."""
-"""Batch size of the ce-demix audit: at most C - 1 samples can be de-mixed through ten classes' logits."""
 
 
 def matmul_ceiling(threads: int) -> float:

@@ -2,13 +2,15 @@
 
 A client's update of a dense layer is W = G^T A (G: R x out error signals, A: R x in layer inputs, over
 the R samples of all its local steps; the fused path keeps both). ``thin_factors`` returns W = L V^T with
-V orthonormal (in x r) and L = U S (out x r): the thin SVD with its numerically zero singular values
-dropped and the sign of each component fixed (the largest entry of each column of V positive). The pair
+V orthonormal (in x r) and L = W V (out x r, the left singular vectors times the singular values): the
+thin SVD with its numerically zero singular values dropped and the sign of each component fixed (the
+largest entry of each column of V positive; if the largest positive and negative entries tie in
+magnitude, the first entry of largest magnitude). The pair
 is therefore a function of W alone, not of the rows behind it (a test gives it M G and M^-T A for a
 random invertible M: the same pair), so an attacker handed it learns what the formed update would tell
 it; the one exception is an exact tie of singular values, where any basis of the tied subspace is the
 SVD and the one returned depends on the rows (row lengths and cosines, what dense-ratio reads, do not).
-It is computed from the R x R Gram matrix of the inputs and an R-column QR and SVD, about
+It is computed from the R x R Gram matrix of the inputs, the triangle of an R-column QR and an R x R SVD, about
 R^2 (in + out) + 2 R r (in + out) multiply-adds against out x in x R for the product, and travels as
 r (out + in) numbers instead of out x in.
 """
@@ -99,8 +101,15 @@ def thin_factors(signals: Tensor, inputs: Tensor) -> list[Factors]:
     u, values = _svd(_triangle(scaled.transpose(1, 2)).transpose(1, 2))  # S^T = basis @ T: S's U and s are T^T's
     left = _bmm(u.transpose(1, 2).contiguous(), scaled).cpu()  # (C, k, out): L^T = U^T S
     right = _bmm(((q * inverse[:, None, :]) @ u).transpose(1, 2).contiguous(), a).cpu()  # (C, k, in): V^T
-    # the largest entry of each column of V positive (two reductions; no |V| is formed)
-    sign = torch.where(right.amax(dim=2, keepdim=True) >= -right.amin(dim=2, keepdim=True), 1.0, -1.0).to(right.dtype)
+    # the largest entry of each column of V positive (two reductions; no |V| is formed), and where the
+    # largest and the most negative tie in magnitude, the first of the entries of largest magnitude
+    high, low = right.amax(dim=2, keepdim=True), -right.amin(dim=2, keepdim=True)
+    sign = torch.sign(high - low)
+    tied = sign == 0
+    if bool(tied.any()):
+        first = torch.sign(torch.gather(right, 2, right.abs().argmax(dim=2, keepdim=True)))
+        sign = torch.where(tied, first, sign)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # an all-zero column (dropped below)
     left *= sign
     right *= sign
     values = values.cpu()

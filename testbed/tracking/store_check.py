@@ -16,7 +16,7 @@ SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 REMOTE_SCHEMES = ("http", "https", "databricks")
 DRIVER_HINTS: dict[str, str] = {
     "psycopg": 'pip install -e ".[postgres]"',
-    "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// with pip install -e \".[postgres]\"",
+    "psycopg2": 'pip install psycopg2-binary, or use postgresql+psycopg:// with pip install -e ".[postgres]"',
     "MySQLdb": 'use mysql+pymysql:// and pip install -e ".[mysql]"',
     "pymysql": 'pip install -e ".[mysql]"',
     "pyodbc": "pip install pyodbc (and the ODBC driver of your SQL Server)",

@@ -136,9 +136,7 @@ def test_parameters_are_validated() -> None:
     assert "cocktail-party" in ATTACKS
     with pytest.raises(AttackConfigError) as error:
         build_attack("cocktail-party", {"decorrelation": "orthogonal"})
-    assert str(error.value) == (
-        "cocktail-party.decorrelation: must be one of log-det, exp-cosine, got 'orthogonal'"
-    )
+    assert str(error.value) == ("cocktail-party.decorrelation: must be one of log-det, exp-cosine, got 'orthogonal'")
 
 
 def test_whitening_and_post_processing() -> None:

@@ -58,8 +58,9 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert not np.array_equal(a.test_x, c.test_x)
     pooled = np.rint(np.concatenate([a.train_x, a.test_x]) * 255).astype(np.uint8).reshape(5000, -1)
     source = datasets._mnist_5k()[0].reshape(5000, -1)
-    for got, want in zip(np.unique(pooled, axis=0, return_counts=True),
-                         np.unique(source, axis=0, return_counts=True), strict=True):
+    for got, want in zip(
+        np.unique(pooled, axis=0, return_counts=True), np.unique(source, axis=0, return_counts=True), strict=True
+    ):
         assert np.array_equal(got, want)
 
 
@@ -73,13 +74,17 @@ def test_digits_scaled_to_unit_range_with_stratified_split() -> None:
 
 
 def test_synthetic_is_deterministic_shaped_and_balanced() -> None:
-    ds = load_dataset("synthetic", seed=3, synthetic_samples=300, synthetic_shape=(3, 4, 5), num_classes=3,
-                      test_fraction=0.5)
+    ds = load_dataset(
+        "synthetic", seed=3, synthetic_samples=300, synthetic_shape=(3, 4, 5), num_classes=3, test_fraction=0.5
+    )
     _check_layout(ds, (3, 4, 5), 300, 300)
     assert np.bincount(ds.train_y).tolist() == [100, 100, 100]
-    assert np.array_equal(ds.train_x, load_dataset("synthetic", seed=3, synthetic_samples=300,
-                                                   synthetic_shape=(3, 4, 5), num_classes=3,
-                                                   test_fraction=0.5).train_x)
+    assert np.array_equal(
+        ds.train_x,
+        load_dataset(
+            "synthetic", seed=3, synthetic_samples=300, synthetic_shape=(3, 4, 5), num_classes=3, test_fraction=0.5
+        ).train_x,
+    )
     default = load_dataset("synthetic")
     assert (len(default.train_y), len(default.test_y)) == (2000, 500)
     assert not np.array_equal(default.train_x, load_dataset("synthetic", seed=1).train_x)
@@ -114,8 +119,10 @@ def test_stratified_order_prefixes_track_class_shares() -> None:
         assert np.abs(counts - m * np.array([0.1, 0.2, 0.3, 0.4])).max() <= 1.0
 
 
-@pytest.mark.skipif(not all((datasets.FASHION_MNIST_DEBIAN_DIR / f).is_file() for f in datasets._IDX_FILES),
-                    reason="Debian package dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not all((datasets.FASHION_MNIST_DEBIAN_DIR / f).is_file() for f in datasets._IDX_FILES),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
 def test_fashion_mnist_from_debian_package() -> None:
     ds = load_dataset("fashion-mnist")
     _check_layout(ds, (1, 28, 28), 60000, 10000)

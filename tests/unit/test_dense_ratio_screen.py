@@ -227,3 +227,10 @@ def test_ranking_many_views_from_unit_vectors_equals_ranking_each(seed: int, thr
         assert np.array_equal(support, expected_support)
     # the planted copies are found: some view has a candidate repeated by another row
     assert max(int(support[0]) for kept, support in answers if kept) >= 2
+
+
+@pytest.mark.parametrize("thresholds", [(1.0, 0.99), (COPY, 1.0), (COPY, -1.0)])
+def test_ranking_from_unit_vectors_refuses_thresholds_decided_by_round_off(thresholds: tuple[float, float]) -> None:
+    unit = np.eye(4)[None]
+    with pytest.raises(ValueError, match="thresholds"):
+        rank_by_units(unit, np.ones((1, 4), dtype=bool), np.ones((1, 4)), [2], *thresholds)

@@ -8,6 +8,4 @@ from tests.conftest import REPO
 
 def test_configuration_reference_is_current() -> None:
     written = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert written.strip() == markdown().strip(), (
-        "regenerate with: testbed schema --markdown > docs/configuration.md"
-    )
+    assert written.strip() == markdown().strip(), "regenerate with: testbed schema --markdown > docs/configuration.md"

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from attacks import DenseRatio
+from attacks.dense_ratio import rank_by_similarity
+from attacks.layers import gradient_factors, gradient_rows, summed_gradient
 from testbed.audit.attack_worker import attack_model
 from testbed.audit.outcome import attacker_view
 from testbed.config.topology import validate
@@ -147,3 +149,44 @@ def test_the_torch_path_of_the_factorisation_gives_the_numpy_paths_factors(monke
         # two LAPACK builds on the same well-separated problem: equal to the conditioning times round-off
         torch.testing.assert_close(right2, right, atol=1e-9, rtol=0)
         torch.testing.assert_close(left2, left, atol=1e-9 * float(left.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("column", [[1.0, -1.0, 0.5, 0.25], [1.0, -0.9, 0.5, 0.25], [-0.3, 0.5, -0.5, 0.1]])
+def test_the_sign_rule_is_canonical_even_when_the_largest_entries_tie(
+    column: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank-1 update whose V column has (or has not) equal largest positive and negative entries: flipping
+    the sign of the SVD that LAPACK returns (an equally valid SVD) gives the same factors."""
+    signals = torch.tensor([[[1.0, 2.0, 0.5]]], dtype=torch.float64)
+    inputs = torch.tensor([[column]], dtype=torch.float64)
+    [(left, right)] = thin_factors(signals, inputs)
+    plain = low_rank._svd
+    monkeypatch.setattr(low_rank, "_svd", lambda matrix: (-plain(matrix)[0], plain(matrix)[1]))
+    [(left2, right2)] = thin_factors(signals, inputs)
+    assert torch.equal(right, right2) and torch.equal(left, left2)
+    largest = right[:, 0].abs().max()
+    assert right[int(torch.nonzero(right[:, 0].abs() == largest)[0]), 0] > 0  # the first largest entry positive
+
+
+@pytest.mark.parametrize("thresholds", [(1.0, 0.99), (1 - 1e-6, 1.0), (1 - 1e-6, 0.99), (0.9, 0.8)])
+def test_factored_views_rank_as_the_float64_cosines_of_their_factors(thresholds: tuple[float, float]) -> None:
+    """Batched ranking of factored views (projection screen, or one by one for thresholds at 1) keeps the rows
+    rank_by_similarity keeps on the float64 cosine matrix of each view's usable rows of L."""
+    copy, dedup = thresholds
+    experiment, dataset, params, payload = _chunk(hidden=256, batch=8)
+    net = attack_model(experiment, dataset.input_shape, dataset.num_classes)
+    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
+    views = [attacker_view(update, *args, keep_factors=True) for update in payload.audited]
+    attack = DenseRatio(copy_cosine=copy, dedup_cosine=dedup)
+    for view, result in zip(views, attack.reconstruct_many(views), strict=True):
+        bias = summed_gradient(view, "1.bias")
+        usable = torch.nonzero(bias.abs() > attack.params["tol"] * bias.abs().max()).flatten()
+        left, _ = gradient_factors(view, "1.weight")
+        rows = left[usable] * torch.sign(bias[usable])[:, None]
+        unit = rows / rows.norm(dim=1, keepdim=True)
+        kept, support = rank_by_similarity((unit @ unit.T).numpy(), bias.abs()[usable].numpy(), 8, copy, dedup)
+        expected = gradient_rows(view, "1.weight", usable[kept]) / bias[usable[kept], None]
+        assert result.images.shape[0] == len(kept)
+        # float32 product of float64 factors: a few float32 round-offs of the largest pixel
+        torch.testing.assert_close(result.images.reshape(len(kept), -1), expected.float(), atol=1e-6, rtol=1e-5)
+        assert result.diagnostics["top_support"] == float(support[0])

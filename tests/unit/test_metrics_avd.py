@@ -129,9 +129,7 @@ def test_pairwise_matrix_equals_single_pair_values() -> None:
         (np.full((4, 4), math.nan), np.zeros((4, 4)), "original: must hold only finite values"),
     ],
 )
-def test_bad_inputs_raise_one_line_errors(
-    original: np.ndarray, reconstruction: np.ndarray, message: str
-) -> None:
+def test_bad_inputs_raise_one_line_errors(original: np.ndarray, reconstruction: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         avd(original, reconstruction)
 

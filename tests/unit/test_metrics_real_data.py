@@ -41,10 +41,7 @@ def data() -> dict[str, np.ndarray]:
 def matched(data: dict[str, np.ndarray]) -> list[MatchResult]:
     """One AVD matching per attacked batch."""
     batches = data["batch"]
-    return [
-        match(data["originals"][batches == b], data["reconstructions"][batches == b])
-        for b in np.unique(batches)
-    ]
+    return [match(data["originals"][batches == b], data["reconstructions"][batches == b]) for b in np.unique(batches)]
 
 
 def _pooled(results: list[MatchResult]) -> MatchResult:
@@ -57,9 +54,7 @@ def _pooled(results: list[MatchResult]) -> MatchResult:
 def test_data_is_as_documented(data: dict[str, np.ndarray]) -> None:
     reconstructions = data["reconstructions"]
     assert data["originals"].shape == reconstructions.shape == (398, 28, 28)
-    assert (
-        np.isnan(reconstructions).any() and np.nanmin(reconstructions) < 0 and np.nanmax(reconstructions) > 1
-    )
+    assert np.isnan(reconstructions).any() and np.nanmin(reconstructions) < 0 and np.nanmax(reconstructions) > 1
     assert len(np.unique(data["batch"])) == 204
 
 

@@ -67,9 +67,7 @@ def test_ssim_of_grey_image_equals_channel_free_call() -> None:
     assert ssim(original[np.newaxis], reconstruction[np.newaxis]) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("height", "width", "window"), [(28, 28, 7), (7, 30, 7), (6, 6, 5), (5, 9, 5), (4, 4, 3)]
-)
+@pytest.mark.parametrize(("height", "width", "window"), [(28, 28, 7), (7, 30, 7), (6, 6, 5), (5, 9, 5), (4, 4, 3)])
 def test_ssim_window_fits_small_images(height: int, width: int, window: int) -> None:
     assert ssim_window(height, width) == window
 
@@ -85,9 +83,7 @@ def test_torch_inputs_on_any_dtype_match_numpy() -> None:
     original, reconstruction = rng.uniform(size=(2, 10, 10))
     as_tensor = torch.from_numpy(reconstruction).to(torch.float32)
     assert mse(original, as_tensor) == pytest.approx(mse(original, reconstruction), rel=1e-6)
-    assert ssim(torch.from_numpy(original), as_tensor) == pytest.approx(
-        ssim(original, reconstruction), rel=1e-5
-    )
+    assert ssim(torch.from_numpy(original), as_tensor) == pytest.approx(ssim(original, reconstruction), rel=1e-5)
 
 
 def test_pairwise_scores_equal_single_pair_scores() -> None:

@@ -100,19 +100,26 @@ def test_partition_accessors() -> None:
         Partition(np.arange(5), np.array([0, 3, 2, 5]))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"num_clients": 5000, "scheme": "iid", "labels": LABELS[:4000]},
-     "^partition: 5000 clients but only 4000 training samples$"),
-    ({"scheme": "dirichlet", "alpha": 0.0}, r"alpha: must be > 0, got 0.0"),
-    ({"scheme": "random"}, "scheme: unknown 'random'; allowed: iid, dirichlet, shards"),
-    ({"scheme": "shards", "shards_per_client": 0}, r"shards_per_client: must be in \[1, 50\]"),
-    ({"scheme": "shards", "shards_per_client": 51}, r"shards_per_client: must be in \[1, 50\]"),
-    ({"scheme": "iid", "min_samples": 51}, r"min_samples: must be in \[0, 50\]"),
-    ({"scheme": "iid", "num_clients": 0}, "num_clients: must be >= 1"),
-    ({"scheme": "iid", "labels": LABELS.astype(float)}, "labels: must be a 1-D array of non-negative"),
-    ({"scheme": "shards", "labels": LABELS[:100], "num_clients": 10, "shards_per_client": 3,
-      "min_samples": 10}, "shards leave a client only 9 samples, below min_samples=10"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"num_clients": 5000, "scheme": "iid", "labels": LABELS[:4000]},
+            "^partition: 5000 clients but only 4000 training samples$",
+        ),
+        ({"scheme": "dirichlet", "alpha": 0.0}, r"alpha: must be > 0, got 0.0"),
+        ({"scheme": "random"}, "scheme: unknown 'random'; allowed: iid, dirichlet, shards"),
+        ({"scheme": "shards", "shards_per_client": 0}, r"shards_per_client: must be in \[1, 50\]"),
+        ({"scheme": "shards", "shards_per_client": 51}, r"shards_per_client: must be in \[1, 50\]"),
+        ({"scheme": "iid", "min_samples": 51}, r"min_samples: must be in \[0, 50\]"),
+        ({"scheme": "iid", "num_clients": 0}, "num_clients: must be >= 1"),
+        ({"scheme": "iid", "labels": LABELS.astype(float)}, "labels: must be a 1-D array of non-negative"),
+        (
+            {"scheme": "shards", "labels": LABELS[:100], "num_clients": 10, "shards_per_client": 3, "min_samples": 10},
+            "shards leave a client only 9 samples, below min_samples=10",
+        ),
+    ],
+)
 def test_bad_requests_raise_one_line_partition_errors(kwargs: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"labels": LABELS, "num_clients": 100, "seed": 0, **kwargs}
     with pytest.raises(PartitionError, match=message) as info:
@@ -163,8 +170,11 @@ def test_by_key_leaves_out_keys_below_min_samples_and_refuses_too_few_keys() -> 
     labels = np.zeros(len(keys), dtype=np.int64)
     p = partition(labels, 2, "by-key", seed=0, keys=keys, min_samples=3)
     assert sorted(p.sizes().tolist()) == [5, 6]
-    with pytest.raises(PartitionError, match=r"^partition: by-key gives each client one key's samples, but there "
-                       r"are 2 keys with at least min_samples=3 samples for 3 clients; configure at most 2 clients$"):
+    with pytest.raises(
+        PartitionError,
+        match=r"^partition: by-key gives each client one key's samples, but there "
+        r"are 2 keys with at least min_samples=3 samples for 3 clients; configure at most 2 clients$",
+    ):
         partition(labels, 3, "by-key", seed=0, keys=keys, min_samples=3)
     with pytest.raises(PartitionError, match="needs a key for every training sample"):
         partition(labels, 2, "by-key", seed=0)
