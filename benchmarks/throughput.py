@@ -17,10 +17,12 @@ With ``--audit`` each attack of ``--audit-attack`` audits FedSGD rounds (``when_
 skipped; dense-ratio also with ``skip``), and its row gives the ratio to the unaudited round of the same
 invocation. ce-demix cannot de-mix more samples than the classes allow (at most C - 1 = 9 for
 cross-entropy over ten classes), so it is measured at batch size 8, against an unaudited round at batch
-size 8. dense-ratio's ``wait`` run lasts 10 rounds and also gives the median of rounds 8-10: a client of
-the workload holds 60 samples and draws 32 a round, so in round 3 about a fifth of the audited samples
-are new (their no-information baselines scored for the first time, ``metrics.BaselineCache``) and in
-rounds 8-10 under 1%; both are against the same unaudited rounds 2-4. ``--audit-clients ATTACK=K``
+size 8. An audited round's time depends on the audit backlog (``attack.audit.backlog``, two rounds): a
+round waits only when the backlog is full, so its rounds alternate between fast ones and ones that wait
+for earlier audits, and the last audits are waited for after the last round. An audited row therefore
+gives the mean seconds per round over rounds 2 to the last, the final wait included (dense-ratio's runs
+last ``AUDIT_ROUNDS`` rounds, the slow attacks' four); the first round's audits (every sample scored
+against the no-information baselines for the first time) are paid inside that window. ``--audit-clients ATTACK=K``
 audits K clients a round instead of all; the row then also gives the
 ratio extrapolated to every client (the unaudited round plus N / K times the measured extra time).
 """
@@ -55,8 +57,8 @@ ROUNDS = 4
 AUDIT_ATTACKS = ("dense-ratio", "ce-demix", "cocktail-party")
 DEMIX_BATCH = 8
 """Batch size of the ce-demix audit: at most C - 1 samples can be de-mixed through ten classes' logits."""
-LATE_ROUNDS = 10
-"""Rounds of dense-ratio's ``wait`` run: the median of its last three is reported too."""
+AUDIT_ROUNDS = 10
+"""Rounds of dense-ratio's audited runs (a longer window over the backlog's waits)."""
 
 
 def matmul_ceiling(threads: int) -> float:
@@ -165,10 +167,12 @@ def engine(
     attack: str = "dense-ratio",
     audited: int | None = None,
     attack_gpus: float = 0.0,
-    rounds: int = 4,
-) -> tuple[float, float, float, float]:
-    """Median seconds per round (rounds 2-4) of the Ray engine, peak memory (PSS) in MiB, share of rounds 2-4
-    audited, and the median of the last three rounds (rounds 8-10 of ``rounds=10``; nan with fewer than 7).
+    rounds: int = ROUNDS,
+) -> tuple[float, float, float]:
+    """Seconds per round of the Ray engine, peak memory (PSS) in MiB and the share of clients audited.
+
+    Seconds per round: unaudited, the median of rounds 2-4; audited, the mean over rounds 2 to ``rounds`` with
+    the wait for the last audits after the final round (``RunResult.audit_drain_seconds``).
 
     Memory comes from a separate two-round run of the same configuration, so sampling it does not touch the timing.
 
@@ -202,13 +206,14 @@ def engine(
     result = run_experiment(validate(data), show_progress=False)
     with PeakMemory() as memory:  # a second, shorter run: sampling /proc slows the workers it reads
         run_experiment(validate({**data, "rounds": 2}), show_progress=False)
-    later = result.history[1:4]
-    seconds = statistics.median(row["round_seconds"] for row in later)
+    later = result.history[1:]
+    if audit:
+        seconds = (sum(row["round_seconds"] for row in later) + result.audit_drain_seconds) / len(later)
+    else:
+        seconds = statistics.median(row["round_seconds"] for row in later[:3])
     share = audited or clients
     covered = sum(1 - row.get("audit/skipped_clients", 0.0) / share for row in later) / len(later) if audit else 0.0
-    last = result.history[-3:]
-    late = statistics.median(row["round_seconds"] for row in last) if rounds >= 7 else math.nan
-    return seconds, memory.peak / 2**20, covered, late
+    return seconds, memory.peak / 2**20, covered
 
 
 def audit_runs(
@@ -221,11 +226,12 @@ def audit_runs(
         reference = plain
         attack_batch = min(batch, DEMIX_BATCH) if attack == "ce-demix" else batch
         if attack_batch != batch:
-            reference, memory, _, _ = engine(base, clients, "fedsgd", workdir, batch=attack_batch)
+            reference, memory, _ = engine(base, clients, "fedsgd", workdir, batch=attack_batch)
             runs.append((f"engine (Ray), batch {attack_batch} (unaudited reference of ce-demix)", (reference, memory)))
         audited = min(limits.get(attack, clients), clients)
+        rounds = AUDIT_ROUNDS if attack == "dense-ratio" else ROUNDS
         for mode in ("wait", "skip") if attack == "dense-ratio" else ("wait",):
-            seconds, memory, covered, late = engine(
+            seconds, memory, covered = engine(
                 base,
                 clients,
                 "fedsgd",
@@ -235,22 +241,19 @@ def audit_runs(
                 attack=attack,
                 audited=audited,
                 attack_gpus=args.attack_gpus,
-                rounds=LATE_ROUNDS if attack == "dense-ratio" and mode == "wait" else 4,
+                rounds=rounds,
             )
             ratio = seconds / reference
             who = "all" if audited == clients else f"{audited:,} of {clients:,}"
             if args.attack_gpus:
                 who += f", attack actors on the GPU ({args.attack_gpus:g} each)"
-            label = f"engine + {attack} audits {who}, when_busy={mode} ({ratio:.2f}x; {covered:.0%} audited"
+            label = (
+                f"engine + {attack} audits {who}, when_busy={mode} ({ratio:.2f}x; {covered:.0%} audited; "
+                f"mean of rounds 2-{rounds} and the final wait"
+            )
             if audited < clients:
                 label += f"; every client: {1 + (ratio - 1) * clients / audited:.1f}x extrapolated"
             runs.append((label + ")", (seconds, memory)))
-            if not math.isnan(late):
-                late_label = (
-                    f"same run, rounds {LATE_ROUNDS - 2}-{LATE_ROUNDS}: nearly every sample's baselines scored "
-                    f"before ({late / reference:.2f}x)"
-                )
-                runs.append((late_label, (late, memory)))
     return runs
 
 
@@ -319,7 +322,7 @@ def main() -> None:
         runs = []
         if (algorithm, clients) in baselines:
             runs.append(("plain loop", (baselines[(algorithm, clients)], float("nan"))))
-        seconds, memory, _, _ = engine(base, clients, algorithm, workdir, batch=cell_batch)
+        seconds, memory, _ = engine(base, clients, algorithm, workdir, batch=cell_batch)
         runs.append(("engine (Ray)", (seconds, memory)))
         if args.audit and algorithm == "fedsgd":
             runs += audit_runs(args, base, clients, workdir, cell_batch, seconds)

@@ -49,6 +49,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
     leakage: dict[str, dict[str, float]] = field(default_factory=dict)
+    audit_drain_seconds: float = 0.0  # after the last round: waiting for the audits still in the backlog
 
     @property
     def final_accuracy(self) -> float:
@@ -128,6 +129,7 @@ class RoundLoop:
         self.start_round = prepared.start_round
         self.state = prepared.state
         self.leakage: dict[str, dict[str, float]] = {}
+        self.drain_seconds = 0.0
         self.privacy = privacy_plan(experiment, prepared.data.partition.sizes())
         size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
         data_ref = ray.put({"x": self.dataset.train_x, "y": self.dataset.train_y})
@@ -196,7 +198,7 @@ class RoundLoop:
             raise
         finally:
             self.close(status)
-        return RunResult(self.run_id, self.params, self.history, self.worker_nodes, self.leakage)
+        return RunResult(self.run_id, self.params, self.history, self.worker_nodes, self.leakage, self.drain_seconds)
 
     def round(self, round_index: int) -> None:
         """One round: sample, simulate, aggregate, audit, evaluate, log, checkpoint."""
@@ -285,7 +287,9 @@ class RoundLoop:
 
     def finish(self) -> None:
         """Wait for the last audits; log the final model, summary, leakage per group and the run's description."""
+        started = time.perf_counter()
         self.meter.finish()
+        self.drain_seconds = time.perf_counter() - started
         self.tracker.flush()
         self.leakage = self.meter.summary_by_group()
         log_final(self.tracker, self.run_id, self.experiment, self.params, self.history)
