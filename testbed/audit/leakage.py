@@ -13,8 +13,6 @@ has been scored, so each step gets its metrics once.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from collections import defaultdict
@@ -25,6 +23,7 @@ import numpy as np
 
 from metrics import METRIC_NAMES, best_baseline
 from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
+from testbed.audit.sample_table import SampleTable
 from testbed.audit.scoring import ScoredAudit, ScoredClient
 from testbed.audit.worst_case import summarise, worst_cases
 from testbed.config.schema import AuditConfig
@@ -32,20 +31,6 @@ from testbed.data.datasets import Dataset
 from testbed.tracking.store import Tracker
 
 log = logging.getLogger(__name__)
-
-CSV_FIELDS = (
-    "round",
-    "aggregator",
-    "group",
-    "client",
-    "sample",
-    "label",
-    "attack",
-    "matched",
-    *METRIC_NAMES,
-    *(f"{name}_baseline" for name in METRIC_NAMES),
-    "recovered",
-)
 
 
 def _at(items: Sequence[ScoredClient], key: str) -> list[ScoredClient]:
@@ -62,14 +47,14 @@ class LeakageMeter:
         self.dataset = dataset
         self.attacks = list(attacks)
         self.said: set[tuple[str, str]] = set()  # (group, attack) pairs whose not-applicable reason was logged
-        self.attack_rows: list[dict[str, Any]] = []  # with a portfolio: one row per sample per attack
+        self.attack_samples = SampleTable()  # with a portfolio: one row per sample per attack
         self.tracker = tracker
         self.run_id = run_id
         self.scorer = scorer
         self.pending: dict[Any, int] = {}  # scoring task -> its round
         self.outstanding: dict[int, int] = defaultdict(int)  # round -> scoring tasks not yet back
         self.arrived: dict[int, list[ScoredAudit]] = defaultdict(list)
-        self.rows: list[dict[str, Any]] = []
+        self.samples = SampleTable()  # one row per audited sample: the worst case over the attacks
         self.not_applicable: dict[str, int] = defaultdict(int)
         self.failed = 0  # audit tasks that raised (their clients are not scored; logged as audit/failed_tasks)
         self.failed_in: dict[int, int] = defaultdict(int)
@@ -77,23 +62,23 @@ class LeakageMeter:
         self.grids: list[str] = []  # artifact paths of the audit grids logged so far
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the audits: the scored rows so far and the not-applicable counts.
+        """What a checkpoint keeps of the audits: the scored samples so far and the not-applicable counts.
 
         Audits still running when a run is interrupted are not kept; their rounds have no leakage rows.
         """
         return {
-            "rows": list(self.rows),
-            "attack_rows": list(self.attack_rows),
+            "rows": self.samples.state(),
+            "attack_rows": self.attack_samples.state(),
             "not_applicable": dict(self.not_applicable),
             "grids": list(self.grids),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's audit state."""
-        self.rows = list(state.get("rows", []))
+        self.samples = SampleTable.from_state(state.get("rows", []))
         self.not_applicable.update(state.get("not_applicable", {}))
         self.grids = list(state.get("grids", []))
-        self.attack_rows = list(state.get("attack_rows", []))
+        self.attack_samples = SampleTable.from_state(state.get("attack_rows", []))
 
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
         """Send a round's pending attack outcomes to the scorer with the ground truth (client -> sample indices)."""
@@ -174,10 +159,10 @@ class LeakageMeter:
                     metrics.update({f"leakage/{key}/{attack}/{name}": value for name, value in summarise(mine).items()})
         self.tracker.log_metrics(self.run_id, metrics, step=round_index + 1)
         for case in cases:
-            self.rows += self._rows(case.client, case.chosen)
+            self._append(self.samples, case.client, case.chosen)
             if len(self.attacks) > 1:
                 for item in case.by_attack.values():
-                    self.attack_rows += self._rows(item, [item.outcome.attack] * item.result.n)
+                    self._append(self.attack_samples, item, item.outcome.attack)
         shown = [c for c in cases if any(i.outcome.reconstruction is not None for i in c.by_attack.values())]
         if shown:
             several = len(self.attacks) > 1
@@ -188,26 +173,23 @@ class LeakageMeter:
                 self.tracker.log_file(self.run_id, path, "audits")
             self.grids.append(f"audits/{path.name}")
 
-    def _rows(self, item: ScoredClient, attacks: list[str]) -> list[dict[str, Any]]:
-        """One CSV row per sample of a scored client: scores, the best baseline's scores, the attack behind it."""
+    def _append(self, table: SampleTable, item: ScoredClient, attacks: str | list[str]) -> None:
+        """One row per sample of a scored client: scores, the best baseline's scores, the attack behind it."""
         best = best_baseline(item.baselines) if item.baselines else {}
-        rows = []
-        for position, sample in enumerate(item.sample_indices):
-            row: dict[str, Any] = {
+        samples = np.asarray(item.sample_indices, dtype=np.int64)
+        table.append(
+            {"aggregator": item.outcome.aggregator, "group": item.outcome.group, "attack": attacks},
+            {
                 "round": item.outcome.round + 1,
-                "aggregator": item.outcome.aggregator,
-                "group": item.outcome.group,
                 "client": item.outcome.client,
-                "sample": int(sample),
-                "label": int(self.dataset.train_y[sample]),
-                "attack": attacks[position],
-                "matched": int(item.result.assignment[position]),
-                "recovered": bool(item.flags[position]),
-            }
-            row.update({name: float(item.result.scores[name][position]) for name in METRIC_NAMES})
-            row.update({f"{name}_baseline": float(best[name][position]) if best else "" for name in METRIC_NAMES})
-            rows.append(row)
-        return rows
+                "sample": samples,
+                "label": self.dataset.train_y[samples],
+                "matched": item.result.assignment,
+                **{name: item.result.scores[name] for name in METRIC_NAMES},
+                **{f"{name}_baseline": best[name] if best else np.nan for name in METRIC_NAMES},
+            },
+            item.flags,
+        )
 
     def take_fresh(self) -> dict[str, float]:
         """The recovered fraction per group of the rounds logged since the last call (for the progress line)."""
@@ -217,37 +199,32 @@ class LeakageMeter:
     def summary_by_group(self) -> dict[str, dict[str, float]]:
         """Leakage over every audited sample of the run, per client group: samples, recovered, mean SSIM and AVD."""
         result: dict[str, dict[str, float]] = {}
-        for group in sorted({str(row["group"]) for row in self.rows}):
-            rows = [row for row in self.rows if row["group"] == group]
-            ssim = [row["ssim"] for row in rows if np.isfinite(row["ssim"])]
-            avd = [row["avd"] for row in rows if np.isfinite(row["avd"])]
+        codes = self.samples.column("group")
+        for code, group in sorted(enumerate(self.samples.vocabulary["group"]), key=lambda pair: pair[1]):
+            mine = codes == code
+            if not mine.any():
+                continue
+            ssim = self.samples.column("ssim")[mine]
+            avd = self.samples.column("avd")[mine]
+            ssim, avd = ssim[np.isfinite(ssim)], avd[np.isfinite(avd)]
             result[group] = {
-                "audited_samples": float(len(rows)),
-                "recovered_fraction": float(np.mean([bool(row["recovered"]) for row in rows])),
-                "ssim_mean": float(np.mean(ssim)) if ssim else float("nan"),
-                "avd_mean": float(np.mean(avd)) if avd else float("nan"),
+                "audited_samples": float(mine.sum()),
+                "recovered_fraction": float(self.samples.column("recovered")[mine].mean()),
+                "ssim_mean": float(ssim.mean()) if len(ssim) else float("nan"),
+                "avd_mean": float(avd.mean()) if len(avd) else float("nan"),
             }
         return result
 
     def finish(self) -> None:
         """Wait for every outstanding audit and store the per-sample CSV."""
         self.collect(wait=True)
-        if not self.rows and not self.not_applicable:
+        if not len(self.samples) and not self.not_applicable:
             return
-        self.tracker.log_text(self.run_id, _csv(self.rows), "audits/samples.csv")
-        if self.attack_rows:
-            self.tracker.log_text(self.run_id, _csv(self.attack_rows), "audits/samples_by_attack.csv")
+        self.tracker.log_text(self.run_id, self.samples.to_csv(), "audits/samples.csv")
+        if len(self.attack_samples):
+            self.tracker.log_text(self.run_id, self.attack_samples.to_csv(), "audits/samples_by_attack.csv")
         if self.not_applicable:
             self.tracker.log_json(self.run_id, dict(self.not_applicable), "audits/not_applicable.json")
-
-
-def _csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Per-sample rows as CSV text with the CSV_FIELDS header."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
 
 
 def make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:

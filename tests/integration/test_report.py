@@ -15,7 +15,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from testbed.audit.leakage import CSV_FIELDS
+from testbed.audit.sample_table import CSV_FIELDS
 from testbed.config.load import load_experiment
 from testbed.config.topology import validate
 from testbed.errors import UserError
