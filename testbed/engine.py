@@ -135,21 +135,21 @@ class RoundLoop:
         data_ref = ray.put({"x": self.dataset.train_x, "y": self.dataset.train_y})
         self.pool = WorkerPool(experiment, data_ref, ray.put(prepared.data.partition), self.dataset.num_classes, size)
         self.worker_nodes = self.pool.nodes()
-        attack_workers, self.audit_actors, scorer = self._start_audit_actors(data_ref)
+        attack_workers, self.audit_actors, scorers = self._start_audit_actors(data_ref)
         self.tree = build_tree(experiment, attack_workers)
         self.eval_model = model_for(experiment.model, self.dataset.input_shape, self.dataset.num_classes)
         self.test_x, self.test_y = torch.as_tensor(self.dataset.test_x), torch.as_tensor(self.dataset.test_y)
         attacks = experiment.attack.names if experiment.attack is not None else []
-        self.meter = LeakageMeter(self.dataset, self.tracker, "", scorer, attacks)
+        self.meter = LeakageMeter(self.dataset, self.tracker, "", scorers, attacks)
         self.meter.restore(self.state.get("audits", {}))
         self.progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         self.progress.start_at(self.start_round)
         self.run_id = ""
 
-    def _start_audit_actors(self, data_ref: Any) -> tuple[list[str], list[Any], Any]:
-        """The attack actors (named, so aggregators can reach them) and the scorer; none without an attack."""
+    def _start_audit_actors(self, data_ref: Any) -> tuple[list[str], list[Any], list[Any]]:
+        """The attack actors (named, so aggregators can reach them) and the scorers; none without an attack."""
         if self.experiment.attack is None:
-            return [], [], None
+            return [], [], []
         import ray
 
         from testbed.audit.attack_worker import AttackWorker
@@ -163,12 +163,15 @@ class RoundLoop:
         shape, classes = self.dataset.input_shape, self.dataset.num_classes
         actors: list[Any] = [attack_class.options(name=name).remote(self.experiment, shape, classes) for name in names]
         held_out = {"x": self.dataset.test_x, "y": self.dataset.test_y}  # the baselines' class means and images
-        scorer = ray.remote(num_cpus=0)(LeakageScorer).remote(
-            data_ref, resources.nice, GRID_MAX_CLIENTS, held_out, self.experiment.seed
-        )
-        actors.append(scorer)
+        scorers = [
+            ray.remote(num_cpus=0)(LeakageScorer).remote(
+                data_ref, resources.nice, GRID_MAX_CLIENTS, held_out, self.experiment.seed
+            )
+            for _ in range(resources.scorers)
+        ]
+        actors += scorers
         ray.get([actor.__ray_ready__.remote() for actor in actors])
-        return names, actors, scorer
+        return names, actors, scorers
 
     def open_run(
         self, resume_run_id: str | None, parent_run_id: str | None, name: str, tags: Mapping[str, str] | None

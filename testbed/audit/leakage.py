@@ -42,7 +42,7 @@ class LeakageMeter:
     """Collects audit outcomes as they arrive and logs leakage for each audited round."""
 
     def __init__(
-        self, dataset: Dataset, tracker: Tracker, run_id: str, scorer: Any, attacks: Sequence[str] = ()
+        self, dataset: Dataset, tracker: Tracker, run_id: str, scorers: Any, attacks: Sequence[str] = ()
     ) -> None:
         self.dataset = dataset
         self.attacks = list(attacks)
@@ -50,10 +50,11 @@ class LeakageMeter:
         self.attack_samples = SampleTable()  # with a portfolio: one row per sample per attack
         self.tracker = tracker
         self.run_id = run_id
-        self.scorer = scorer
-        self.pending: dict[Any, int] = {}  # scoring task -> its round
+        self.scorers = list(scorers) if isinstance(scorers, (list, tuple)) else [scorers]
+        self.sent = 0  # scoring tasks sent so far: each task's place, so a round logs in the same order always
+        self.pending: dict[Any, tuple[int, int]] = {}  # scoring task -> (its round, its place)
         self.outstanding: dict[int, int] = defaultdict(int)  # round -> scoring tasks not yet back
-        self.arrived: dict[int, list[ScoredAudit]] = defaultdict(list)
+        self.arrived: dict[int, list[tuple[int, ScoredAudit]]] = defaultdict(list)  # round -> (place, audit)
         self.samples = SampleTable()  # one row per audited sample: the worst case over the attacks
         self.not_applicable: dict[str, int] = defaultdict(int)
         self.failed = 0  # audit tasks that raised (their clients are not scored; logged as audit/failed_tasks)
@@ -81,14 +82,16 @@ class LeakageMeter:
         self.attack_samples = SampleTable.from_state(state.get("attack_rows", []))
 
     def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
-        """Send a round's pending attack outcomes to the scorer with the ground truth (client -> sample indices)."""
+        """Send a round's attack outcomes to the scorers (in turn) with the ground truth (client -> sample indices)."""
         if not outcome_refs:
             return
         import ray
 
         truth_ref = ray.put(ground_truth)
         for ref in outcome_refs:
-            self.pending[self.scorer.score.remote(ref, truth_ref, round_index)] = round_index
+            scorer = self.scorers[self.sent % len(self.scorers)]
+            self.pending[scorer.score.remote(ref, truth_ref, round_index)] = (round_index, self.sent)
+            self.sent += 1
             self.outstanding[round_index] += 1
 
     def collect(self, *, wait: bool) -> None:
@@ -99,10 +102,10 @@ class LeakageMeter:
             return
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=None if wait else 0)
         for ref in ready:
-            round_index = self.pending.pop(ref)
+            round_index, place = self.pending.pop(ref)
             self.outstanding[round_index] -= 1
             try:
-                self.arrived[round_index].append(ray.get(ref))
+                self.arrived[round_index].append((place, ray.get(ref)))
             except ray.exceptions.RayError as exc:
                 self.failed += 1
                 self.failed_in[round_index] += 1
@@ -111,7 +114,7 @@ class LeakageMeter:
                 log.warning("round %d: an audit task failed and its clients are not scored: %s", round_index + 1, cause)
         for round_index in sorted(r for r, count in self.outstanding.items() if count == 0):
             del self.outstanding[round_index]
-            audits = self.arrived.pop(round_index, [])
+            audits = [audit for _, audit in sorted(self.arrived.pop(round_index, []), key=lambda pair: pair[0])]
             failed = self.failed_in.pop(round_index, 0)
             if audits:
                 self._log_round(round_index, audits, failed)
@@ -128,7 +131,8 @@ class LeakageMeter:
 
         while self.busy_rounds() >= limit:
             oldest = min(r for r, count in self.outstanding.items() if count > 0)
-            ray.wait([ref for ref, r in self.pending.items() if r == oldest], num_returns=self.outstanding[oldest])
+            mine = [ref for ref, (r, _) in self.pending.items() if r == oldest]
+            ray.wait(mine, num_returns=self.outstanding[oldest])
             self.collect(wait=False)
 
     def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> None:

@@ -47,6 +47,9 @@ def worst_cases(scored: Sequence[ScoredClient]) -> list[WorstCase]:
     for attacks in by_client.values():
         items = list(attacks.values())
         first = items[0]
+        if len(items) == 1:  # one attack applied: its own scores are the worst case
+            cases.append(WorstCase(first, [first.outcome.attack] * first.result.n, attacks))
+            continue
         winners = [_best(items, position) for position in range(first.result.n)]
         scores = {
             name: np.array([w.result.scores[name][i] for i, w in enumerate(winners)], dtype=np.float64)

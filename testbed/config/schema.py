@@ -318,6 +318,11 @@ class AttackResources(ActorResources):
     """Ray resources of the attack actors that run audits beside the aggregator."""
 
     workers: int = Field(1, ge=1, description="attack actors (audits are spread over them)")
+    scorers: int = Field(
+        1,
+        ge=1,
+        description="scoring actors matching reconstructions with the training data (audit tasks take turns)",
+    )
     nice: int = Field(
         19,
         ge=0,

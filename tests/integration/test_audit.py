@@ -17,10 +17,12 @@ pytestmark = pytest.mark.ray
 
 
 def test_attack_demo_logs_leakage(local_ray: None, tracking: dict[str, Any]) -> None:
-    # two attack actors: each round's audits come back in two parts and must be logged once, complete
+    # two attack actors and two scorers: each round's audits come back in parts, from either scorer, and
+    # must be logged once, complete
     overrides = [f"tracking.{key}={value}" for key, value in tracking.items()] + [
         "rounds=2",
         "resources.attack.workers=2",
+        "resources.attack.scorers=2",
         "resources.attack.num_cpus=0",
     ]
     experiment = load_experiment(REPO / "topologies" / "attack-demo.yaml", overrides)
