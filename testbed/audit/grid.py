@@ -1,4 +1,9 @@
-"""The audit grid of a round: originals above the matched (worst-case) reconstructions, as a PNG."""
+"""The audit grid of a round: originals above the matched (worst-case) reconstructions, as a PNG.
+
+Drawn with Pillow straight from the pixel arrays (each image enlarged by a whole factor, nearest
+neighbour, so a tile shows the image's own pixels): a grid is logged every audited round, and the
+driver that draws it is also the process that runs the round loop.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +11,75 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from testbed.audit.worst_case import WorstCase
 
 GRID_MAX_CLIENTS = 6
 GRID_MAX_IMAGES = 8
+TILE = 84
+"""Target side of a tile in pixels (28 x 28 images are shown three times enlarged)."""
+GAP = 6
+"""Pixels between tiles."""
+LINE = 12
+"""Height of one line of text."""
+
+
+def scale_for(height: int, width: int) -> int:
+    """The whole enlargement factor that brings an image's longer side nearest to ``TILE`` (at least 1)."""
+    return max(1, round(TILE / max(height, width)))
+
+
+def tile(image: np.ndarray, scale: int) -> Image.Image:
+    """An image (H x W, or C x H x W with 1 or 3 channels) as an RGB tile, enlarged ``scale`` times."""
+    array = display(image)
+    pixels = np.round(array * 255.0).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
 
 
 def render_grid(round_index: int, shown: Sequence[WorstCase], train_x: np.ndarray, *, name_attacks: bool) -> bytes:
     """PNG bytes: per client, its originals (upper row) and the reconstruction matched to each (lower row).
 
-    With ``name_attacks`` (a portfolio), each lower image names the attack that produced it.
+    Under each reconstruction its AVD; with ``name_attacks`` (a portfolio), also the attack that produced it.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    height, width = train_x.shape[-2], train_x.shape[-1]
+    scale = scale_for(height, width)
+    side_y, side_x = height * scale, width * scale
     columns = max(min(len(case.client.sample_indices), GRID_MAX_IMAGES) for case in shown)
-    figure, axes = plt.subplots(2 * len(shown), columns, figsize=(1.3 * columns + 1, 2.9 * len(shown)), squeeze=False)
-    for block, case in enumerate(shown):
+    captions = 2 if name_attacks else 1
+    block = LINE + side_y + GAP + side_y + captions * LINE + 2 * GAP
+    canvas = Image.new("RGB", (GAP + columns * (side_x + GAP), 2 * LINE + len(shown) * block), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    what = "worst-case reconstructions (attack named)" if name_attacks else "matched reconstructions"
+    draw.text((GAP, 2), f"Round {round_index + 1}: originals (upper) and {what} (lower)", fill="black", font=font)
+    for position, case in enumerate(shown):
         item = case.client
-        for column in range(columns):
-            top, bottom = axes[2 * block, column], axes[2 * block + 1, column]
-            top.axis("off")
-            bottom.axis("off")
-            if column >= min(len(item.sample_indices), GRID_MAX_IMAGES):
-                continue
-            top.imshow(_display(train_x[item.sample_indices[column]]), cmap="gray", vmin=0, vmax=1)
+        top = 2 * LINE + position * block
+        draw.text((GAP, top), f"client {item.outcome.client} ({item.outcome.group})", fill="black", font=font)
+        for column in range(min(len(item.sample_indices), GRID_MAX_IMAGES)):
+            left = GAP + column * (side_x + GAP)
+            canvas.paste(tile(train_x[item.sample_indices[column]], scale), (left, top + LINE))
             attack = case.chosen[column]
             source = case.by_attack[attack].outcome.reconstruction
             matched = int(item.result.assignment[column])
+            below = top + LINE + side_y + GAP
             if source is not None and matched >= 0:
-                bottom.imshow(_display(source.images[matched].detach().cpu().numpy()), cmap="gray", vmin=0, vmax=1)
-            title = f"AVD {item.result.scores['avd'][column]:.3f}" + (f"\n{attack}" if name_attacks else "")
-            bottom.set_title(title, fontsize=6, y=-0.38 if name_attacks else -0.28)
-        axes[2 * block, 0].set_title(f"client {item.outcome.client} ({item.outcome.group})", fontsize=8, loc="left")
-    what = "worst-case reconstructions (attack named)" if name_attacks else "matched reconstructions"
-    figure.suptitle(f"Round {round_index + 1}: originals (upper) and {what} (lower)", fontsize=9)
-    figure.tight_layout()
+                canvas.paste(tile(source.images[matched].detach().cpu().numpy(), scale), (left, below))
+            caption = f"AVD {item.result.scores['avd'][column]:.3f}"
+            draw.text((left, below + side_y + 1), caption, fill="black", font=font)
+            if name_attacks:
+                draw.text((left, below + side_y + 1 + LINE), attack, fill="black", font=font)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
+    canvas.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _display(image: np.ndarray) -> np.ndarray:
-    """An image as matplotlib shows it: H x W for one channel, H x W x C otherwise, clipped to [0, 1]."""
+def display(image: np.ndarray) -> np.ndarray:
+    """An image as the grid shows it: H x W for one channel, H x W x C otherwise, |value| clipped to [0, 1]."""
     array = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
     array = np.clip(np.abs(array), 0.0, 1.0)
     if array.ndim == 3:

@@ -1,0 +1,62 @@
+"""The audit grid: every original and its matched reconstruction drawn from their own pixels."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from attacks.view import Reconstruction
+from metrics import MatchResult
+from testbed.audit.grid import GAP, LINE, render_grid, scale_for
+from testbed.audit.outcome import AuditOutcome
+from testbed.audit.scoring import ScoredClient
+from testbed.audit.worst_case import WorstCase
+
+
+def _case(train_x: np.ndarray, samples: list[int], client: int, attack: str = "dense-ratio") -> WorstCase:
+    images = torch.from_numpy(train_x[samples][::-1].copy())  # returned in reverse order
+    outcome = AuditOutcome(client, "g", 0, "root", Reconstruction(images=images, labels=None), attack=attack)
+    count = len(samples)
+    result = MatchResult(
+        assignment=np.arange(count)[::-1].copy(),
+        scores={name: np.zeros(count) for name in ("avd", "mse", "psnr", "ssim")},
+    )
+    scored = ScoredClient(outcome, np.asarray(samples), result, None)
+    return WorstCase(scored, [attack] * count, {attack: scored})
+
+
+def test_each_tile_is_its_images_own_pixels_enlarged() -> None:
+    generator = np.random.default_rng(0)
+    train_x = (generator.integers(0, 256, size=(20, 1, 28, 28)) / 255.0).astype(np.float32)
+    shown = [_case(train_x, [3, 7, 11], client=5), _case(train_x, [1, 2], client=9)]
+    grid = Image.open(io.BytesIO(render_grid(0, shown, train_x, name_attacks=False))).convert("L")
+    scale = scale_for(28, 28)
+    side = 28 * scale
+    block = LINE + side + GAP + side + LINE + 2 * GAP
+    assert grid.size == (GAP + 3 * (side + GAP), 2 * LINE + 2 * block)
+    pixels = np.asarray(grid)
+    for position, (samples, case) in enumerate(zip([[3, 7, 11], [1, 2]], shown, strict=True)):
+        top = 2 * LINE + position * block + LINE
+        for column, sample in enumerate(samples):
+            left = GAP + column * (side + GAP)
+            expected = np.round(train_x[sample, 0] * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+            assert np.array_equal(pixels[top : top + side, left : left + side], expected)  # the original
+            below = top + side + GAP  # the reconstruction matched to it: the same digit here
+            assert np.array_equal(pixels[below : below + side, left : left + side], expected)
+        assert case.client.outcome.client in (5, 9)
+
+
+def test_colour_images_and_named_attacks_draw() -> None:
+    generator = np.random.default_rng(1)
+    train_x = generator.random((6, 3, 32, 32)).astype(np.float32)
+    grid = Image.open(
+        io.BytesIO(render_grid(2, [_case(train_x, [0, 4], 1, "inverting-gradients")], train_x, name_attacks=True))
+    )
+    pixels = np.asarray(grid.convert("RGB"))
+    scale = scale_for(32, 32)
+    top = 2 * LINE + LINE
+    expected = np.round(np.transpose(train_x[0], (1, 2, 0)) * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    assert np.array_equal(pixels[top : top + 32 * scale, GAP : GAP + 32 * scale], expected)
