@@ -319,7 +319,7 @@ class AttackResources(ActorResources):
 
     workers: int = Field(1, ge=1, description="attack actors (audits are spread over them)")
     scorers: int = Field(
-        1,
+        2,
         ge=1,
         description="scoring actors matching reconstructions with the training data (audit tasks take turns)",
     )
