@@ -1,7 +1,8 @@
 """Where the CPU time of an audited client goes, stage by stage and attack by attack, against training it.
 
-One process, one thread, the reference workload (benchmarks/workload.yaml, FedSGD): per attack a chunk of
-clients simulated without and with every client audited, the audited raw updates serialised as Ray would
+One process, one thread (torch's and numpy's BLAS alike, as in the Ray actors), the reference workload
+(benchmarks/workload.yaml, FedSGD): per attack a chunk of clients simulated without and with every client
+audited, the audited raw updates serialised as Ray would
 (pickle protocol 5, buffers out of band), the attack run on them (batched, as the attack actor does), the
 reconstructions matched and scored (AVD assignment, four metrics) and the originals scored against the
 no-information baselines, as the leakage scorer does: once per sample and run (metrics.BaselineCache), so
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from metrics import BaselineCache, ClassPrototypes, match_many
 from testbed.audit.attack_worker import AttackWorker
@@ -133,10 +135,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     columns = []
-    for attack in args.attacks:
-        count = args.clients if attack == "dense-ratio" else args.slow_clients
-        batch, stages = profile(attack, count, args.repeats)
-        columns.append((f"{attack} (batch {batch}, {count} clients)", stages))
+    with threadpool_limits(limits=1):  # numpy's BLAS too, as in the Ray actors (OMP_NUM_THREADS=1)
+        for attack in args.attacks:
+            count = args.clients if attack == "dense-ratio" else args.slow_clients
+            batch, stages = profile(attack, count, args.repeats)
+            columns.append((f"{attack} (batch {batch}, {count} clients)", stages))
     print(f"One thread, best of {args.repeats} (the slow attacks: one timed run); ms per audited client.")
     print()
     print("| stage | " + " | ".join(f"{name} ms | x training" for name, _ in columns) + " |")

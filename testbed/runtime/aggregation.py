@@ -155,17 +155,21 @@ class Aggregator:
         return payload, refs
 
     def _audit(self, params: Params, updates: list[ClientUpdate], audited_refs: list[Any]) -> list[Any]:
-        """Share the received updates among the attack actors: inline ones by value, the rest by reference."""
+        """Share the received updates among the attack actors: inline ones by value (split among the actors),
+        the rest by reference, one task per chunk, so that the scoring of a round's first chunks starts while
+        its later ones are attacked, and a round's scoring spreads over the scorers."""
         if not (updates or audited_refs) or not self.attack_workers:
             return []
         count = len(self.attack_workers)
+        tasks: list[tuple[list[ClientUpdate], list[Any]]] = [
+            (share, []) for share in (updates[start::count] for start in range(count)) if share
+        ]
+        tasks += [([], [ref]) for ref in audited_refs]
         refs: list[Any] = []
-        for start in range(count):
-            share, by_reference = updates[start::count], audited_refs[start::count]
-            if share or by_reference:
-                worker = self.attack_workers[self._next % count]
-                self._next += 1
-                refs.append(worker.audit.remote(params, share, self.name, by_reference))
+        for share, by_reference in tasks:
+            worker = self.attack_workers[self._next % count]
+            self._next += 1
+            refs.append(worker.audit.remote(params, share, self.name, by_reference))
         return refs
 
 
