@@ -68,7 +68,8 @@ def render_grid(round_index: int, shown: Sequence[WorstCase], train_x: np.ndarra
             matched = int(item.result.assignment[column])
             below = top + LINE + side_y + GAP
             if source is not None and matched >= 0:
-                canvas.paste(tile(source.images[matched].detach().cpu().numpy(), scale), (left, below))
+                image = source.images[matched].detach().cpu().numpy().reshape(train_x.shape[1:])
+                canvas.paste(tile(image, scale), (left, below))
             caption = f"AVD {item.result.scores['avd'][column]:.3f}"
             draw.text((left, below + side_y + 1), caption, fill="black", font=font)
             if name_attacks:
@@ -79,9 +80,10 @@ def render_grid(round_index: int, shown: Sequence[WorstCase], train_x: np.ndarra
 
 
 def display(image: np.ndarray) -> np.ndarray:
-    """An image as the grid shows it: H x W for one channel, H x W x C otherwise, |value| clipped to [0, 1]."""
+    """An image as the grid shows it: H x W x 3 for three channels, else H x W (the first channel), with
+    |value| clipped to [0, 1]."""
     array = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
     array = np.clip(np.abs(array), 0.0, 1.0)
     if array.ndim == 3:
-        array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+        array = np.transpose(array, (1, 2, 0)) if array.shape[0] == 3 else array[0]
     return array

@@ -7,7 +7,7 @@ medians, recovered fraction beyond the no-information baselines, the baselines' 
 (testbed.audit.worst_case) and each attack also logs ``leakage/<key>/<attack>/...``. A PNG grid of
 originals above matched reconstructions per audited round, and at the end a CSV of every audited sample
 (``samples.csv``, the worst case; ``samples_by_attack.csv`` with a portfolio). The scoring itself runs
-in a ``LeakageScorer`` actor (testbed.audit.scoring); a round is logged once every attack task of it
+in ``LeakageScorer`` actors (testbed.audit.scoring); a round is logged once every attack task of it
 has been scored, so each step gets its metrics once.
 """
 
@@ -170,7 +170,11 @@ class LeakageMeter:
         shown = [c for c in cases if any(i.outcome.reconstruction is not None for i in c.by_attack.values())]
         if shown:
             several = len(self.attacks) > 1
-            png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, name_attacks=several)
+            try:
+                png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, name_attacks=several)
+            except (ValueError, TypeError) as exc:  # a picture must not end a run whose scores are logged
+                log.warning("round %d: the audit grid could not be drawn: %s", round_index + 1, exc)
+                return
             with self.tracker.staging() as folder:
                 path = folder / f"round_{round_index + 1:04d}.png"
                 path.write_bytes(png)

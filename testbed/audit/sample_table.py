@@ -31,6 +31,15 @@ CSV_FIELDS = ("round", "aggregator", "group", "client", "sample", "label", "atta
 """The columns of ``samples.csv``, in order."""
 
 
+DTYPES: dict[str, type] = {
+    "recovered": np.bool_,
+    **{column: np.int32 for column in NAMES},
+    **{column: np.int64 for column in INTEGERS},
+    **{column: np.float64 for column in FLOATS},
+}
+"""Each stored column's type (names as int32 codes)."""
+
+
 class SampleTable:
     """Rows of audited samples (``CSV_FIELDS``), appended a scored client at a time and read by column."""
 
@@ -73,12 +82,11 @@ class SampleTable:
     def column(self, name: str) -> np.ndarray:
         """One column of every row so far (codes for a NAMES column)."""
         if self._joined is None:
-            fields = ("recovered", *NAMES, *INTEGERS, *FLOATS)
             self._joined = {
-                field: np.concatenate([block[field] for block in self._blocks])
+                field: np.concatenate([block[field] for block in self._blocks]).astype(dtype, copy=False)
                 if self._blocks
-                else np.zeros(0, dtype=bool if field == "recovered" else np.float64)
-                for field in fields
+                else np.zeros(0, dtype=dtype)
+                for field, dtype in DTYPES.items()
             }
             self._blocks = [self._joined] if self._blocks else []
         return self._joined[name]
@@ -109,10 +117,7 @@ class SampleTable:
         """The table as tensors and vocabularies, what a checkpoint keeps (``torch.load(weights_only=True)``)."""
         return {
             "vocabulary": {column: list(words) for column, words in self.vocabulary.items()},
-            "columns": {
-                field: torch.from_numpy(self.column(field).copy())
-                for field in ("recovered", *NAMES, *INTEGERS, *FLOATS)
-            },
+            "columns": {field: torch.from_numpy(self.column(field).copy()) for field in DTYPES},
         }
 
     @classmethod
@@ -122,10 +127,10 @@ class SampleTable:
         if isinstance(state, list):
             for row in state:
                 table.append(
-                    {column: str(row[column]) for column in NAMES},
+                    {column: str(row.get(column, "")) for column in NAMES},
                     {
                         **{column: row[column] for column in INTEGERS},
-                        **{column: np.nan if row[column] == "" else row[column] for column in FLOATS},
+                        **{column: np.nan if row.get(column, "") == "" else row[column] for column in FLOATS},
                     },
                     [bool(row["recovered"])],
                 )
@@ -133,5 +138,7 @@ class SampleTable:
         if not state:
             return table
         table.vocabulary = {column: list(state["vocabulary"][column]) for column in NAMES}
-        table._blocks = [{field: values.numpy() for field, values in state["columns"].items()}]
+        columns = {field: state["columns"][field].numpy().astype(dtype) for field, dtype in DTYPES.items()}
+        if len(columns["round"]):
+            table._blocks = [columns]
         return table

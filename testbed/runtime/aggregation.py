@@ -165,11 +165,14 @@ class Aggregator:
             (share, []) for share in (updates[start::count] for start in range(count)) if share
         ]
         tasks += [([], [ref]) for ref in audited_refs]
+        import ray
+
+        shared = ray.put(params)  # stored once, not once per task
         refs: list[Any] = []
         for share, by_reference in tasks:
             worker = self.attack_workers[self._next % count]
             self._next += 1
-            refs.append(worker.audit.remote(params, share, self.name, by_reference))
+            refs.append(worker.audit.remote(shared, share, self.name, by_reference))
         return refs
 
 

@@ -60,3 +60,19 @@ def test_colour_images_and_named_attacks_draw() -> None:
     top = 2 * LINE + LINE
     expected = np.round(np.transpose(train_x[0], (1, 2, 0)) * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
     assert np.array_equal(pixels[top : top + 32 * scale, GAP : GAP + 32 * scale], expected)
+
+
+def test_other_channel_counts_and_flat_reconstructions_draw_their_first_channel() -> None:
+    generator = np.random.default_rng(2)
+    for channels in (2, 4):
+        train_x = generator.random((5, channels, 16, 16)).astype(np.float32)
+        case = _case(train_x, [0, 3], 1)
+        flat = case.client.outcome.reconstruction
+        assert flat is not None
+        case.client.outcome.reconstruction = Reconstruction(images=flat.images.reshape(2, -1), labels=None)
+        grid = np.asarray(Image.open(io.BytesIO(render_grid(0, [case], train_x, name_attacks=False))).convert("L"))
+        scale, top = scale_for(16, 16), 2 * LINE + LINE
+        expected = np.round(train_x[0, 0] * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+        assert np.array_equal(grid[top : top + 16 * scale, GAP : GAP + 16 * scale], expected)
+        below = top + 16 * scale + GAP
+        assert np.array_equal(grid[below : below + 16 * scale, GAP : GAP + 16 * scale], expected)

@@ -98,3 +98,32 @@ def test_an_older_checkpoints_row_list_reads_as_the_same_table() -> None:
     rows = _rows(12, 2)
     assert SampleTable.from_state(rows).to_csv() == _dict_writer(rows)
     assert len(SampleTable.from_state([])) == 0 and SampleTable.from_state([]).to_csv() == _dict_writer([])
+
+
+def test_an_empty_tables_checkpoint_resumes_into_whole_numbers(tmp_path: Path) -> None:
+    """Round 1's checkpoint is written before its scores are back: the empty table must resume with its
+    columns' types, so the rows appended after the resume print as before."""
+    path = tmp_path / "state.pt"
+    save_checkpoint(path, {"rows": SampleTable().state()})
+    resumed = SampleTable.from_state(load_checkpoint(path)["rows"])
+    rows = _rows(8, 3)
+    for row in rows:
+        row["aggregator"] = rows[0]["aggregator"]
+    for row in rows[4:]:
+        row["aggregator"] = rows[4]["aggregator"]
+    expected = _table(rows)
+    for start in range(0, 8, 4):
+        block = rows[start : start + 4]
+        resumed.append(
+            {
+                "aggregator": str(block[0]["aggregator"]),
+                "group": [str(r["group"]) for r in block],
+                "attack": [str(r["attack"]) for r in block],
+            },
+            {
+                **{f: [r[f] for r in block] for f in ("round", "client", "sample", "label", "matched")},
+                **{f: [np.nan if r[f] == "" else r[f] for r in block] for f in FLOATS},
+            },
+            [r["recovered"] for r in block],
+        )
+    assert resumed.column("round").dtype == np.int64 and resumed.to_csv() == expected.to_csv() == _dict_writer(rows)
