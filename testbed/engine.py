@@ -50,6 +50,7 @@ class RunResult:
     worker_nodes: list[str] = field(default_factory=list)
     leakage: dict[str, dict[str, float]] = field(default_factory=dict)
     audit_drain_seconds: float = 0.0  # after the last round: waiting for the audits still in the backlog
+    loop_seconds: float = 0.0  # from the first round's start to the last records: rounds, logging, final wait
 
     @property
     def final_accuracy(self) -> float:
@@ -130,6 +131,7 @@ class RoundLoop:
         self.state = prepared.state
         self.leakage: dict[str, dict[str, float]] = {}
         self.drain_seconds = 0.0
+        self.loop_seconds = 0.0
         self.privacy = privacy_plan(experiment, prepared.data.partition.sizes())
         size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
         data_ref = ray.put({"x": self.dataset.train_x, "y": self.dataset.train_y})
@@ -189,9 +191,11 @@ class RoundLoop:
         """Every remaining round, then the final records; the actors are stopped and the run closed either way."""
         status = "FAILED"
         try:
+            started = time.perf_counter()
             for round_index in range(self.start_round, self.experiment.rounds):
                 self.round(round_index)
             self.finish()
+            self.loop_seconds = time.perf_counter() - started
             status = "FINISHED"
         except TrackingUnavailable as exc:
             status = "UNREACHABLE"
@@ -201,7 +205,15 @@ class RoundLoop:
             raise
         finally:
             self.close(status)
-        return RunResult(self.run_id, self.params, self.history, self.worker_nodes, self.leakage, self.drain_seconds)
+        return RunResult(
+            self.run_id,
+            self.params,
+            self.history,
+            self.worker_nodes,
+            self.leakage,
+            self.drain_seconds,
+            self.loop_seconds,
+        )
 
     def round(self, round_index: int) -> None:
         """One round: sample, simulate, aggregate, audit, evaluate, log, checkpoint."""
