@@ -5,7 +5,7 @@ One process, one thread (torch's and numpy's BLAS alike, as in the Ray actors), 
 audited, the audited raw updates serialised as Ray would
 (pickle protocol 5, buffers out of band), the attack run on them (batched, as the attack actor does), the
 reconstructions matched and scored (AVD assignment, four metrics) and the originals scored against the
-no-information baselines, as the leakage scorer does: once per sample and run (metrics.BaselineCache), so
+no-information baselines, as each leakage scorer does: once per sample (metrics.BaselineCache), so
 the table gives that stage at a sample's first audit and at a later one. Prints one markdown table of milliseconds per
 audited client, each stage also as a multiple of training that client.
 

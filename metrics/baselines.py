@@ -100,9 +100,10 @@ class BaselineCache:
     """The no-information baselines' scores of training samples, each sample scored once and kept.
 
     A baseline depends only on the original (its pixels and its class), never on an update, so a sample
-    audited in many rounds, or by several attacks, is scored against the baselines once per run. The
-    random held-out image of ``class_random`` is therefore drawn once per sample: position ``u_i`` along its
-    class's pool, ``u`` drawn for the whole training set from a generator seeded by ``seed``.
+    audited in many rounds, or by several attacks, is scored against the baselines once per cache (each of
+    a run's scorers holds one). The random held-out image of ``class_random`` is therefore drawn once per
+    sample: position ``u_i`` along its class's pool, ``u`` drawn for the whole training set from a
+    generator seeded by ``seed``, so every cache draws the same image for a sample.
     """
 
     def __init__(self, prototypes: ClassPrototypes, train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> None:

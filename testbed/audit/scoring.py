@@ -69,7 +69,7 @@ def score_outcomes(
     clients (of every attack, so a grid can show each client's worst case).
 
     With ``baselines`` (drawn from a held-out split), each sample is also scored against the no-information
-    baselines (once per sample and run: ``BaselineCache``), and ``flags`` marks the samples recovered beyond
+    baselines (once per sample and scorer: ``BaselineCache``), and ``flags`` marks the samples recovered beyond
     them; without, ``flags`` is the plain threshold rule.
     """
     found: list[tuple[AuditOutcome, np.ndarray]] = []
