@@ -49,7 +49,6 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
     leakage: dict[str, dict[str, float]] = field(default_factory=dict)
-    audit_drain_seconds: float = 0.0  # after the last round: waiting for the audits still in the backlog
     loop_seconds: float = 0.0  # from the first round's start to the last records: rounds, logging, final wait
 
     @property
@@ -130,7 +129,6 @@ class RoundLoop:
         self.start_round = prepared.start_round
         self.state = prepared.state
         self.leakage: dict[str, dict[str, float]] = {}
-        self.drain_seconds = 0.0
         self.loop_seconds = 0.0
         self.privacy = privacy_plan(experiment, prepared.data.partition.sizes())
         size = check_resources(experiment.resources, available, auditing=experiment.attack is not None)
@@ -211,7 +209,6 @@ class RoundLoop:
             self.history,
             self.worker_nodes,
             self.leakage,
-            self.drain_seconds,
             self.loop_seconds,
         )
 
@@ -302,9 +299,7 @@ class RoundLoop:
 
     def finish(self) -> None:
         """Wait for the last audits; log the final model, summary, leakage per group and the run's description."""
-        started = time.perf_counter()
         self.meter.finish()
-        self.drain_seconds = time.perf_counter() - started
         self.tracker.flush()
         self.leakage = self.meter.summary_by_group()
         log_final(self.tracker, self.run_id, self.experiment, self.params, self.history)

@@ -20,7 +20,7 @@ def _rows(count: int, seed: int) -> list[dict[str, object]]:
     for index in range(count):
         row: dict[str, object] = {
             "round": 1 + index // 7,
-            "aggregator": "root" if index % 3 else "edge-1",
+            "aggregator": "root" if index // 4 % 3 else "edge-1",  # one per client block of four
             "group": ("a", "b", "c")[index % 3],
             "client": index // 4,
             "sample": int(generator.integers(60_000)),
@@ -45,9 +45,10 @@ def _dict_writer(rows: list[dict[str, object]]) -> str:
     return text.getvalue()
 
 
-def _table(rows: list[dict[str, object]]) -> SampleTable:
-    """The same rows appended in client blocks of up to four (as the meter appends a scored client)."""
-    table = SampleTable()
+def _table(rows: list[dict[str, object]], table: SampleTable | None = None) -> SampleTable:
+    """The same rows appended (to ``table``, else a new one) in client blocks of up to four, as the meter
+    appends a scored client."""
+    table = SampleTable() if table is None else table
     for start in range(0, len(rows), 4):
         block = rows[start : start + 4]
         table.append(
@@ -67,8 +68,6 @@ def _table(rows: list[dict[str, object]]) -> SampleTable:
 
 def test_the_csv_equals_the_row_by_row_writer() -> None:
     rows = _rows(41, 0)
-    for row in rows:  # a client block shares its aggregator
-        row["aggregator"] = rows[rows.index(row) // 4 * 4]["aggregator"]
     table = _table(rows)
     assert len(table) == 41
     assert table.to_csv() == _dict_writer(rows)
@@ -76,8 +75,6 @@ def test_the_csv_equals_the_row_by_row_writer() -> None:
 
 def test_a_checkpoint_round_trip_keeps_every_row(tmp_path: Path) -> None:
     rows = _rows(30, 1)
-    for position, row in enumerate(rows):
-        row["aggregator"] = rows[position // 4 * 4]["aggregator"]
     table = _table(rows)
     path = tmp_path / "state.pt"
     save_checkpoint(path, {"rows": table.state()})
@@ -107,23 +104,6 @@ def test_an_empty_tables_checkpoint_resumes_into_whole_numbers(tmp_path: Path) -
     save_checkpoint(path, {"rows": SampleTable().state()})
     resumed = SampleTable.from_state(load_checkpoint(path)["rows"])
     rows = _rows(8, 3)
-    for row in rows:
-        row["aggregator"] = rows[0]["aggregator"]
-    for row in rows[4:]:
-        row["aggregator"] = rows[4]["aggregator"]
     expected = _table(rows)
-    for start in range(0, 8, 4):
-        block = rows[start : start + 4]
-        resumed.append(
-            {
-                "aggregator": str(block[0]["aggregator"]),
-                "group": [str(r["group"]) for r in block],
-                "attack": [str(r["attack"]) for r in block],
-            },
-            {
-                **{f: [r[f] for r in block] for f in ("round", "client", "sample", "label", "matched")},
-                **{f: [np.nan if r[f] == "" else r[f] for r in block] for f in FLOATS},
-            },
-            [r["recovered"] for r in block],
-        )
+    _table(rows, resumed)
     assert resumed.column("round").dtype == np.int64 and resumed.to_csv() == expected.to_csv() == _dict_writer(rows)
