@@ -17,6 +17,7 @@ from metrics.baselines import (
 )
 from metrics.classification import accuracy
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, PSNR_CEILING_DB, WORST_SCORE
+from metrics.graded import SSIM_LEVELS, GradedLeakage, graded_leakage, ssim_beyond_baselines
 from metrics.matching import UNMATCHED, MatchResult, match, match_many
 from metrics.recovery import DEFAULT_AVD_THRESHOLD, DEFAULT_SSIM_THRESHOLD, recovered
 from metrics.similarity import mse, pairwise_mse, pairwise_psnr, pairwise_ssim, psnr, ssim
@@ -29,10 +30,12 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "METRIC_NAMES",
     "PSNR_CEILING_DB",
+    "SSIM_LEVELS",
     "UNMATCHED",
     "WORST_SCORE",
     "BaselineCache",
     "ClassPrototypes",
+    "GradedLeakage",
     "LeakageSummary",
     "MatchResult",
     "accuracy",
@@ -40,6 +43,7 @@ __all__ = [
     "baseline_scores",
     "best_baseline",
     "first_order_map",
+    "graded_leakage",
     "label_accuracy",
     "match",
     "match_many",
@@ -54,5 +58,6 @@ __all__ = [
     "recovered_beyond",
     "second_order_map",
     "ssim",
+    "ssim_beyond_baselines",
     "summarize",
 ]
