@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from attacks.base import Attack
-from attacks.ica import PENALTIES, IcaSettings, separate, to_images
+from attacks.ica import PENALTIES, IcaSettings, calibrate, separate
 from attacks.layers import first_dense_on_image, summed_gradient
 from attacks.params import Param
 from attacks.view import AttackerView, AttackNotApplicable, Reconstruction
@@ -26,8 +26,9 @@ class CocktailParty(Attack):
 
     Centring and whitening to ``B = num_samples`` components, then an unmixing matrix found by Adam on a
     negentropy (log cosh) objective, a weighted decorrelation penalty between the recovered sources and a
-    total-variation prior; signs, backgrounds and scales are then fixed without labels (skewness, median,
-    maximum). ``reconstruct_many`` unmixes all views of equal shapes together (batched matrix products).
+    total-variation prior. Each source's sign, scale and offset then come from the layer's own gradients
+    (``attacks.ica.calibrate``: the bias gradient sums the same per-sample columns as the weight gradient),
+    with the skewness/median/maximum rule as the fallback where the sources do not explain both. ``reconstruct_many`` unmixes all views of equal shapes together (batched matrix products).
     """
 
     name: ClassVar[str] = "cocktail-party"
@@ -44,7 +45,7 @@ class CocktailParty(Attack):
         "seed": Param(0, int, minimum=0, help="seed of the random orthogonal initial unmixing matrix"),
         "rtol": Param(1e-9, float, minimum=0.0, help="whitening eigenvalues below rtol * largest are clamped"),
         "patience": Param(
-            200, int, minimum=0, help="Adam steps without a min_delta improvement that end the run (0: no early stop)"
+            300, int, minimum=0, help="Adam steps without a min_delta improvement that end the run (0: no early stop)"
         ),
         "min_delta": Param(1e-4, float, minimum=0.0, maximum=0.5, help="relative fall of the objective that counts"),
         "check_every": Param(25, int, minimum=1, help="steps between two checks of the plateau rule"),
@@ -104,7 +105,9 @@ class CocktailParty(Attack):
         layer = first_dense_on_image(views[0].model, views[0].input_shape, self.name)
         mixtures = torch.stack([summed_gradient(view, layer.weight_key) for view in views])
         separation = separate(mixtures, views[0].num_samples, views[0].input_shape, self._settings(), self.device)
-        images = to_images(separation.sources).reshape(len(views), -1, *views[0].input_shape)
+        biases = torch.stack([summed_gradient(view, layer.bias_key) for view in views])
+        calibration = calibrate(separation.sources, mixtures, biases)
+        images = calibration.images.reshape(len(views), -1, *views[0].input_shape)
         return [
             Reconstruction(
                 images=images[index],
@@ -115,6 +118,8 @@ class CocktailParty(Attack):
                     "objective": float(separation.objective[index]),
                     "max_correlation": float(separation.max_correlation[index]),
                     "iterations": float(separation.iterations[index]),
+                    "calibrated_by_bias": float(calibration.by_bias[index]),
+                    "calibration_residual": float(calibration.residual[index]),
                 },
             )
             for index in range(len(views))

@@ -219,14 +219,69 @@ def separate(
 
 
 def to_images(sources: Tensor) -> Tensor:
-    """Label-free sign, offset and scale: positive skew, background (median) at 0, maximum at 1, clipped.
+    """Label-free sign, offset and scale from the sources alone: positive skew, median at 0, maximum at 1.
 
-    Suited to images of a few bright strokes on a dark background that fills most pixels (MNIST): their
-    pixel distribution is skewed to the right and its median is the background. ``sources`` is
-    ``(..., D)``; returns float32 in [0, 1]. Min-max scaling instead would leave the background grey.
+    The fallback when the first dense layer has no bias gradient to calibrate against (``calibrate``). It
+    assumes images of a few bright strokes on a dark background that fills most pixels (MNIST): their pixel
+    distribution is skewed to the right and its median is the background. On large bright objects
+    (Fashion-MNIST garments) it flips them into negatives. ``sources`` is ``(..., D)``; returns float32 in
+    [0, 1].
     """
     skew = (sources - sources.mean(dim=-1, keepdim=True)).pow(3).mean(dim=-1, keepdim=True)
     signed = torch.where(skew < 0, -sources, sources)
     shifted = signed - signed.median(dim=-1, keepdim=True).values
     peak = shifted.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(shifted.dtype).tiny)
     return (shifted / peak).clamp(0.0, 1.0).to(torch.float32)
+
+
+CALIBRATION_RTOL = 1e-3
+"""A client's bias calibration is used when ``gW`` and ``gb`` are explained by the recovered sources to this
+relative residual (each); otherwise ``to_images`` decides."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Images ``(n, k, D)`` float32 in [0, 1], and per client whether the bias gradient fixed them (``(n,)``
+    bool) with the relative residuals of the two fits (``(n,)``)."""
+
+    images: Tensor
+    by_bias: Tensor
+    residual: Tensor
+
+
+def calibrate(sources: Tensor, weight_gradient: Tensor, bias_gradient: Tensor | None) -> Calibration:
+    """Each source's sign, scale and offset from the first dense layer's own gradients.
+
+    A dense layer reading the inputs ``x_n`` has ``gW = sum_n a_n x_n^T`` and ``gb = sum_n a_n`` with the same
+    per-sample columns ``a_n`` (FedSGD, or the sum of the steps of a delta). A recovered source is
+    ``s_n = (x_n - m_n) / beta_n`` for an unknown scale ``beta_n`` (its sign included) and offset ``m_n``.
+    Centring ``gW`` over the pixels gives ``gW_c = M S`` with ``M = A diag(beta)`` (a least-squares fit of
+    ``gW_c`` on the sources) and its row means ``c = A m``; the bias gives ``gb = A 1 = M w`` with
+    ``w = 1 / beta``. So ``w`` is the least-squares solution of ``M w = gb``, ``A = M diag(w)``, ``m`` that of
+    ``A m = c``, and the images are ``beta_n s_n + m_n``, clipped to [0, 1]: no assumption about how images
+    look. Clients whose fits leave a relative residual above ``CALIBRATION_RTOL`` (sources that do not span
+    the update, a layer without bias: ``bias_gradient`` None) fall back to ``to_images``.
+
+    ``sources`` ``(n, k, D)`` (float64), ``weight_gradient`` ``(n, H, D)``, ``bias_gradient`` ``(n, H)``.
+    """
+    fallback = to_images(sources)
+    lanes = sources.shape[0]
+    if bias_gradient is None:
+        return Calibration(fallback, torch.zeros(lanes, dtype=torch.bool), torch.full((lanes,), math.inf))
+    sources = sources.to(torch.float64)
+    weight_gradient = weight_gradient.to(torch.float64)
+    bias = bias_gradient.to(torch.float64).unsqueeze(-1)
+    means = weight_gradient.mean(dim=-1, keepdim=True)
+    centred = weight_gradient - means
+    mixing = torch.linalg.lstsq(sources.transpose(-1, -2), centred.transpose(-1, -2)).solution.transpose(-1, -2)
+    inverse_scale = torch.linalg.lstsq(mixing, bias).solution
+    columns = mixing * inverse_scale.transpose(-1, -2)
+    offsets = torch.linalg.lstsq(columns, means).solution
+    tiny = torch.finfo(torch.float64).tiny
+    fit_weight = (mixing @ sources - centred).flatten(1).norm(dim=-1) / centred.flatten(1).norm(dim=-1).clamp_min(tiny)
+    fit_bias = (mixing @ inverse_scale - bias).flatten(1).norm(dim=-1) / bias.flatten(1).norm(dim=-1).clamp_min(tiny)
+    residual = torch.maximum(fit_weight, fit_bias)
+    images = sources / inverse_scale + offsets
+    usable = (residual <= CALIBRATION_RTOL) & torch.isfinite(images).flatten(1).all(dim=-1)
+    calibrated = images.nan_to_num(0.0).clamp(0.0, 1.0).to(torch.float32)
+    return Calibration(torch.where(usable[:, None, None], calibrated, fallback), usable, residual)

@@ -11,7 +11,7 @@ from torch import nn
 
 import metrics
 from attacks import ATTACKS, AttackConfigError, AttackerView, AttackNotApplicable, build_attack
-from attacks.ica import to_images, whiten
+from attacks.ica import calibrate, to_images, whiten
 from tests.conftest import REPO
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
@@ -173,3 +173,31 @@ def test_docs_list_every_parameter_with_its_default() -> None:
     for parameter, spec in declared.items():
         value = documented[parameter]
         assert (float(value) == pytest.approx(spec.default)) if spec.kind in (int, float) else value == spec.default
+
+
+def test_calibration_recovers_sign_scale_and_offset_from_the_bias_gradient() -> None:
+    """Exact sources of any sign, scale and offset map back to the images: gW = A X and gb = A 1 fix them."""
+    images, _ = mnist_digits([1, 4, 4, 9], offset=7)
+    flat = torch.cat([images.reshape(4, -1), 1.0 - images[:2].reshape(2, -1)]).double()  # two bright backgrounds
+    generator = torch.Generator().manual_seed(3)
+    mixing = torch.randn(32, 6, generator=generator, dtype=torch.float64)
+    centred = flat - flat.mean(dim=-1, keepdim=True)
+    scales = torch.tensor([2.0, -0.5, 3.0, -1.5, -4.0, 0.7], dtype=torch.float64)
+    sources = centred / centred.std(dim=-1, keepdim=True) * scales.sign()[:, None]
+    result = calibrate(sources[None], (mixing @ flat)[None], mixing.sum(dim=1)[None])
+    assert result.by_bias.tolist() == [True]
+    assert float(result.residual[0]) < 1e-8  # exact data: float64 least-squares round-off, cond x 2.2e-16
+    assert torch.allclose(result.images[0].double(), flat, atol=1e-5)
+    # the skew rule flips the two images on a bright background
+    skew_rule = to_images(sources)
+    assert float((skew_rule[4:].double() - flat[4:]).abs().mean()) > 0.3
+
+
+def test_bright_backgrounds_are_recovered_not_negated() -> None:
+    """Dark strokes on a white background (inverted digits): every image recovered upright, as the eye sees it."""
+    images, labels = mnist_digits([0, 1, 2, 3, 4, 5, 6, 7], offset=20)
+    inverted = 1.0 - images
+    result = build_attack("cocktail-party").reconstruct(make_view(_mlp(), inverted, labels))
+    assert result.diagnostics["calibrated_by_bias"] == 1.0
+    ssim = _matched_ssim(inverted, result.images)
+    assert (ssim >= 0.9).all(), ssim

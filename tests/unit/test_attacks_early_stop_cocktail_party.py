@@ -52,20 +52,22 @@ def _scores(images: torch.Tensor, reconstruction: torch.Tensor) -> tuple[np.ndar
         (nn.ReLU, [3] * 8, 300, True),
         (nn.ReLU, [5] * 32, 320, True),
         # One source of this batch still settles after 800 steps while the objective falls by less than 1e-4 in
-        # 150 steps: patience 150 stopped at 750 and lost that digit (30 recovered, against 31). With the default
-        # 200 the run must not stop early.
-        (nn.Sigmoid, [int(k) for k in np.random.default_rng(3).integers(0, 10, 32)], 340, False),
+        # 150 steps: patience 150 stopped at 750 and lost that digit (30 recovered, against 31). Whether the
+        # default 200 stops before the budget depends on float32 round-off (CPUs with different vector kernels
+        # stopped at 775 and ran to 1,000); either way it must recover what the full budget does.
+        (nn.Sigmoid, [int(k) for k in np.random.default_rng(3).integers(0, 10, 32)], 340, None),
     ],
 )
 def test_the_plateau_stop_recovers_what_the_full_budget_recovers(
-    activation: type[nn.Module], labels: list[int], offset: int, stops: bool
+    activation: type[nn.Module], labels: list[int], offset: int, stops: bool | None
 ) -> None:
     images, targets = mnist_digits(labels, offset=offset)
     view = make_view(_mlp(activation), images, targets)
     early = build_attack("cocktail-party").reconstruct(view)
     full = build_attack("cocktail-party", {"patience": 0}).reconstruct(view)
     assert full.diagnostics["iterations"] == 1000
-    assert (early.diagnostics["iterations"] < 1000) == stops
+    if stops is not None:
+        assert (early.diagnostics["iterations"] < 1000) == stops
     early_ssim, early_recovered = _scores(images, early.images)
     full_ssim, full_recovered = _scores(images, full.images)
     assert np.array_equal(np.sort(early_recovered), np.sort(full_recovered))
