@@ -28,7 +28,8 @@ class CocktailParty(Attack):
     negentropy (log cosh) objective, a weighted decorrelation penalty between the recovered sources and a
     total-variation prior. Each source's sign, scale and offset then come from the layer's own gradients
     (``attacks.ica.calibrate``: the bias gradient sums the same per-sample columns as the weight gradient),
-    with the skewness/median/maximum rule as the fallback where the sources do not explain both. ``reconstruct_many`` unmixes all views of equal shapes together (batched matrix products).
+    with the skewness/median/maximum rule as the fallback where the sources do not explain both.
+    ``reconstruct_many`` unmixes all views of equal shapes together (batched matrix products).
     """
 
     name: ClassVar[str] = "cocktail-party"
