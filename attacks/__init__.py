@@ -6,22 +6,24 @@ An attack receives an :class:`AttackerView` of one client's update and returns a
 
 from attacks.base import Attack
 from attacks.ce_demix import CrossEntropyDemix
+from attacks.cocktail_party import CocktailParty
 from attacks.dense_ratio import DenseRatio
 from attacks.dlg import DeepLeakage
 from attacks.inverting_gradients import InvertingGradients
 from attacks.label_inference import LabelInference, infer_labels
-from attacks.losses import LOSSES
+from attacks.losses import ClientLoss, batch_loss
 from attacks.params import Param
 from attacks.registry import ATTACKS, build_attack
 from attacks.view import AttackConfigError, AttackerView, AttackNotApplicable, Reconstruction
 
 __all__ = [
     "ATTACKS",
-    "LOSSES",
     "Attack",
     "AttackConfigError",
     "AttackNotApplicable",
     "AttackerView",
+    "ClientLoss",
+    "CocktailParty",
     "CrossEntropyDemix",
     "DeepLeakage",
     "DenseRatio",
@@ -29,6 +31,7 @@ __all__ = [
     "LabelInference",
     "Param",
     "Reconstruction",
+    "batch_loss",
     "build_attack",
     "infer_labels",
 ]

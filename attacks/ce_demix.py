@@ -21,8 +21,8 @@ from torch import Tensor
 from attacks.base import Attack
 from attacks.label_inference import infer_labels, label_multisets, label_neighbours, present_classes
 from attacks.layers import DenseLayer, activation_slope, dense_chain, summed_gradient
-from attacks.logit_gradients import DERIVATIVES
 from attacks.logit_solve import LogitProblem, LogitSolution, solve_logits
+from attacks.losses import ClientLoss, centred, logit_derivatives, loss_key, loss_name, marks_presence
 from attacks.params import Param
 from attacks.view import AttackerView, AttackNotApplicable, Reconstruction
 
@@ -35,15 +35,12 @@ GOOD_ENOUGH = 0.1
 SEARCH_ROUNDS = 3
 """Fewest rounds the label search may take (each: screen the candidates, fully solve the best); it may take
 N + 1, enough for one-label steps to reach any multiset from the counted one."""
-PRESENCE_LOSSES = ("cross-entropy", "sigmoid-bce")
-"""Losses whose logit gradient is prediction minus one-hot target: a negative bias entry proves its class present."""
-CENTRED_LOSSES = ("cross-entropy", "label-smoothing", "mse")
-"""Losses whose logit gradients sum to zero over the classes (softmax), so E has rank at most C - 1."""
 
 
-def largest_batch(loss: str, num_classes: int) -> int:
-    """The most samples whose logit gradients can be independent: C - 1 for softmax losses, else C."""
-    return num_classes - 1 if loss in CENTRED_LOSSES else num_classes
+def largest_batch(loss: ClientLoss, num_classes: int) -> int:
+    """The most samples whose logit gradients can be independent: C - 1 when they sum to zero over the classes
+    (softmax losses, ``attacks.losses.centred``), else C."""
+    return num_classes - 1 if centred(loss, num_classes) else num_classes
 
 
 def _float64(view: AttackerView, key: str) -> Tensor:
@@ -82,11 +79,18 @@ class CrossEntropyDemix(Attack):
     }
 
     def check(self, view: AttackerView) -> None:
-        """A known loss, one gradient step, at most C - 1 samples, a dense network reading the image."""
-        if view.loss not in DERIVATIVES:
+        """A loss twice differentiable in the logits, one gradient step, at most C - 1 samples (C when the
+        loss's logit gradients do not sum to zero), a dense network reading the image."""
+        zero = torch.zeros(1, 1, view.num_classes, dtype=torch.float64)
+        try:
+            error, curvature = logit_derivatives(view.loss, zero, torch.eye(view.num_classes, dtype=torch.float64)[:1])
+            usable = bool(torch.isfinite(error).all() and torch.isfinite(curvature).all())
+        except Exception as exc:  # a user loss that cannot be differentiated twice or vectorised
             raise AttackNotApplicable(
-                f"{self.name}: cannot differentiate loss {view.loss!r}; known losses: {', '.join(DERIVATIVES)}"
-            )
+                f"{self.name}: cannot differentiate loss {loss_name(view.loss)!r} twice in the logits: {exc}"
+            ) from None
+        if not usable:
+            raise AttackNotApplicable(f"{self.name}: loss {loss_name(view.loss)!r} has no finite logit derivatives")
         if view.kind == "delta" and view.local_steps != 1:
             raise AttackNotApplicable(
                 f"{self.name}: needs one gradient step; the delta spans {view.local_steps} local steps "
@@ -96,7 +100,7 @@ class CrossEntropyDemix(Attack):
         if view.num_samples > limit:
             raise AttackNotApplicable(
                 f"{self.name}: {view.num_samples} samples exceed the {limit} independent logit gradients "
-                f"of {view.loss} over {view.num_classes} classes; the update cannot be de-mixed"
+                f"of {loss_name(view.loss)} over {view.num_classes} classes; the update cannot be de-mixed"
             )
         layers, _ = dense_chain(view.model, self.name)
         if layers[0].module.in_features != prod(view.input_shape):
@@ -128,14 +132,15 @@ class CrossEntropyDemix(Attack):
         round), else those one label away from the current labels."""
         limit = self.params["label_candidates"]
         gradient = current.problem.bias_gradient
-        required = present_classes(gradient, view.num_samples) if view.loss in PRESENCE_LOSSES else []
+        proves = marks_presence(view.loss, view.num_classes)
+        required = present_classes(gradient, view.num_samples) if proves else []
         options = label_multisets(view.num_samples, view.num_classes, required, limit) if first else None
         if options is None:
             options = label_neighbours(current.labels, view.num_classes, required)
         return [option for option in options if tuple(option.tolist()) not in seen][:limit]
 
     def _search(
-        self, loss: str, views: Sequence[AttackerView], chosen: list[_Prepared], solutions: list[LogitSolution]
+        self, loss: ClientLoss, views: Sequence[AttackerView], chosen: list[_Prepared], solutions: list[LogitSolution]
     ) -> list[int]:
         """Replace inferred labels whose solve does not fit by better-fitting label multisets.
 
@@ -177,7 +182,7 @@ class CrossEntropyDemix(Attack):
                     pending.append(owner)
         return tried
 
-    def _solve_prepared(self, loss: str, prepared: Sequence[_Prepared]) -> list[LogitSolution]:
+    def _solve_prepared(self, loss: ClientLoss, prepared: Sequence[_Prepared]) -> list[LogitSolution]:
         return solve_logits(
             loss,
             [item.problem for item in prepared],
@@ -233,9 +238,9 @@ class CrossEntropyDemix(Attack):
         """
         for view in views:
             self.check(view)
-        groups: dict[tuple[str, int, int], list[int]] = {}
+        groups: dict[tuple[object, ...], list[int]] = {}
         for index, view in enumerate(views):
-            groups.setdefault((view.loss, view.num_samples, view.num_classes), []).append(index)
+            groups.setdefault((loss_key(view.loss), view.num_samples, view.num_classes), []).append(index)
         results: list[Reconstruction | None] = [None] * len(views)
         for indices in groups.values():
             start = time.perf_counter()

@@ -25,7 +25,7 @@ from torch.func import grad_and_value, vmap
 from attacks.base import Attack
 from attacks.early_stop import Plateau
 from attacks.layers import final_dense
-from attacks.losses import SoftTargetLoss
+from attacks.losses import SoftTargetLoss, loss_key
 from attacks.params import Param
 from attacks.simulate import (
     Differentiate,
@@ -468,7 +468,7 @@ def _compatible_groups(views: Sequence[AttackerView]) -> list[list[int]]:
             type(view.model),
             architecture,
             view.kind,
-            view.loss,
+            loss_key(view.loss),
             view.local_steps,
             view.lr,
             view.batch_size,

@@ -2,7 +2,7 @@
 
 For ``z = W h + b`` and a batch-mean loss with logit gradients ``E = dL/dZ`` (N x C), the update holds
 ``gW = E^T H`` and ``gb = E^T 1``; since ``W h_n = z_n - b``, also ``gW W^T = E^T (Z - 1 b^T)``. ``E`` is
-a known function of the logits ``Z`` and the labels for each loss (``attacks.logit_gradients``), so the
+a known function of the logits ``Z`` and the labels for each loss (``attacks.losses.logit_derivatives``), so the
 two equation sets (C x C and C) determine ``Z`` when N is at most the rank ``E`` can have. They are
 solved by Levenberg-Marquardt in float64 from several seeded starting points at once (and for several
 updates at once), with the Jacobian in closed form; the start with the smallest residual wins.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.logit_gradients import logit_derivatives
+from attacks.losses import ClientLoss, logit_derivatives
 
 Misfit = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
 """Unknowns (K x ...) and K problems' tensors -> the misfits (K x M) and their Jacobians (K x M x P)."""
@@ -70,7 +70,7 @@ def _system(problem: LogitProblem) -> tuple[Tensor, ...]:
     )
 
 
-def _equations(loss: str) -> Misfit:
+def _equations(loss: ClientLoss) -> Misfit:
     """The misfit of both equation sets at the logits (K x N x C), each scaled by its right-hand side's norm."""
 
     def misfit(logits: Tensor, system: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -96,7 +96,7 @@ def _equations(loss: str) -> Misfit:
     return misfit
 
 
-def _shared_equations(loss: str) -> Misfit:
+def _shared_equations(loss: ClientLoss) -> Misfit:
     """The bias equation's misfit when every sample has the same logits (K x C), plus a weak pull
     (``CENTRE_PRIOR``) towards zero that keeps saturating losses (mse) from running to infinite logits."""
 
@@ -178,7 +178,7 @@ def wave_sizes(restarts: int) -> list[int]:
 
 
 def solve_logits(
-    loss: str,
+    loss: ClientLoss,
     problems: Sequence[LogitProblem],
     *,
     restarts: int,

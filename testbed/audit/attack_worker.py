@@ -55,7 +55,7 @@ class AttackWorker:
         self.attacks = [
             build_attack(name, experiment.attack.params_of(name), device=device) for name in experiment.attack.names
         ]
-        self.losses = {group.group: build_policy(group.defence).loss.name for group in experiment.clients}
+        self.losses = {group.group: build_policy(group.defence).loss for group in experiment.clients}
         for edge in experiment.aggregators:
             self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
 

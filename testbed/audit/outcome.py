@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks import AttackerView, Reconstruction
+from attacks import AttackerView, ClientLoss, Reconstruction
 from testbed.config.schema import Experiment
 from testbed.runtime.records import ClientUpdate, Params
 
@@ -38,10 +38,11 @@ def attacker_view(
     experiment: Experiment,
     input_shape: tuple[int, ...],
     num_classes: int,
-    loss_name: str,
+    loss: ClientLoss,
     keep_factors: bool = False,
 ) -> AttackerView:
-    """What the threat model lets the server know about one client's update (``loss_name``: its declared loss).
+    """What the threat model lets the server know about one client's update (``loss``: the loss its group
+    declared, with its parameters: the threat model makes it public).
 
     A weight the client sent as a thin SVD (``ClientUpdate.factors``) is multiplied out, unless
     ``keep_factors`` (every attack to run reads factors: ``Attack.reads_factors``) passes it as it came.
@@ -59,7 +60,7 @@ def attacker_view(
         num_samples=update.num_samples,
         local_steps=update.local_steps,
         lr=algorithm.lr,
-        loss=loss_name,
+        loss=loss,
         input_shape=input_shape,
         num_classes=num_classes,
         labels=labels,

