@@ -13,7 +13,7 @@ from attacks.inverting_gradients import InvertingGradients
 from attacks.label_inference import LabelInference, infer_labels
 from attacks.losses import ClientLoss, batch_loss
 from attacks.params import Param
-from attacks.registry import ATTACKS, build_attack
+from attacks.registry import ATTACKS, auto_attacks, build_attack
 from attacks.view import AttackConfigError, AttackerView, AttackNotApplicable, Reconstruction
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "LabelInference",
     "Param",
     "Reconstruction",
+    "auto_attacks",
     "batch_loss",
     "build_attack",
     "infer_labels",

@@ -22,6 +22,12 @@ class Attack(abc.ABC):
 
     name: ClassVar[str]
     parameters: ClassVar[Mapping[str, Param]] = {}
+    cost: ClassVar[str] = "analytic"
+    """``analytic`` (a few linear-algebra solves per update) or ``optimisation`` (thousands of simulated training
+    steps per update): ``attack: auto`` runs optimisation attacks on at most
+    ``attack.audit.optimisation_per_round`` updates of a round."""
+    in_auto: ClassVar[bool] = True
+    """Whether ``attack: auto`` includes the attack (every image attack does; label inference does not)."""
     reads_factors: ClassVar[bool] = False
     """Whether the attack reads a weight given as a thin SVD (``AttackerView.factors``) through the helpers
     of ``attacks.layers``; other attacks are given every weight multiplied out."""

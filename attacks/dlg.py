@@ -54,6 +54,7 @@ class DeepLeakage(Attack):
     """
 
     name: ClassVar[str] = "dlg"
+    cost: ClassVar[str] = "optimisation"
     parameters: ClassVar[dict[str, Param]] = {
         "iterations": Param(300, int, minimum=1, help="outer L-BFGS steps (the original code's loop)"),
         "inner_iterations": Param(20, int, minimum=1, help="L-BFGS iterations per outer step (torch's max_iter)"),

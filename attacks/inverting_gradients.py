@@ -102,6 +102,7 @@ class InvertingGradients(Attack):
     """
 
     name: ClassVar[str] = "inverting-gradients"
+    cost: ClassVar[str] = "optimisation"
     formulation: str = "auto"
     lane_samples: int | None = None
     parameters: ClassVar[dict[str, Param]] = {

@@ -106,6 +106,7 @@ class LabelInference(Attack):
     """Recovers labels only (no images): iDLG for one sample, bias-corrected counting for batches."""
 
     name: ClassVar[str] = "label-inference"
+    in_auto: ClassVar[bool] = False
 
     def check(self, view: AttackerView) -> None:
         """The model must end in a dense layer with a bias producing the logits."""

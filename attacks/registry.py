@@ -20,6 +20,11 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
+def auto_attacks() -> list[str]:
+    """The attacks ``attack: auto`` runs, in registry order: every registered attack that recovers images."""
+    return [name for name, attack in ATTACKS.items() if attack.in_auto]
+
+
 def build_attack(name: str, params: Mapping[str, Any] | None = None, device: str = "cpu") -> Attack:
     """The attack registered as ``name`` with ``params`` over its defaults; AttackConfigError otherwise."""
     if name not in ATTACKS:

@@ -20,6 +20,7 @@ from testbed.audit.outcome import AuditOutcome, attacker_view
 from testbed.config.schema import Experiment
 from testbed.runtime.models import model_for
 from testbed.runtime.records import ClientUpdate, Params
+from testbed.runtime.scheduling import audited_clients, optimisation_clients, sample_clients
 
 
 def attack_model(experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -56,6 +57,7 @@ class AttackWorker:
             build_attack(name, experiment.attack.params_of(name), device=device) for name in experiment.attack.names
         ]
         self.losses = {group.group: build_policy(group.defence).loss for group in experiment.clients}
+        self.cap = experiment.attack.optimisation_cap
         for edge in experiment.aggregators:
             self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
 
@@ -88,9 +90,37 @@ class AttackWorker:
             for update in updates
         ]
         outcomes: list[AuditOutcome] = []
+        left_out = self._beyond_cap(updates)
         for attack in self.attacks:
-            outcomes += self._run(attack, updates, views, aggregator)
+            if attack.cost == "optimisation" and left_out:
+                reason = (
+                    f"{attack.name}: not run on this update: the round's optimisation attacks ran on "
+                    f"{self.cap} audited updates (attack.audit.optimisation_per_round)"
+                )
+                outcomes += [
+                    AuditOutcome(update.client, update.group, update.round, aggregator, None, reason, 0.0, attack.name)
+                    for index, update in enumerate(updates)
+                    if index in left_out
+                ]
+                kept = [index for index in range(len(updates)) if index not in left_out]
+                outcomes += self._run(attack, [updates[i] for i in kept], [views[i] for i in kept], aggregator)
+            else:
+                outcomes += self._run(attack, updates, views, aggregator)
         return outcomes
+
+    def _beyond_cap(self, updates: Sequence[ClientUpdate]) -> set[int]:
+        """Positions of the updates the optimisation attacks skip: a round's audited clients beyond the cap (the
+        kept ones drawn from the round's seed alone, the same whichever task or actor holds them). An update that
+        is no audited client's own (an edge's aggregate) is never skipped."""
+        if self.cap is None:
+            return set()
+        skipped: dict[int, set[int]] = {}
+        for update in updates:
+            if update.round not in skipped:
+                sampled = sample_clients(self.experiment, update.round)
+                audited = {int(client) for client in audited_clients(self.experiment, update.round, sampled)}
+                skipped[update.round] = audited - optimisation_clients(self.experiment, update.round, self.cap)
+        return {index for index, update in enumerate(updates) if update.client in skipped[update.round]}
 
     @staticmethod
     def _run(

@@ -237,36 +237,73 @@ class AuditConfig(Strict):
         description="backlog full at an audited round: wait for the oldest audits (inside the round's time) "
         "or skip this round's audits (rounds keep their pace; coverage then depends on timing)",
     )
+    optimisation_per_round: int | None = Field(
+        None,
+        ge=1,
+        description="the cost cap: optimisation attacks (dlg, inverting-gradients) run on at most this many of a "
+        "round's audited updates (drawn with the round's seed); the analytic attacks run on all of them. The "
+        "updates left out are counted per attack in audit/<attack>/not_applicable. Default: 4 under attack "
+        "auto, no cap for named attacks",
+    )
+
+
+AUTO_ATTACK = "auto"
+"""``attack.name`` that runs every image attack where it applies (``attacks.auto_attacks``)."""
+AUTO_OPTIMISATION_CAP = 4
+"""Under ``auto``, optimisation attacks run on at most this many audited updates a round, unless
+``attack.audit.optimisation_per_round`` says otherwise."""
 
 
 class AttackConfig(Strict):
     """The gradient-inversion attack (or portfolio of attacks) the aggregator runs on audited updates."""
 
     name: str | list[str] = Field(
-        description="attack name, or a list of attacks: every applicable one runs on each audited update and "
-        "each sample's leakage is the best reconstruction over them (the worst case for the client)"
+        "auto",
+        description="auto (the default: every image attack, each where it applies), an attack name, or a list of "
+        "attacks: every applicable one runs on each audited update and each sample's leakage is the best "
+        "reconstruction over them (the worst case for the client)",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="the attack's parameters; with a list of attacks, a mapping from attack name to its parameters",
+        description="the attack's parameters; with auto or a list of attacks, a mapping from attack name to its "
+        "parameters",
     )
     aggregator: str | list[str] = Field("root", description="which aggregator(s) run it: root and/or edge names")
 
     @property
+    def is_portfolio(self) -> bool:
+        """Whether several attacks run (``auto`` or a list): ``params`` then maps attack names to parameters."""
+        return isinstance(self.name, list) or self.name == AUTO_ATTACK
+
+    @property
+    def optimisation_cap(self) -> int | None:
+        """Most audited updates per round the optimisation attacks run on (None: every one)."""
+        if self.audit.optimisation_per_round is not None:
+            return self.audit.optimisation_per_round
+        return AUTO_OPTIMISATION_CAP if self.name == AUTO_ATTACK else None
+
+    @property
     def names(self) -> list[str]:
-        """The attacks that run, in the configured order."""
+        """The attacks that run, in the configured order (``auto``: every image attack of the registry)."""
+        from attacks import auto_attacks
+
+        if self.name == AUTO_ATTACK:
+            return auto_attacks()
         return [self.name] if isinstance(self.name, str) else list(self.name)
 
     def params_of(self, name: str) -> dict[str, Any]:
         """The parameters of attack ``name`` (its defaults where none are given)."""
-        if isinstance(self.name, str):
+        if not self.is_portfolio:
             return dict(self.params)
         return dict(self.params.get(name) or {})
 
     @property
     def label(self) -> str:
         """The attack, or the portfolio, in a few words (for descriptions and progress)."""
-        return self.name if isinstance(self.name, str) else "worst case of " + ", ".join(self.name)
+        if not self.is_portfolio:
+            return str(self.name)
+        prefix = "auto: " if self.name == AUTO_ATTACK else ""
+        return prefix + "worst case of " + ", ".join(self.names)
 
     @property
     def positions(self) -> list[str]:
@@ -283,17 +320,20 @@ class AttackConfig(Strict):
         if isinstance(self.name, list):
             if not self.name:
                 raise ValueError("attack.name: give an attack or a non-empty list of attacks")
+            if AUTO_ATTACK in self.name:
+                raise ValueError("attack.name: auto stands for every attack; give it alone, not in a list")
             repeated = sorted({name for name in self.name if self.name.count(name) > 1})
             if repeated:
                 raise ValueError(f"attack.name: {', '.join(repeated)} listed more than once")
-            stray = sorted(set(self.params) - set(self.name))
+        if self.is_portfolio:
+            stray = sorted(set(self.params) - set(self.names))
             if stray:
                 raise ValueError(
-                    f"attack.params: {', '.join(stray)} is not in attack.name; with a list of attacks, params maps "
-                    f"each listed attack to its parameters (listed: {', '.join(self.name)})"
+                    f"attack.params: {', '.join(stray)} is not in attack.name; with auto or a list of attacks, params "
+                    f"maps each attack to its parameters (attacks: {', '.join(self.names)})"
                 )
         for name in self.names:
-            given = self.params if isinstance(self.name, str) else self.params.get(name) or {}
+            given = self.params.get(name) or {} if self.is_portfolio else self.params
             if not isinstance(given, dict):
                 raise ValueError(f"attack.params.{name}: expected a mapping of parameters, got {given!r}")
             build_attack(name, given)

@@ -13,6 +13,7 @@ from testbed.runtime.records import ChunkTask
 
 STREAM_SAMPLING = 101
 STREAM_AUDIT = 102
+STREAM_OPTIMISATION = 103
 
 
 def group_bounds(experiment: Experiment) -> np.ndarray:
@@ -47,6 +48,16 @@ def audited_clients(experiment: Experiment, round_index: int, sampled: np.ndarra
     count = min(attack.audit.clients_per_round, len(eligible))
     rng = np.random.default_rng([experiment.seed, round_index, STREAM_AUDIT])
     return np.sort(rng.choice(eligible, size=count, replace=False)).astype(np.int64)
+
+
+def optimisation_clients(experiment: Experiment, round_index: int, cap: int) -> set[int]:
+    """The audited clients of a round that the optimisation attacks run on: all of them up to ``cap``, else
+    ``cap`` drawn from the round's own stream (a pure function of the experiment and the round)."""
+    audited = audited_clients(experiment, round_index, sample_clients(experiment, round_index))
+    if len(audited) <= cap:
+        return {int(client) for client in audited}
+    rng = np.random.default_rng([experiment.seed, round_index, STREAM_OPTIMISATION])
+    return {int(client) for client in rng.choice(audited, size=cap, replace=False)}
 
 
 def make_tasks(experiment: Experiment, round_index: int, sampled: np.ndarray, audited: np.ndarray) -> list[ChunkTask]:

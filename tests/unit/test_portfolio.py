@@ -21,8 +21,9 @@ from metrics.paired import paired_avd, paired_ssim
 from testbed.audit.outcome import AuditOutcome
 from testbed.audit.scoring import score_outcomes
 from testbed.audit.worst_case import summarise, worst_cases
-from testbed.config.schema import AttackConfig
+from testbed.config.schema import AttackConfig, Experiment
 from testbed.data.datasets import load_dataset
+from testbed.runtime.scheduling import audited_clients, optimisation_clients, sample_clients
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,45 @@ def test_portfolio_config_lists_attacks_with_their_own_parameters() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             AttackConfig(**bad)
+
+
+def test_auto_is_the_default_and_runs_every_image_attack_with_their_own_parameters() -> None:
+    config = AttackConfig()
+    assert config.name == "auto" and config.is_portfolio
+    assert config.names == ["dense-ratio", "ce-demix", "dlg", "inverting-gradients", "cocktail-party"]
+    assert "label-inference" not in config.names
+    assert config.optimisation_cap == 4
+    tuned = AttackConfig(
+        name="auto", params={"inverting-gradients": {"iterations": 5}}, audit={"optimisation_per_round": 9}
+    )
+    assert tuned.params_of("inverting-gradients") == {"iterations": 5} and tuned.params_of("dlg") == {}
+    assert tuned.optimisation_cap == 9
+    assert AttackConfig(name="inverting-gradients").optimisation_cap is None  # a named attack runs on every update
+    assert tuned.label.startswith("auto: worst case of dense-ratio")
+    for bad, message in [
+        ({"name": "auto", "params": {"iterations": 3}}, "iterations is not in attack.name"),
+        ({"name": ["auto", "dlg"]}, "give it alone"),
+        ({"audit": {"optimisation_per_round": 0}}, "greater than or equal to 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AttackConfig(**bad)
+
+
+def test_the_optimisation_cap_draws_a_fixed_subset_of_each_rounds_audited_clients() -> None:
+    experiment = Experiment.model_validate(
+        {
+            "name": "cap",
+            "rounds": 3,
+            "clients": [{"group": "a", "count": 40, "batch_size": 2}],
+            "attack": {"audit": {"clients_per_round": 10}},
+        }
+    )
+    for round_index in range(3):
+        audited = set(audited_clients(experiment, round_index, sample_clients(experiment, round_index)).tolist())
+        chosen = optimisation_clients(experiment, round_index, 4)
+        assert len(audited) == 10 and len(chosen) == 4 and chosen <= audited
+        assert chosen == optimisation_clients(experiment, round_index, 4)
+        assert optimisation_clients(experiment, round_index, 10) == audited
 
 
 def test_baselines_score_what_the_attacker_knew_anyway(mnist: tuple[np.ndarray, ...]) -> None:
