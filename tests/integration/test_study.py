@@ -98,7 +98,9 @@ def test_reduced_study_and_its_report(
     assert low <= float(accuracy["identical-ce"]["accuracy_cost"]) <= high
     text = page.read_text(encoding="utf-8")
     assert "## Claims of the paper's abstract" in text and run_id in text
-    assert "Identical labels in a batch" in text and "**refuted**" in text  # it leaks as much as the baseline
+    # softmax: ce-demix recovers identical-label batches as it does random ones; with 2 seeds every interval is
+    # wide, so the identical-label claim is refuted (where the cell's interval lies above 0.1) or inconclusive
+    assert "identical labels maximises the mixing" in text and (out / "claims.csv").is_file()
     assert list(out.glob("leakage_*.png")) and (out / "accuracy.png").stat().st_size > 5_000
     # the budget check re-attacked seed 1's ninety-stage updates with twice the restarts; same updates, same answer
     check = {row["policy"]: row for row in _csv(out / "budget_check.csv")}
@@ -108,8 +110,9 @@ def test_reduced_study_and_its_report(
         check["identical-ce"]["recovered_study_budget"]
     )
     assert "## Budget check" in text
-    claims = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "**refuted**" in next(line for head, line in claims.items() if "Identical labels in a batch" in head)
+    claims = {(row["claim"], row["era"], row["level"]): row for row in _csv(out / "claims.csv")}
+    assert claims[("identical", "to date", "recovered")]["verdict"] in ("refuted", "inconclusive")
+    assert claims[("lenet", "to date", "recovered")]["verdict"] == "not tested"  # no convolutional arm here
 
 
 def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
