@@ -101,6 +101,15 @@ def _signs(n: int) -> np.ndarray:
     return 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
 
 
+def _exact_p(shifted: np.ndarray) -> np.ndarray:
+    """Exact two-sided sign-flip p-values of each row of ``shifted`` (rows: candidate shifts, columns: seeds)."""
+    signs = _signs(shifted.shape[1]).astype(np.float64)
+    observed = np.abs(shifted.mean(axis=1)) - 1e-12
+    flipped = np.abs(shifted @ signs.T) / shifted.shape[1]  # |mean| under every sign assignment
+    p = np.mean(flipped >= observed[:, None], axis=1)
+    return np.where(np.any(shifted != 0, axis=1), p, 1.0)
+
+
 def sign_flip_p(differences: np.ndarray, resamples: int = 20000, seed: int = 0) -> float:
     """Two-sided p-value of a zero mean seed difference: exact over all ``2^n`` sign flips up to
     ``EXACT_UP_TO`` seeds, else ``resamples`` random flips with the observed one counted."""
@@ -108,12 +117,19 @@ def sign_flip_p(differences: np.ndarray, resamples: int = 20000, seed: int = 0) 
     d = d[np.isfinite(d)]
     if len(d) == 0 or not np.any(d):
         return 1.0
-    observed = abs(d.mean()) - 1e-12
     if len(d) <= EXACT_UP_TO:
-        return float(np.mean(np.abs((_signs(len(d)) * d).mean(axis=1)) >= observed))
+        return float(_exact_p(d[None, :])[0])
+    observed = abs(d.mean()) - 1e-12
     rng = np.random.default_rng(seed)
     flips = rng.choice(np.array([-1.0, 1.0]), size=(resamples, len(d)))
     return float((1 + np.sum(np.abs((flips * d).mean(axis=1)) >= observed)) / (resamples + 1))
+
+
+def _p_over(d: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """The sign-flip p-value of ``d - shift`` for every shift."""
+    if len(d) <= EXACT_UP_TO:
+        return _exact_p(d[None, :] - shifts[:, None])
+    return np.array([sign_flip_p(d - shift) for shift in shifts])
 
 
 def sign_flip(differences: np.ndarray, alpha: float = 0.05, bound: float = 1.0, step: float = 0.001) -> Comparison:
@@ -129,9 +145,9 @@ def sign_flip(differences: np.ndarray, alpha: float = 0.05, bound: float = 1.0, 
         return Comparison(math.nan, math.nan, math.nan, math.nan, 0)
     p = sign_flip_p(d)
     grid = np.arange(-bound, bound + step / 2, step)
-    kept = [delta for delta in grid if sign_flip_p(d - delta) >= alpha]
+    kept = grid[_p_over(d, grid) >= alpha]
     mean = float(d.mean())
-    low, high = (round(float(min(kept)), 9), round(float(max(kept)), 9)) if kept else (mean, mean)
+    low, high = (round(float(kept.min()), 9), round(float(kept.max()), 9)) if len(kept) else (mean, mean)
     return Comparison(mean, min(low, mean), max(high, mean), p, len(d))
 
 
@@ -143,11 +159,9 @@ def minimum_detectable(differences: np.ndarray, alpha: float, step: float = 0.00
     d = d[np.isfinite(d)]
     if len(d) == 0 or 2.0 / 2 ** len(d) >= alpha:
         return math.inf
-    centred = d - d.mean()
-    for delta in np.arange(0.0, bound + step / 2, step):
-        if sign_flip_p(centred + delta) < alpha:
-            return float(delta)
-    return math.inf
+    grid = np.arange(0.0, bound + step / 2, step)
+    detected = grid[_p_over(d - d.mean(), -grid) < alpha]
+    return float(detected.min()) if len(detected) else math.inf
 
 
 def seeds_for_significance(comparisons: int, alpha: float) -> int:
