@@ -230,3 +230,16 @@ def test_learning_rate_is_the_best_worst_seed() -> None:
     assert choose_rate(tie, [0]) == 0.3
     with pytest.raises(ValueError):
         choose_rate([], [0])
+
+
+def test_graded_columns_use_per_sample_ssims_when_the_table_has_them() -> None:
+    row = _rows("mlp/s", "random-ce", [0])[0]
+    # sample 1 beats its baseline (0.95 > 0.4); sample 2 does not (0.6 < 0.7): half the samples at SSIM >= 0.5
+    row.update({"ssim_samples": "[0.95, 0.6]", "ssim_baseline_samples": "[0.4, 0.7]"})
+    cell = build_cells([row], [], "random-ce")[0]
+    assert cell.intervals[("to date", "ssim_ge_0.5")].value == 0.5
+    assert cell.intervals[("to date", "ssim_ge_0.7")].value == 0.5
+    assert cell.ssim_quartiles[1] == pytest.approx(0.775)  # the median of the best SSIMs
+    # without them, each sample gets its update's mean SSIM (0.6 here, above the mean baseline 0.4)
+    del row["ssim_samples"], row["ssim_baseline_samples"]
+    assert build_cells([row], [], "random-ce")[0].intervals[("to date", "ssim_ge_0.5")].value == 1.0
