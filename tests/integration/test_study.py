@@ -18,6 +18,7 @@ from testbed.runtime.preparation import prepare_data
 from testbed.study.spec import load_study
 from testbed.study.training import train
 from tests.conftest import REPO, small_experiment
+from tests.user_code import BATCHNORM_NET, write_module
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -138,15 +139,26 @@ def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out").exists()
 
 
-def test_study_training_equals_the_engine(local_ray: None, tracking: dict[str, Any]) -> None:
-    """The study's one-process trainer runs the engine's client code and aggregation: same global model."""
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
+def test_study_training_equals_the_engine(
+    local_ray: None, tracking: dict[str, Any], tmp_path: Path, batchnorm: bool
+) -> None:
+    """The study's one-process trainer runs the engine's client code and server step: same global model,
+    BatchNorm statistics included (the study's former loop left them at their initial values)."""
     data = small_experiment(tracking, rounds=3)
     data["algorithm"] = {"name": "fedavg", "lr": 0.1, "local_steps": 2}
+    if batchnorm:
+        module = write_module(tmp_path, BATCHNORM_NET)
+        data["model"] = {"name": f"{module}:small_bn_net", "path": str(tmp_path), "params": {"width": 4}}
     experiment = validate(data)
     engine = run_experiment(experiment, show_progress=False)
     study = train(experiment, prepare_data(experiment), keep=True)
     assert set(study.snapshots) >= {0, 3}
+    assert set(study.snapshots[3]) == set(engine.params)
     for key, value in engine.params.items():
+        if not value.is_floating_point():  # num_batches_tracked: the largest count among the clients
+            assert torch.equal(study.snapshots[3][key], value), key
+            continue
         scale = float(value.abs().max())
         # chunk sums add in the same order; the tolerance allows float32 reassociation inside kernels
         assert torch.allclose(study.snapshots[3][key], value, atol=1e-5 * max(scale, 1.0)), key
