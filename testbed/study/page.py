@@ -24,8 +24,6 @@ from testbed.study.stats import t_interval
 from testbed.study.summary import budgets_table, claims_table, conclusion, summary_figure
 from testbed.study.tables import LEVELS, Cell, accuracy_by_policy, budget_rows, build_cells, leakage_rows
 
-LEAK = 0.1  # the dotted line of the per-arm figures: the study's default meaningful effect
-
 
 def read_table(path: Path) -> list[dict[str, Any]]:
     """A CSV file as a list of rows (empty when the file is absent)."""
@@ -98,8 +96,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_arm(cells: Sequence[Cell], arm: str, folder: Path) -> Path:
-    """Recovered fraction with its 95% interval per policy, one panel per batch size, one marker per stage."""
+def plot_arm(cells: Sequence[Cell], arm: str, folder: Path, effect: float) -> Path:
+    """Recovered fraction with its 95% interval over seeds per policy, one panel per batch size, one marker per
+    stage; a dotted line at the meaningful ``effect``."""
     plt = _pyplot()
     mine = [cell for cell in cells if cell.arm == arm]
     sizes = sorted({cell.batch_size for cell in mine})
@@ -115,12 +114,12 @@ def plot_arm(cells: Sequence[Cell], arm: str, folder: Path) -> Path:
             low = np.nan_to_num(values - np.array([c.recovered.low for c in cs]))
             high = np.nan_to_num(np.array([c.recovered.high for c in cs]) - values)
             axis.errorbar(xs, values, yerr=[low, high], fmt="o", capsize=3, label=stage)
-        axis.axhline(LEAK, color="grey", linewidth=0.8, linestyle=":")
+        axis.axhline(effect, color="grey", linewidth=0.8, linestyle=":")
         axis.set_xticks(range(len(policies)))
         axis.set_xticklabels(policies, rotation=35, ha="right", fontsize=8)
         axis.set_title(f"{arm}, batch {size}", fontsize=10)
         axis.set_ylim(-0.03, 1.03)
-    axes[0][0].set_ylabel("recovered fraction (95% CI)")
+    axes[0][0].set_ylabel("recovered fraction (95% CI over seeds)")
     axes[0][-1].legend(title="stage", fontsize=8)
     figure.tight_layout()
     path = folder / f"leakage_{arm.replace('/', '_')}.png"
@@ -231,7 +230,7 @@ def write_report(folder: Path, out: Path, page: Path | None, spec: StudySpec, pr
     verdicts = judge(cells, spec, noise)
     write_rows(out / "claims.csv", [verdict.row() for verdict in verdicts])
     figures = [summary_figure(cells, spec, out)]
-    figures += [plot_arm(cells, arm, out) for arm in dict.fromkeys(cell.arm for cell in cells)]
+    figures += [plot_arm(cells, arm, out, rules.meaningful_effect) for arm in dict.fromkeys(cell.arm for cell in cells)]
     if accuracy:
         figures.append(plot_accuracy(accuracy, out))
     attacks = sorted({attack for cell in cells for attack in cell.by_attack})
