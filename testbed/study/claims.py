@@ -353,7 +353,7 @@ def judge(cells: Sequence[Cell], spec: StudySpec, noise: Sequence[dict[str, Any]
         if c.cost is not None and study.batching(c.policy) == "identical-labels" and not study.dp(c.policy)
     ]
     seen: set[tuple[str, str]] = set()
-    accuracy: list[Outcome] = []
+    per_arm: dict[str, list[Outcome]] = {}
     for cell in costs:
         if (cell.arm, cell.policy) in seen or cell.cost is None:
             continue
@@ -365,13 +365,19 @@ def judge(cells: Sequence[Cell], spec: StudySpec, noise: Sequence[dict[str, Any]
             verdict = REFUTED
         else:
             verdict = INCONCLUSIVE
-        accuracy.append(
+        per_arm.setdefault(cell.arm, []).append(
             Outcome(
-                f"{cell.arm}, {cell.policy}: accuracy cost {cost.value:+.3f} [{cost.low:+.3f}, {cost.high:+.3f}] "
+                f"{cell.policy} {cost.value:+.3f} [{cost.low:+.3f}, {cost.high:+.3f}] "
                 f"(paired t over {cost.seeds} seeds, p={cost.p_value:.3g})",
                 verdict,
             )
         )
+    accuracy = []
+    for arm, policies in per_arm.items():  # the arm counts for the claim if one policy (the right loss) does
+        kinds = {o.verdict for o in policies}
+        verdict = SUPPORTED if SUPPORTED in kinds else REFUTED if kinds == {REFUTED} else INCONCLUSIVE
+        listed = "; ".join(f"{o.text} -> {o.verdict}" for o in policies)
+        accuracy.append(Outcome(f"{arm}, accuracy cost: {listed}", verdict))
     for recovery_verdict in [v for v in verdicts if v.claim == "identical"]:
         recovery = Outcome(f"information recovery: claim 2 is {recovery_verdict.verdict}", recovery_verdict.verdict)
         outcomes = [recovery, *accuracy]
@@ -382,8 +388,9 @@ def judge(cells: Sequence[Cell], spec: StudySpec, noise: Sequence[dict[str, Any]
                 recovery_verdict.level,
                 recovery_verdict.primary,
                 combine(outcomes),
-                f"claim 2's verdict (information recovery) and, per arm, each identical-label policy's final "
-                f"accuracy against the baseline's, paired by seed (Student t): supported where the interval lies "
+                f"claim 2's verdict (information recovery) and, per arm, the identical-label policies' final "
+                f"accuracy against the baseline's, paired by seed (Student t; an arm counts for the claim if one "
+                f"policy does): supported where the interval lies "
                 f"above -{rules.accuracy_margin:g} (non-inferior), refuted where it lies below",
                 outcomes,
                 recovery_verdict.seeds_needed,
