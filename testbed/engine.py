@@ -24,6 +24,7 @@ from testbed.runtime.models import model_for
 from testbed.runtime.preparation import PreparedData, initial_params, prepare_data
 from testbed.runtime.records import ChunkSummary, Params
 from testbed.runtime.round_metrics import privacy_metrics, privacy_plan, round_metrics
+from testbed.runtime.round_step import RunAborted, check_accepted
 from testbed.runtime.scheduling import audited_clients, make_tasks, sample_clients
 from testbed.tracking.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from testbed.tracking.progress import Progress
@@ -34,10 +35,6 @@ from testbed.tracking.store_check import check_tracking_uri
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundLoop", "RunAborted", "RunResult", "initial_params", "prepare_data", "run_experiment"]
-
-
-class RunAborted(RuntimeError):
-    """The run stopped on purpose (too few updates in a round); the message says why."""
 
 
 @dataclass
@@ -219,11 +216,7 @@ class RoundLoop:
         summaries, new_params = self.simulate_and_aggregate(round_index, sampled, audited)
         metrics = round_metrics(summaries, self.experiment)
         metrics.update(privacy_metrics(self.privacy, round_index + 1))
-        if metrics["accepted"] < self.experiment.sampling.min_clients:
-            raise RunAborted(
-                f"round {round_index + 1}: only {int(metrics['accepted'])} updates accepted, fewer than "
-                f"sampling.min_clients={self.experiment.sampling.min_clients}; the run stops here"
-            )
+        check_accepted(metrics["accepted"], self.experiment, round_index)
         self.params = new_params
         seconds = time.perf_counter() - started
         metrics.update(

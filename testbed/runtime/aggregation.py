@@ -77,6 +77,16 @@ def server_step(params: Params, mean_update: Params, algorithm: AlgorithmConfig)
         return {key: params[key] + step * mean_update[key] if key in mean_update else params[key] for key in params}
 
 
+def global_step(params: Params, payloads: Sequence[ChunkPayload], algorithm: AlgorithmConfig) -> tuple[Params, float]:
+    """The new global state from a round's chunk payloads (summed in chunk order) and their total weight:
+    the server step on the mean update plus the mean buffers; the old state when nothing was accepted."""
+    total = combine(payloads)
+    mean = total.mean()
+    if mean is None:
+        return params, total.weight
+    return {**server_step(params, mean, algorithm), **total.mean_buffers()}, total.weight
+
+
 def edge_update(total: Aggregate, edge_id: int, name: str) -> ClientUpdate | None:
     """An edge's mean update as the root sees it, for a round in which the edge had audited clients."""
     mean = total.mean()
@@ -132,10 +142,9 @@ class Aggregator:
         ``audited_refs`` name the raw client updates this aggregator received (chunk order); payloads
         carry edge aggregates inline, and client updates as metadata only.
         """
-        total = combine(payloads)
-        mean = total.mean()
-        new_params = params if mean is None else {**server_step(params, mean, self.algorithm), **total.mean_buffers()}
-        return new_params, total.weight, self._audit(params, _inline(total.audited), audited_refs)
+        new_params, weight = global_step(params, payloads, self.algorithm)
+        audited = [update for payload in sorted(payloads, key=lambda item: item.index) for update in payload.audited]
+        return new_params, weight, self._audit(params, _inline(audited), audited_refs)
 
     def forward(
         self, params: Params, audited_refs: list[Any], *payloads: ChunkPayload

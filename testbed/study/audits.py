@@ -4,11 +4,13 @@ At a stage of a trained baseline, each audited client computes the update it wou
 policy and batch size (``simulate_chunk``: the engine's client code, with the client's own random
 streams), the arm's attack portfolio runs on each update's ``AttackerView`` (``AttackWorker``: no ground
 truth), and the scorer joins the reconstructions with the samples behind them and the no-information
-baselines. Each audited update becomes one row; updates are the unit the statistics resample.
+baselines. Each audited update becomes one row, with its samples' SSIMs for the graded ladder; the
+statistics take the seed (the trained model) as their unit.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +115,12 @@ def audit_stage(
                     row[f"{name}_baseline"] = (
                         float(np.nanmean(base)) if base is not None and len(base) else float("nan")
                     )
+                # per sample, for the graded ladder (metrics.graded_leakage): best SSIM and best baseline SSIM
+                row["ssim_samples"] = json.dumps([round(float(v), 4) for v in client.result.scores["ssim"]])
+                base_ssim = best.get("ssim")
+                row["ssim_baseline_samples"] = (
+                    json.dumps([round(float(v), 4) for v in base_ssim]) if base_ssim is not None else ""
+                )
                 for attack, item in case.by_attack.items():
                     row[f"recovered[{attack}]"] = int(item.flags.sum())
                 row["best_attack"] = max(set(case.chosen), key=case.chosen.count) if case.chosen else ""

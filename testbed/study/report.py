@@ -1,4 +1,8 @@
-"""``testbed report`` for a study run: fetch its tables from MLflow and write the report (and the page)."""
+"""``testbed report`` for a study: its tables from an MLflow run or a folder, then the report (and the page).
+
+A folder target holds the tables ``testbed study`` writes and the study file as ``study.yaml``
+(docs/results/tables is the committed study's).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from testbed.study.spec import StudySpec
 
 
 def is_study_run(target: str, uri: str) -> bool:
-    """Whether ``target`` is the id of a run ``testbed study`` made (tagged ``testbed.study``)."""
+    """Whether ``target`` is a study's tables folder or the id of a run ``testbed study`` made (tagged
+    ``testbed.study``)."""
+    if _is_tables(Path(target)):
+        return True
     from mlflow.tracking import MlflowClient
 
     try:
@@ -23,9 +30,16 @@ def is_study_run(target: str, uri: str) -> bool:
 
 
 def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path:
-    """Download the study's tables from run ``target`` at ``uri``; write the report to ``out`` (and ``page``)."""
+    """Read the study's tables from the folder ``target`` or download them from run ``target`` at ``uri``;
+    write the report to ``out`` (and ``page``)."""
     import yaml
     from mlflow.tracking import MlflowClient
+
+    if _is_tables(Path(target)):
+        folder = Path(target)
+        spec = StudySpec.model_validate(yaml.safe_load((folder / "study.yaml").read_text(encoding="utf-8")))
+        command = f"testbed report {target} --out {out}" + (f" --page {page}" if page else "")
+        return write_report(folder, out, page, spec, f"`{command}`{_at_commit()}")
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(target)
@@ -36,7 +50,12 @@ def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path
         spec_text = Path(client.download_artifacts(target, "study.yaml", scratch)).read_text(encoding="utf-8")
         spec = StudySpec.model_validate(yaml.safe_load(spec_text))
         command = f"testbed report {target} --uri {uri} --out {out}" + (f" --page {page}" if page else "")
-        return write_report(folder, out, page, spec.baseline, spec.audit.bootstrap, f"`{command}`{_at_commit()}")
+        return write_report(folder, out, page, spec, f"`{command}`{_at_commit()}")
+
+
+def _is_tables(folder: Path) -> bool:
+    """A folder with a study's audits table and its study file."""
+    return (folder / "audits.csv").is_file() and (folder / "study.yaml").is_file()
 
 
 def _at_commit() -> str:

@@ -241,6 +241,7 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
             else []
         )
         (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        (out / "study.yaml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")  # report reads it
         tracker.log_file(run_id, out / "meta.json", "study")
         status = "FINISHED"
     finally:

@@ -73,7 +73,7 @@ class AuditPlan(_Strict):
     stages: list[Stage] = Field(default_factory=_all_stages)
     batch_sizes: list[int] = Field(min_length=1)
     clients: int = Field(ge=1, description="audited clients per (seed, stage); the same clients for every policy")
-    bootstrap: int = Field(2000, ge=100, description="cluster-bootstrap resamples of the audited updates")
+    bootstrap: int = Field(2000, ge=100, description="unused: intervals are exact over seeds (kept for old files)")
 
 
 class BudgetCheck(_Strict):
@@ -83,6 +83,16 @@ class BudgetCheck(_Strict):
     seeds: list[int] = Field(min_length=1)
     stages: list[Stage] = Field(min_length=1)
     attack_params: dict[str, dict[str, Any]] = Field(description="attack -> parameters replacing the arm's")
+
+
+class ClaimRules(_Strict):
+    """What the verdicts on the paper's claims take as meaningful and significant."""
+
+    meaningful_effect: float = Field(
+        0.1, gt=0, lt=1, description="a leaked fraction (or a difference in it) that matters; verdict threshold"
+    )
+    accuracy_margin: float = Field(0.02, gt=0, lt=1, description="an accuracy loss that matters (non-inferiority)")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level, Holm-adjusted within each claim")
 
 
 class StudySpec(_Strict):
@@ -102,6 +112,7 @@ class StudySpec(_Strict):
     arms: list[Arm] = Field(min_length=1)
     audit: AuditPlan
     budget_check: BudgetCheck | None = None
+    claims: ClaimRules = Field(default_factory=ClaimRules)
 
     @model_validator(mode="after")
     def _names_exist(self) -> StudySpec:

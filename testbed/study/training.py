@@ -1,8 +1,9 @@
 """Training one study run in one process with the simulator's own client code, keeping checkpoints.
 
 A study run is an ordinary experiment (one client group, no attack) trained round by round with
-``simulate_chunk``, the function the engine's Ray workers run, and the engine's aggregation
-(``combine`` and ``server_step``). The global model is kept at every evaluation round so that the
+``simulate_chunk``, the function the engine's Ray workers run, and the engine's own server step
+(``testbed.runtime.round_step``: the ``min_clients`` check, the server step, BatchNorm buffers averaged
+beside it). The global model is kept at every evaluation round so that the
 audits can pick their stages after training, from the accuracy curve.
 """
 
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 
 from testbed.config.schema import Experiment
-from testbed.runtime.aggregation import combine, server_step
 from testbed.runtime.local_update import evaluate
 from testbed.runtime.models import model_for
 from testbed.runtime.preparation import PreparedData, initial_params
 from testbed.runtime.records import ChunkSummary, Params
+from testbed.runtime.round_metrics import round_metrics
+from testbed.runtime.round_step import check_accepted, global_step
 from testbed.runtime.scheduling import make_tasks, sample_clients
 from testbed.runtime.simulation import SimulationContext, simulate_chunk
 
@@ -68,9 +70,8 @@ def train(experiment: Experiment, data: PreparedData, *, keep: bool = True, thre
         ]
         summaries: list[ChunkSummary] = [summary for summary, _ in outputs]
         result.short_batches += sum(summary.short_batches for summary in summaries)
-        mean = combine([payload for _, payload in outputs]).mean()
-        if mean is not None:
-            params = server_step(params, mean, experiment.algorithm)
+        check_accepted(round_metrics(summaries, experiment)["accepted"], experiment, round_index)
+        params, _ = global_step(params, [payload for _, payload in outputs], experiment.algorithm)
         number = round_index + 1
         if number % experiment.evaluation.every == 0 or number == experiment.rounds:
             record(number)

@@ -18,6 +18,7 @@ from testbed.runtime.preparation import prepare_data
 from testbed.study.spec import load_study
 from testbed.study.training import train
 from tests.conftest import REPO, small_experiment
+from tests.user_code import BATCHNORM_NET, write_module
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -98,7 +99,9 @@ def test_reduced_study_and_its_report(
     assert low <= float(accuracy["identical-ce"]["accuracy_cost"]) <= high
     text = page.read_text(encoding="utf-8")
     assert "## Claims of the paper's abstract" in text and run_id in text
-    assert "Identical labels in a batch" in text and "**refuted**" in text  # it leaks as much as the baseline
+    # softmax: ce-demix recovers identical-label batches as it does random ones; with 2 seeds every interval is
+    # wide, so the identical-label claim is refuted (where the cell's interval lies above 0.1) or inconclusive
+    assert "identical labels maximises the mixing" in text and (out / "claims.csv").is_file()
     assert list(out.glob("leakage_*.png")) and (out / "accuracy.png").stat().st_size > 5_000
     # the budget check re-attacked seed 1's ninety-stage updates with twice the restarts; same updates, same answer
     check = {row["policy"]: row for row in _csv(out / "budget_check.csv")}
@@ -108,8 +111,9 @@ def test_reduced_study_and_its_report(
         check["identical-ce"]["recovered_study_budget"]
     )
     assert "## Budget check" in text
-    claims = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "**refuted**" in next(line for head, line in claims.items() if "Identical labels in a batch" in head)
+    claims = {(row["claim"], row["era"], row["level"]): row for row in _csv(out / "claims.csv")}
+    assert claims[("identical", "to date", "recovered")]["verdict"] in ("refuted", "inconclusive")
+    assert claims[("lenet", "to date", "recovered")]["verdict"] == "not tested"  # no convolutional arm here
 
 
 def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,15 +139,26 @@ def test_bad_study_files_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out").exists()
 
 
-def test_study_training_equals_the_engine(local_ray: None, tracking: dict[str, Any]) -> None:
-    """The study's one-process trainer runs the engine's client code and aggregation: same global model."""
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "batchnorm"])
+def test_study_training_equals_the_engine(
+    local_ray: None, tracking: dict[str, Any], tmp_path: Path, batchnorm: bool
+) -> None:
+    """The study's one-process trainer runs the engine's client code and server step: same global model,
+    BatchNorm statistics included (the study's former loop left them at their initial values)."""
     data = small_experiment(tracking, rounds=3)
     data["algorithm"] = {"name": "fedavg", "lr": 0.1, "local_steps": 2}
+    if batchnorm:
+        module = write_module(tmp_path, BATCHNORM_NET)
+        data["model"] = {"name": f"{module}:small_bn_net", "path": str(tmp_path), "params": {"width": 4}}
     experiment = validate(data)
     engine = run_experiment(experiment, show_progress=False)
     study = train(experiment, prepare_data(experiment), keep=True)
     assert set(study.snapshots) >= {0, 3}
+    assert set(study.snapshots[3]) == set(engine.params)
     for key, value in engine.params.items():
+        if not value.is_floating_point():  # num_batches_tracked: the largest count among the clients
+            assert torch.equal(study.snapshots[3][key], value), key
+            continue
         scale = float(value.abs().max())
         # chunk sums add in the same order; the tolerance allows float32 reassociation inside kernels
         assert torch.allclose(study.snapshots[3][key], value, atol=1e-5 * max(scale, 1.0)), key
