@@ -27,16 +27,20 @@ DENSE_MODELS = frozenset({"softmax", "mlp"})
 CONV_MODELS = frozenset({"lenet", "cnn"})
 
 CLAIMS: dict[str, str] = {
-    "dense": "gradients that overlap in a dense layer resist inversion (numerical resistance to gradient "
-    "inversion on the highly vulnerable dense layer)",
-    "identical": "batching with an appropriate loss and identical labels maximises the mixing of gradients",
-    "demix": "otherwise, with cross-entropy, a batch can be de-mixed from the dense layer's gradients without "
-    "numerical optimisation",
-    "avd": "AVD is a continuous metric of leakage in noisy images, unlike MSE or SSIM",
-    "performance": "information recovery and training performance support the mixing strategies",
-    "lenet": "the strategies are also effective for LeNet-type convolutional networks",
+    "dense": "We show that overlapping gradients provides numerical resistance to gradient inversion on the highly "
+    "vulnerable dense layer.",
+    "identical": "Specifically, we propose to leverage batching to maximise mixing of gradients by choosing an "
+    "appropriate loss function and drawing identical labels.",
+    "demix": "We show that otherwise it is possible to directly recover all vectors in a mini-batch without any "
+    "numerical optimisation due to the de-mixing nature of the cross entropy loss.",
+    "avd": "In contrast to standard metrics, e.g. Mean Squared Error or Structural Similarity Index, AVD offers a "
+    "continuous metric for extracting information in noisy images.",
+    "performance": "Finally, our empirical results on information recovery from various inversion attacks and "
+    "training performance supports our defense strategies.",
+    "lenet": "These strategies are also shown to be useful for deep convolutional neural networks such as LeNET "
+    "for image recognition.",
 }
-"""The abstract's claims in its order, as this study reads them (the page quotes these)."""
+"""The six claims of the abstract of Eloul et al. 2022 (arXiv 2204.12495), quoted in its order."""
 
 
 @dataclass(frozen=True)
