@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from metrics import METRIC_NAMES, best_baseline
+from metrics import METRIC_NAMES, best_baseline, graded_leakage
+from metrics.graded import level_name
 from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
 from testbed.audit.sample_table import BEST_SSIM, SampleTable
 from testbed.audit.scoring import ScoredAudit, ScoredClient
@@ -207,7 +208,9 @@ class LeakageMeter:
         return fresh
 
     def summary_by_group(self) -> dict[str, dict[str, float]]:
-        """Leakage over every audited sample of the run, per client group: samples, recovered, mean SSIM and AVD."""
+        """Leakage over every audited sample of the run, per client group: samples, recovered, the SSIM ladder
+        (``ssim_ge_0.5``, ``ssim_ge_0.7``: ``metrics.graded_leakage`` of the samples' best SSIM), mean SSIM
+        and AVD."""
         result: dict[str, dict[str, float]] = {}
         codes = self.samples.column("group")
         for code, group in sorted(enumerate(self.samples.vocabulary["group"]), key=lambda pair: pair[1]):
@@ -217,9 +220,14 @@ class LeakageMeter:
             ssim = self.samples.column("ssim")[mine]
             avd = self.samples.column("avd")[mine]
             ssim, avd = ssim[np.isfinite(ssim)], avd[np.isfinite(avd)]
+            recovered = self.samples.column("recovered")[mine]
+            graded = graded_leakage(
+                self.samples.column(BEST_SSIM)[mine], recovered, self.samples.column("ssim_baseline")[mine]
+            )
             result[group] = {
                 "audited_samples": float(mine.sum()),
-                "recovered_fraction": float(self.samples.column("recovered")[mine].mean()),
+                "recovered_fraction": float(recovered.mean()),
+                **{level_name(level): fraction for level, fraction in graded.at_least.items()},
                 "ssim_mean": float(ssim.mean()) if len(ssim) else float("nan"),
                 "avd_mean": float(avd.mean()) if len(avd) else float("nan"),
             }

@@ -53,6 +53,18 @@ def test_attack_demo_logs_leakage(local_ray: None, tracking: dict[str, Any]) -> 
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 2 * 8 * 4  # rounds x audited clients x batch size
     assert {row["group"] for row in rows} == {"distinct", "identical"}
+    for group, row in result.leakage.items():  # the run's SSIM ladder over every audited sample, as the CSV says
+        mine = [r for r in rows if r["group"] == group]
+        best = np.array([float(r["best_ssim"]) for r in mine])
+        assert np.array_equal(best, [float(r["ssim"]) for r in mine])  # one attack: its own SSIM
+        above = best > np.array([float(r["ssim_baseline"]) for r in mine])
+        assert row["ssim_ge_0.7"] == pytest.approx(np.mean((best >= 0.7) & above)), group
+        assert row["ssim_ge_0.5"] == pytest.approx(np.mean((best >= 0.5) & above)), group
+        assert row["ssim_ge_0.5"] >= row["ssim_ge_0.7"] >= 0.5  # the logit-space solve gives near copies
+    assert (
+        f"| {distinct['recovered_fraction']:.3f} | {distinct['ssim_ge_0.7']:.3f} | {distinct['ssim_ge_0.5']:.3f} |"
+        in note
+    )
 
 
 def test_a_portfolio_logs_each_attack_and_the_worst_case(local_ray: None, tracking: dict[str, Any]) -> None:
