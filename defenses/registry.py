@@ -1,14 +1,19 @@
-"""Registries of defence parts by name, and loading of user parts by import path."""
+"""Registries of defence parts by name, and loading of user parts by import path.
+
+A part named by import path (``package.module:Class``, or ``package.module.Class``) is found by the one
+search rule of ``defenses.import_path``: the defence block's recorded folder (``defence.path``), the
+working directory, then PYTHONPATH.
+"""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
 from defenses.errors import DefenceConfigError
+from defenses.import_path import ImportPathError, load_callable
 from defenses.parts import Part
 
 P = TypeVar("P", bound=Part)
@@ -26,6 +31,15 @@ def normalise_name(name: str) -> str:
 def is_import_path(name: str) -> bool:
     """Whether ``name`` names a class by import path rather than by registry name."""
     return ":" in name or "." in name
+
+
+def colon_form(name: str) -> str:
+    """A part's import path as ``package.module:Class`` (``package.module.Class`` is read that way too)."""
+    name = name.strip()
+    if ":" in name:
+        return name
+    module, _, attribute = name.rpartition(".")
+    return f"{module}:{attribute}"
 
 
 class Registry(dict[str, type[P]], Generic[P]):
@@ -55,10 +69,11 @@ class Registry(dict[str, type[P]], Generic[P]):
         """The registered names, sorted and comma-separated, for error messages."""
         return ", ".join(sorted(self))
 
-    def resolve(self, name: str, field: str) -> type[P]:
-        """The class a spec names: a registry name, or 'package.module:Class' / 'package.module.Class'."""
+    def resolve(self, name: str, field: str, folder: str | None = None) -> type[P]:
+        """The class a spec names: a registry name, or 'package.module:Class' / 'package.module.Class'
+        (imported from ``folder``, the working directory or PYTHONPATH)."""
         if is_import_path(name):
-            cls = load_class(name.strip(), field)
+            cls = load_class(name, field, folder)
             if not issubclass(cls, self.base):
                 raise DefenceConfigError(f"{field}: {name!r} is not a {self.base.__name__} subclass")
             if inspect.isabstract(cls):
@@ -73,23 +88,13 @@ class Registry(dict[str, type[P]], Generic[P]):
         return self[key]
 
 
-def load_class(path: str, field: str) -> type:
-    """Import the class named by 'package.module:Class[.Inner]' or 'package.module.Class'."""
-    if ":" in path:
-        module_name, _, attribute = path.partition(":")
-    else:
-        module_name, _, attribute = path.rpartition(".")
-    if not module_name or not attribute:
-        raise DefenceConfigError(f"{field}: {path!r} is not an import path 'package.module:ClassName'")
+def load_class(path: str, field: str, folder: str | None = None) -> type:
+    """Import the class named by 'package.module:Class[.Inner]' or 'package.module.Class' (see the module
+    docstring for where it is looked up); a one-line DefenceConfigError naming ``field`` otherwise."""
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        reason = " ".join(str(exc).split())
-        raise DefenceConfigError(f"{field}: cannot import module {module_name!r} ({reason})") from exc
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise DefenceConfigError(f"{field}: {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+        target = load_callable(colon_form(path), folder)
+    except ImportPathError as exc:
+        raise DefenceConfigError(f"{field}: {exc}") from None
     if not isinstance(target, type):
         raise DefenceConfigError(f"{field}: {path!r} is not a class")
     return target

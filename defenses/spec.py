@@ -78,10 +78,13 @@ def _parameter_names(parameters: Mapping[Any, Any], field: str) -> dict[str, Any
     return result
 
 
-def build_part(registry: Registry[P], spec: Any, field: str) -> P:
-    """Resolve, check and construct the part ``spec`` names; errors name the path under ``field``."""
+def build_part(registry: Registry[P], spec: Any, field: str, folder: str | None = None) -> P:
+    """Resolve, check and construct the part ``spec`` names; errors name the path under ``field``.
+
+    A part named by import path is looked up in ``folder`` first (``Registry.resolve``).
+    """
     parsed = parse_part(spec, field, registry.kind)
-    return construct(registry.resolve(parsed.name, parsed.name_field), parsed)
+    return construct(registry.resolve(parsed.name, parsed.name_field, folder), parsed)
 
 
 def construct(cls: type[P], parsed: PartSpec) -> P:

@@ -1,4 +1,4 @@
-"""A user's own model and data set files, written into a test's folder (each under a name of its own).
+"""A user's own model, data set and defence files, written into a test's folder (each under a name of its own).
 
 A module imported by one test stays imported in the test process, so every call writes a module with a
 fresh name; the import path to use comes back.
@@ -65,6 +65,25 @@ def cumulative_bn(num_classes):
 
 
 NOT_CALLABLE = 3
+'''
+
+FOCAL_LOSS = '''
+"""A focal loss (Lin et al., 2017) as a user would write it, in a file beside the topology."""
+
+from dataclasses import dataclass
+
+import torch
+
+from defenses import Loss
+
+
+@dataclass(frozen=True)
+class Focal(Loss):
+    gamma: float = 2.0
+
+    def per_sample(self, logits, targets):
+        log_p = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return -((1.0 - log_p.exp()) ** self.gamma) * log_p
 '''
 
 

@@ -2,7 +2,8 @@
 
 Per audited round and group it logs ``leakage/<group>/<metric>`` (AVD, MSE, PSNR, SSIM means and
 medians, recovered fraction beyond the no-information baselines, the baselines' best scores as
-``<metric>_baseline``, label accuracy and exact label histograms) and, per aggregator,
+``<metric>_baseline``, the SSIM ladder ``ssim_ge_0.5``, ``ssim_ge_0.7`` and ``best_ssim_q1/median/q3``,
+label accuracy and exact label histograms) and, per aggregator,
 ``leakage/<aggregator>/...``. With a portfolio of attacks these are the worst case over the attacks
 (testbed.audit.worst_case) and each attack also logs ``leakage/<key>/<attack>/...``. A PNG grid of
 originals above matched reconstructions per audited round, and at the end a CSV of every audited sample
@@ -21,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from metrics import METRIC_NAMES, best_baseline
+from metrics import METRIC_NAMES, best_baseline, graded_leakage
+from metrics.graded import level_name
 from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
-from testbed.audit.sample_table import SampleTable
+from testbed.audit.sample_table import BEST_SSIM, SampleTable
 from testbed.audit.scoring import ScoredAudit, ScoredClient
 from testbed.audit.worst_case import summarise, worst_cases
 from testbed.config.schema import AuditConfig
@@ -171,7 +173,7 @@ class LeakageMeter:
         if shown:
             several = len(self.attacks) > 1
             try:
-                png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, name_attacks=several)
+                png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, portfolio=several)
             except (ValueError, TypeError) as exc:  # a picture must not end a run whose scores are logged
                 log.warning("round %d: the audit grid could not be drawn: %s", round_index + 1, exc)
                 return
@@ -194,6 +196,7 @@ class LeakageMeter:
                 "label": self.dataset.train_y[samples],
                 "matched": item.result.assignment,
                 **{name: item.result.scores[name] for name in METRIC_NAMES},
+                BEST_SSIM: item.ssim_best(),
                 **{f"{name}_baseline": best[name] if best else np.nan for name in METRIC_NAMES},
             },
             item.flags,
@@ -205,7 +208,9 @@ class LeakageMeter:
         return fresh
 
     def summary_by_group(self) -> dict[str, dict[str, float]]:
-        """Leakage over every audited sample of the run, per client group: samples, recovered, mean SSIM and AVD."""
+        """Leakage over every audited sample of the run, per client group: samples, recovered, the SSIM ladder
+        (``ssim_ge_0.5``, ``ssim_ge_0.7``: ``metrics.graded_leakage`` of the samples' best SSIM), mean SSIM
+        and AVD."""
         result: dict[str, dict[str, float]] = {}
         codes = self.samples.column("group")
         for code, group in sorted(enumerate(self.samples.vocabulary["group"]), key=lambda pair: pair[1]):
@@ -215,9 +220,14 @@ class LeakageMeter:
             ssim = self.samples.column("ssim")[mine]
             avd = self.samples.column("avd")[mine]
             ssim, avd = ssim[np.isfinite(ssim)], avd[np.isfinite(avd)]
+            recovered = self.samples.column("recovered")[mine]
+            graded = graded_leakage(
+                self.samples.column(BEST_SSIM)[mine], recovered, self.samples.column("ssim_baseline")[mine]
+            )
             result[group] = {
                 "audited_samples": float(mine.sum()),
-                "recovered_fraction": float(self.samples.column("recovered")[mine].mean()),
+                "recovered_fraction": float(recovered.mean()),
+                **{level_name(level): fraction for level, fraction in graded.at_least.items()},
                 "ssim_mean": float(ssim.mean()) if len(ssim) else float("nan"),
                 "avd_mean": float(avd.mean()) if len(avd) else float("nan"),
             }

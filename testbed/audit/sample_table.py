@@ -25,7 +25,10 @@ INTEGERS = ("round", "client", "sample", "label", "matched")
 """Columns of whole numbers."""
 BASELINES = tuple(f"{name}_baseline" for name in METRIC_NAMES)
 """The best no-information baseline's score per metric (empty in the CSV where no baseline was drawn)."""
-FLOATS = (*METRIC_NAMES, *BASELINES)
+BEST_SSIM = "best_ssim"
+"""Per sample, the highest SSIM any attack reached: the kept reconstruction's SSIM unless a portfolio's worst
+case kept another attack's (recovered by AVD) for it. The SSIM ladder counts this against ``ssim_baseline``."""
+FLOATS = (*METRIC_NAMES, BEST_SSIM, *BASELINES)
 """Columns of scores."""
 CSV_FIELDS = ("round", "aggregator", "group", "client", "sample", "label", "attack", "matched", *FLOATS, "recovered")
 """The columns of ``samples.csv``, in order."""
@@ -126,6 +129,7 @@ class SampleTable:
         table = cls()
         if isinstance(state, list):
             for row in state:
+                row = {BEST_SSIM: row["ssim"], **row}  # rows kept before the column: their own SSIM
                 table.append(
                     {column: str(row.get(column, "")) for column in NAMES},
                     {
@@ -138,7 +142,9 @@ class SampleTable:
         if not state:
             return table
         table.vocabulary = {column: list(state["vocabulary"][column]) for column in NAMES}
-        columns = {field: state["columns"][field].numpy().astype(dtype) for field, dtype in DTYPES.items()}
+        stored = dict(state["columns"])
+        stored.setdefault(BEST_SSIM, stored["ssim"])  # a checkpoint from before the column: their own SSIM
+        columns = {field: stored[field].numpy().astype(dtype) for field, dtype in DTYPES.items()}
         if len(columns["round"]):
             table._blocks = [columns]
         return table

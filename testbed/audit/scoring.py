@@ -34,7 +34,8 @@ class ScoredClient:
     ``baselines`` holds, per no-information baseline and metric, the baseline's score against each of
     the client's originals; ``flags`` says which samples were recovered beyond every baseline
     (metrics.recovered_beyond). ``labels_exact`` is whether the inferred labels equal the true label
-    histogram (None when the attack inferred none).
+    histogram (None when the attack inferred none). ``best_ssim`` is set on a worst case over several
+    attacks: per sample, the highest SSIM any attack reached (None: the client's own SSIM).
     """
 
     outcome: AuditOutcome  # its reconstruction is dropped unless kept for an image grid
@@ -44,6 +45,11 @@ class ScoredClient:
     baselines: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     flags: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
     labels_exact: bool | None = None
+    best_ssim: np.ndarray | None = None
+
+    def ssim_best(self) -> np.ndarray:
+        """Per sample, the best SSIM over the attacks behind this client (its own SSIM for one attack)."""
+        return self.result.scores["ssim"] if self.best_ssim is None else self.best_ssim
 
 
 @dataclasses.dataclass

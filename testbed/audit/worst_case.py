@@ -5,6 +5,9 @@ for the attacker) takes, sample by sample, the attack whose reconstruction fared
 ground truth: recovered beyond the baselines first, then the higher SSIM, then the lower AVD. This is
 chosen after the fact with the ground truth, which no real attacker has: it bounds what the portfolio
 leaks, and the per-attack numbers show which attack achieved it.
+
+Short of a near copy, ``ladder`` grades what leaks (``metrics.graded_leakage``): per sample its best SSIM
+over the attacks, counted at each SSIM level when it beats every baseline's SSIM.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metrics import METRIC_NAMES, LeakageSummary, MatchResult, best_baseline, summarize
+from metrics import METRIC_NAMES, LeakageSummary, MatchResult, best_baseline, graded_leakage, summarize
+from metrics.graded import level_name
 from testbed.audit.scoring import ScoredClient
 
 
@@ -66,6 +70,7 @@ def worst_cases(scored: Sequence[ScoredClient]) -> list[WorstCase]:
             baselines=first.baselines,
             flags=np.array([bool(w.flags[i]) for i, w in enumerate(winners)], dtype=bool),
             labels_exact=any(exact) if exact else None,
+            best_ssim=np.fmax.reduce(np.stack([item.result.scores["ssim"] for item in items]), axis=0),
         )
         cases.append(WorstCase(combined, [w.outcome.attack for w in winners], attacks))
     return cases
@@ -76,7 +81,8 @@ def summarise(members: Sequence[ScoredClient]) -> dict[str, float]:
     baselines), the baselines' best scores, label accuracy and the share of exact label histograms.
 
     Names as in ``LeakageSummary.as_metrics`` plus ``<metric>_baseline`` (mean over samples of the best
-    baseline score) and ``label_histogram_exact``; the caller adds the ``leakage/<key>/`` prefix.
+    baseline score), ``label_histogram_exact`` and the SSIM ladder (``ladder``); the caller adds the
+    ``leakage/<key>/`` prefix.
     """
     pooled = MatchResult(
         assignment=np.concatenate([m.result.assignment for m in members]),
@@ -99,4 +105,34 @@ def summarise(members: Sequence[ScoredClient]) -> dict[str, float]:
     exact = [m.labels_exact for m in members if m.labels_exact is not None]
     if exact:
         metrics["label_histogram_exact"] = float(np.mean(exact))
+    metrics.update(ladder(members))
     return metrics
+
+
+LADDER_QUARTILES = ("best_ssim_q1", "best_ssim_median", "best_ssim_q3")
+"""Names of the quartiles of the samples' best SSIM (``ssim_median`` is the kept reconstructions' median)."""
+
+
+def ladder(members: Sequence[ScoredClient]) -> dict[str, float]:
+    """The SSIM ladder of the samples of ``members``, from ``metrics.graded_leakage``.
+
+    ``ssim_ge_0.5`` and ``ssim_ge_0.7``: the fraction of samples whose best SSIM over the attacks is at
+    least that level and above the best baseline's SSIM (no baselines drawn: above nothing);
+    ``best_ssim_q1``, ``best_ssim_median``, ``best_ssim_q3``: quartiles of that best SSIM. Non-finite
+    values are left out, as ``LeakageSummary.as_metrics`` does.
+    """
+    if not members:
+        return {}
+    ssim = np.concatenate([m.ssim_best() for m in members])
+    flags = np.concatenate([m.flags for m in members])
+    floor = (
+        np.concatenate(
+            [best_baseline(m.baselines)["ssim"] if m.baselines else np.full(m.result.n, np.nan) for m in members]
+        )
+        if any(m.baselines for m in members)
+        else None
+    )
+    graded = graded_leakage(ssim, flags, floor)
+    values = {level_name(level): fraction for level, fraction in graded.at_least.items()}
+    values.update(zip(LADDER_QUARTILES, graded.ssim_quartiles, strict=True))
+    return {name: float(value) for name, value in values.items() if np.isfinite(value)}

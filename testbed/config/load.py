@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from defenses.import_path import is_import_path, recorded_folder
 from testbed.config.schema import Experiment
 from testbed.config.sweep_plan import plan
 from testbed.config.topology import apply_overrides, read_yaml, validate
-from testbed.data.import_path import find_folder, is_import_path
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
@@ -16,8 +16,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     data, node = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
-    experiment = validate(data, source=str(path), node=node)
-    record_code_folders(experiment, Path(path).resolve().parent)
+    folder = Path(path).resolve().parent
+    experiment = validate(data, source=str(path), node=node, folder=str(folder))
+    record_code_folders(experiment, folder)
     if experiment.sweep is not None:
         plan(experiment)
     return experiment
@@ -29,11 +30,9 @@ def record_code_folders(experiment: Experiment, folder: Path) -> None:
     A given ``path`` is made absolute (relative to ``folder``, the topology file's); otherwise the first
     of ``folder`` and the working directory that holds the module is recorded. A module found in neither
     keeps ``path`` null and is imported from PYTHONPATH (or reported missing before the run starts).
+    A client group's ``defence.path`` follows the same rule (``defenses.import_path.recorded_folder``),
+    recorded while the group is validated, since its parts are built then.
     """
     for block in (experiment.model, experiment.dataset):
-        if not is_import_path(block.name):
-            continue
-        if block.path is not None:
-            block.path = str((folder / Path(block.path).expanduser()).resolve())
-        else:
-            block.path = find_folder(block.name, [folder, Path.cwd()])
+        if is_import_path(block.name):
+            block.path = recorded_folder([block.name], block.path, folder)

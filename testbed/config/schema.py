@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
+from defenses.import_path import is_import_path
 from testbed.data.datasets import DATASETS
-from testbed.data.import_path import is_import_path
 from testbed.data.partition import PARTITIONS
 
 
@@ -203,16 +203,24 @@ class ClientGroupConfig(Strict):
     group: str = Field(min_length=1, description="unique group name")
     count: int = Field(ge=1, description="number of clients in the group")
     batch_size: int = Field(ge=1, description="samples per local batch")
-    defence: dict[str, Any] = Field(default_factory=dict, description="batching, loss, update transforms")
+    defence: dict[str, Any] = Field(
+        default_factory=dict,
+        description="batching, loss, update transforms, dp; path: the folder its import-path parts are imported "
+        "from (relative: to the topology file; recorded on loading as model.path is)",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client sends nothing")
     straggler_delay_s: float = Field(0.0, ge=0, description="mean simulated delay (exponential)")
     faults: FaultConfig = Field(default_factory=lambda: FaultConfig(), description="fault injection")
 
     @field_validator("defence")
     @classmethod
-    def _valid_defence(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _valid_defence(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Record where import-path parts come from (the topology file's folder: ``folder`` in the
+        validation context), then build the policy once, so that a bad part is reported before a run."""
         from defenses import build_policy
+        from defenses.policy import record_path
 
+        value = record_path(value, (info.context or {}).get("folder"))
         build_policy(value, field="defence")
         return value
 

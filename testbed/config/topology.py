@@ -132,10 +132,16 @@ def _field_named_in(message: str) -> Path_:
     return tuple(int(part) if part.isdigit() else part for part in re.findall(r"[A-Za-z_]\w*|\d+", match.group(1)))
 
 
-def validate(data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None) -> Experiment:
-    """Validate a mapping as an Experiment; raise UserError with one line per problem."""
+def validate(
+    data: Mapping[str, Any], *, source: str = "<config>", node: yaml.Node | None = None, folder: str | None = None
+) -> Experiment:
+    """Validate a mapping as an Experiment; raise UserError with one line per problem.
+
+    ``folder`` is the topology file's: relative ``defence.path`` values are read from it, and a defence
+    part's module beside the file is found there.
+    """
     try:
-        return Experiment.model_validate(data)
+        return Experiment.model_validate(data, context={"folder": folder})
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from defenses.import_path import ImportPathError, accepts, call, load_callable
 from testbed.data.datasets import Dataset, _as_float, _truncate
-from testbed.data.import_path import ImportPathError, accepts, call, load_callable
 
 SPLITS = ("train_x", "train_y", "test_x", "test_y")
 DEFAULT_KEY = "train_keys"

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from defenses.import_path import is_import_path
 from testbed.config.schema import DEFAULT_ACTIVATIONS
-from testbed.data.import_path import is_import_path
 from testbed.runtime.user_models import build_user_model
 
 if TYPE_CHECKING:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from defenses import build_policy
+from defenses.import_path import ImportPathError, is_import_path
 from testbed.config.schema import Experiment
 from testbed.data.datasets import Dataset, DatasetUnavailable, load_dataset
-from testbed.data.import_path import ImportPathError, is_import_path
 from testbed.data.partition import Partition, PartitionError, partition
 from testbed.data.user_data import DEFAULT_KEY, load_user_dataset
 from testbed.errors import UserError

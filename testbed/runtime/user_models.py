@@ -8,7 +8,8 @@ every failure is one line naming ``model.name``.
 
 Its module reaches the Ray workers through the recorded folder (``model.path``, put on ``sys.path`` where it
 exists) and through the job's runtime environment (``runtime_env``): PYTHONPATH for a local Ray, the module's
-files (``py_modules``) for a joined cluster.
+files (``py_modules``) for a joined cluster. The modules of the data set and of defence parts named by import
+path (``defence.path``) travel the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from testbed.data.import_path import ImportPathError, accepts, call, is_import_path, load_callable, module_location
+from defenses.import_path import ImportPathError, accepts, call, is_import_path, load_callable, module_location
+from defenses.policy import import_paths
 
 if TYPE_CHECKING:
     from testbed.config.schema import Experiment, ModelConfig
@@ -98,23 +100,33 @@ def check_user_model(model: nn.Module, name: str, input_shape: Sequence[int], nu
         ) from None
 
 
+def _code_blocks(experiment: Experiment) -> list[tuple[str, str | None]]:
+    """(import path, recorded folder) of every piece of the user's code: model, data set, defence parts."""
+    blocks = [(block.name, block.path) for block in (experiment.model, experiment.dataset)]
+    blocks = [(name, folder) for name, folder in blocks if is_import_path(name)]
+    for group in experiment.clients:
+        folder = group.defence.get("path")
+        blocks.extend((name, folder if isinstance(folder, str) else None) for name in import_paths(group.defence))
+    return blocks
+
+
 def code_locations(experiment: Experiment) -> list[Path]:
-    """The files or folders of the user's own modules (model and data set) that are not installed packages."""
+    """The files or folders of the user's own modules (model, data set, defence parts) that are not installed
+    packages."""
     found: list[Path] = []
-    for block in (experiment.model, experiment.dataset):
-        if is_import_path(block.name):
-            location = module_location(block.name, block.path)
-            if location is not None and location not in found:
-                found.append(location)
+    for name, folder in _code_blocks(experiment):
+        location = module_location(name, folder)
+        if location is not None and location not in found:
+            found.append(location)
     return found
 
 
 def code_folders(experiment: Experiment) -> list[str]:
-    """The recorded folders of the user's own modules (model.path, dataset.path)."""
+    """The recorded folders of the user's own modules (model.path, dataset.path, each group's defence.path)."""
     folders: list[str] = []
-    for block in (experiment.model, experiment.dataset):
-        if is_import_path(block.name) and block.path and block.path not in folders:
-            folders.append(block.path)
+    for _, folder in _code_blocks(experiment):
+        if folder and folder not in folders:
+            folders.append(folder)
     return folders
 
 

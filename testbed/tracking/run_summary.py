@@ -51,17 +51,22 @@ def run_note(
     lines += [
         "",
         f"Leakage under {experiment.attack.label}, over every audited sample of the run (recovered: past the "
-        "threshold and beyond the no-information baselines):",
+        "threshold and beyond the no-information baselines; SSIM >= t: the sample's best SSIM at least t and "
+        "above every baseline's):",
         "",
     ]
-    lines += ["| group | audited samples | recovered | mean SSIM | mean AVD |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "| group | audited samples | recovered | SSIM >= 0.7 | SSIM >= 0.5 | mean SSIM | mean AVD |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for group, row in leakage.items():
+        ladder = " | ".join(f"{row[name]:.3f}" if name in row else "-" for name in ("ssim_ge_0.7", "ssim_ge_0.5"))
         lines.append(
-            f"| {group} | {int(row['audited_samples'])} | {row['recovered_fraction']:.3f} | "
+            f"| {group} | {int(row['audited_samples'])} | {row['recovered_fraction']:.3f} | {ladder} | "
             f"{row['ssim_mean']:.3f} | {row['avd_mean']:.3f} |"
         )
     if not leakage:
-        lines.append("| (no audited sample was scored) | 0 | | | |")
+        lines.append("| (no audited sample was scored) | 0 | | | | | |")
     lines.append("")
     if grids:
         span = f"`{grids[0]}` ... `{grids[-1]}` ({len(grids)} rounds)" if len(grids) > 1 else f"`{grids[0]}`"

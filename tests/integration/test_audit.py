@@ -6,6 +6,7 @@ import csv
 import io
 from typing import Any
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -52,6 +53,18 @@ def test_attack_demo_logs_leakage(local_ray: None, tracking: dict[str, Any]) -> 
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 2 * 8 * 4  # rounds x audited clients x batch size
     assert {row["group"] for row in rows} == {"distinct", "identical"}
+    for group, row in result.leakage.items():  # the run's SSIM ladder over every audited sample, as the CSV says
+        mine = [r for r in rows if r["group"] == group]
+        best = np.array([float(r["best_ssim"]) for r in mine])
+        assert np.array_equal(best, [float(r["ssim"]) for r in mine])  # one attack: its own SSIM
+        above = best > np.array([float(r["ssim_baseline"]) for r in mine])
+        assert row["ssim_ge_0.7"] == pytest.approx(np.mean((best >= 0.7) & above)), group
+        assert row["ssim_ge_0.5"] == pytest.approx(np.mean((best >= 0.5) & above)), group
+        assert row["ssim_ge_0.5"] >= row["ssim_ge_0.7"] >= 0.5  # the logit-space solve gives near copies
+    assert (
+        f"| {distinct['recovered_fraction']:.3f} | {distinct['ssim_ge_0.7']:.3f} | {distinct['ssim_ge_0.5']:.3f} |"
+        in note
+    )
 
 
 def test_a_portfolio_logs_each_attack_and_the_worst_case(local_ray: None, tracking: dict[str, Any]) -> None:
@@ -81,3 +94,41 @@ def test_a_portfolio_logs_each_attack_and_the_worst_case(local_ray: None, tracki
     worst_rows = list(csv.DictReader(io.StringIO(text)))
     assert len(worst_rows) == 8 * 4 and all(row["ssim_baseline"] for row in worst_rows)
     assert "worst case of dense-ratio, ce-demix, inverting-gradients" in run.data.tags["mlflow.note.content"]
+    _check_the_ssim_ladder(metrics, worst_rows, by_attack, experiment.attack.names)
+
+
+def _check_the_ssim_ladder(
+    metrics: dict[str, float], worst_rows: list[dict[str, str]], by_attack: list[dict[str, str]], attacks: list[str]
+) -> None:
+    """The logged SSIM ladder of a one-round portfolio run against its two sample CSVs."""
+    best_of: dict[tuple[str, str], float] = {}  # (client, sample) -> highest SSIM of any attack
+    for row in by_attack:
+        key = (row["client"], row["sample"])
+        best_of[key] = max(best_of.get(key, -1.0), float(row["ssim"]))
+    for group in ("distinct", "identical"):
+        rows = [row for row in worst_rows if row["group"] == group]
+        best = np.array([float(row["best_ssim"]) for row in rows])
+        kept = np.array([float(row["ssim"]) for row in rows])
+        floor = np.array([float(row["ssim_baseline"]) for row in rows])
+        recovered = np.array([row["recovered"] == "True" for row in rows])
+        # the worst case's best SSIM is the highest over the attacks' rows, at least the kept reconstruction's
+        assert np.allclose(best, [best_of[(row["client"], row["sample"])] for row in rows])
+        assert np.all(best >= kept - 1e-12)
+        at = {level: metrics[f"leakage/{group}/ssim_ge_{level}"] for level in ("0.5", "0.7")}
+        for level, value in at.items():  # the logged fraction is the CSV's: best SSIM >= level and above every baseline
+            assert value == pytest.approx(np.mean((best >= float(level)) & (best > floor))), (group, level)
+        assert 1.0 >= at["0.5"] >= at["0.7"] >= 0.0
+        # a sample recovered by SSIM (>= 0.9 and above every baseline) is counted at 0.7; one recovered by AVD
+        # alone need not be, so the ladder bounds only the SSIM-recovered share
+        by_ssim = recovered & (kept >= 0.9) & (kept > floor)
+        assert at["0.7"] >= by_ssim.mean() > 0.5, (group, at, by_ssim.mean())
+        q1, median, q3 = (metrics[f"leakage/{group}/best_ssim_{name}"] for name in ("q1", "median", "q3"))
+        assert q1 <= median <= q3 and median == pytest.approx(np.median(best))
+        for attack in attacks:
+            own = [row for row in by_attack if row["group"] == group and row["attack"] == attack]
+            ssim = np.array([float(row["ssim"]) for row in own])
+            assert all(row["best_ssim"] == row["ssim"] for row in own)  # one attack's row: its own SSIM
+            above = ssim > np.array([float(row["ssim_baseline"]) for row in own])
+            for level in ("0.5", "0.7"):
+                mine = metrics[f"leakage/{group}/{attack}/ssim_ge_{level}"]
+                assert mine == pytest.approx(np.mean((ssim >= float(level)) & above)) and mine <= at[level]

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from testbed.config.load import load_experiment
 from testbed.engine import run_experiment
 from tests.conftest import REPO
-from tests.user_code import BATCHNORM_NET, write_module
+from tests.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
 
 pytestmark = pytest.mark.ray
 
@@ -57,6 +57,43 @@ def test_a_batchnorm_model_from_the_users_file_trains_by_fedavg_on_two_workers(t
     state = torch.load(Path(client.download_artifacts(result["run_id"], "model_state_dict.pt")), weights_only=True)
     assert int(state["1.num_batches_tracked"]) == 3 * 8  # each round: the most local steps of a client
     assert 0.0 < float(state["1.running_var"].min())  # aggregated running statistics, not the initial ones
+
+
+def test_a_focal_loss_from_the_users_file_trains_through_testbed_run(tmp_path: Path) -> None:
+    """A client group's loss from a file beside the topology, with neither the working directory nor PYTHONPATH
+    holding it: ``testbed run`` records its folder, and both Ray workers import it."""
+    module = write_module(tmp_path, FOCAL_LOSS, stem="focal")
+    topology = {
+        "name": "user-focal",
+        "seed": 0,
+        "rounds": 3,
+        "dataset": {"name": "mnist-5k", "max_train": 1600, "max_test": 400, "partition": {"scheme": "iid"}},
+        "model": {"name": "softmax"},
+        "algorithm": {"name": "fedavg", "lr": 0.5, "local_steps": 8},
+        "clients": [
+            {"group": "focal", "count": 16, "batch_size": 16, "defence": {"loss": {f"{module}:Focal": {"gamma": 2}}}}
+        ],
+        "resources": {"num_cpus": 2, "workers": 2, "chunk_size": 4},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
+    }
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=elsewhere,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["final_test_accuracy"] > 0.5, result  # ten classes: chance is 0.1
+    params = MlflowClient(tracking_uri=topology["tracking"]["uri"]).get_run(result["run_id"]).data.params
+    assert params["clients.focal.defence.path"] == str(tmp_path.resolve())
+    assert params[f"clients.focal.defence.loss.{module}:Focal.gamma"] == "2"
 
 
 def test_resnet18_smoke_on_synthetic_rgb(local_ray: None, tracking: dict[str, Any]) -> None:

@@ -196,7 +196,12 @@ BAD_SPECS: list[tuple[Any, str]] = [
         "defence.update[0].quantize.rounding: expected one of 'stochastic'",
     ),
     ({"update": [{"clip-l2": True}]}, "defence.update[0].clip-l2.norm: expected a number, got True"),
-    ({"loss": "no_such_pkg.mod:Thing"}, "defence.loss: cannot import module 'no_such_pkg.mod'"),
+    (
+        {"loss": "no_such_pkg.mod:Thing"},
+        "defence.loss: cannot import 'no_such_pkg.mod': no module 'no_such_pkg' in the working directory or PYTHONPATH",
+    ),
+    ({"loss": "no-such:Thing"}, "defence.loss: 'no-such:Thing' is not an import path of the form package.module"),
+    ({"loss": "mse", "path": 3}, "defence.path: expected the folder of the import-path parts, got 3"),
     ({"loss": "tests.unit.defence_plugins:Missing"}, "defence.loss: 'tests.unit.defence_plugins' has no attribute"),
     (
         {"loss": "tests.unit.defence_plugins:NotAPart"},

@@ -8,6 +8,7 @@ top the engine, sweeps and the CLI.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -117,3 +118,11 @@ def test_attacks_defences_and_metrics_never_import_the_engine() -> None:
         if dep.split(".")[0] in ("testbed", "ray", "mlflow")
     ]
     assert offending == []
+
+
+def test_the_import_path_resolver_needs_only_the_standard_library() -> None:
+    """defenses/import_path.py finds the user's code for defence parts and for the engine (models, data sets):
+    both packages import it, so it imports nothing of theirs, nor anything installed."""
+    path = REPO / "defenses" / "import_path.py"
+    outside = sorted(dep for dep in _imports(path) if dep.split(".")[0] not in sys.stdlib_module_names)
+    assert outside == []

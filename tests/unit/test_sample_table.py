@@ -107,3 +107,13 @@ def test_an_empty_tables_checkpoint_resumes_into_whole_numbers(tmp_path: Path) -
     expected = _table(rows)
     _table(rows, resumed)
     assert resumed.column("round").dtype == np.int64 and resumed.to_csv() == expected.to_csv() == _dict_writer(rows)
+
+
+def test_checkpoints_from_before_the_best_ssim_column_read_it_as_their_own_ssim() -> None:
+    rows = _rows(9, 4)
+    state = _table(rows).state()
+    del state["columns"]["best_ssim"]
+    resumed = SampleTable.from_state(state)
+    assert np.array_equal(resumed.column("best_ssim"), [row["ssim"] for row in rows])
+    older = [{key: value for key, value in row.items() if key != "best_ssim"} for row in rows]
+    assert np.array_equal(SampleTable.from_state(older).column("best_ssim"), [row["ssim"] for row in rows])

@@ -1,9 +1,13 @@
-"""A user's own code named by import path, ``package.module:callable`` (models and data sets).
+"""A user's own code named by import path, ``package.module:callable``: models, data sets and defence parts.
 
-The module is looked up first in a recorded folder (the topology file's folder, or the working directory,
-where the module was found when the file was loaded), then in the working directory, then on ``sys.path``
-(which holds PYTHONPATH and the installed packages). Every problem is an ``ImportPathError`` with a one-line
-message that the caller prefixes with the field (``model.name``, ``dataset.name``).
+The one search rule for all of them: the module is looked up first in a recorded folder (the topology
+file's folder, or the working directory, where the module was found when the file was loaded:
+``recorded_folder``), then in the working directory, then on ``sys.path`` (which holds PYTHONPATH and the
+installed packages). Every problem is an ``ImportPathError`` with a one-line message that the caller
+prefixes with the field (``model.name``, ``dataset.name``, ``defence.loss``).
+
+It lives here, with no import of the engine, so that both ``defenses`` (which may not import ``testbed``)
+and the engine resolve import paths with it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ def find_folder(name: str, candidates: Sequence[str | Path]) -> str | None:
         path = Path(folder).resolve()
         if path.is_dir() and importlib.machinery.PathFinder.find_spec(top, [str(path)]) is not None:
             return str(path)
+    return None
+
+
+def recorded_folder(names: Sequence[str], path: str | None, base: str | Path | None) -> str | None:
+    """The folder to record for import-path modules ``names`` read from a file in folder ``base``.
+
+    A given ``path`` comes back absolute (relative to ``base``, or to the working directory without one);
+    otherwise the first of ``base`` and the working directory that holds the first of ``names`` found there,
+    or None (the modules come from PYTHONPATH, or are reported missing when imported).
+    """
+    if path is not None:
+        anchor = Path(base) if base is not None else Path.cwd()
+        return str((anchor / Path(path).expanduser()).resolve())
+    candidates = [*([base] if base is not None else []), Path.cwd()]
+    for name in names:
+        found = find_folder(name, candidates)
+        if found is not None:
+            return found
     return None
 
 
