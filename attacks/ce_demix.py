@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack
-from attacks.label_inference import infer_labels, label_multisets, label_neighbours, present_classes
+from attacks.label_inference import infer_labels, present_classes
+from attacks.label_search import candidate_labels
 from attacks.layers import DenseLayer, activation_slope, dense_chain, summed_gradient
 from attacks.logit_solve import LogitProblem, LogitSolution, solve_logits
 from attacks.losses import ClientLoss, centred, logit_derivatives, loss_key, loss_name, marks_presence
@@ -128,16 +129,13 @@ class CrossEntropyDemix(Attack):
     def _candidates(
         self, view: AttackerView, current: _Prepared, seen: set[tuple[int, ...]], first: bool
     ) -> list[Tensor]:
-        """Label multisets not yet tried: every one holding the proven classes when few enough (first
-        round), else those one label away from the current labels."""
-        limit = self.params["label_candidates"]
+        """Label multisets not yet tried (``attacks.label_search.candidate_labels``), holding the classes the
+        bias proves present when the loss marks presence."""
         gradient = current.problem.bias_gradient
         proves = marks_presence(view.loss, view.num_classes)
         required = present_classes(gradient, view.num_samples) if proves else []
-        options = label_multisets(view.num_samples, view.num_classes, required, limit) if first else None
-        if options is None:
-            options = label_neighbours(current.labels, view.num_classes, required)
-        return [option for option in options if tuple(option.tolist()) not in seen][:limit]
+        limit = self.params["label_candidates"]
+        return candidate_labels(current.labels, view.num_classes, required, limit, first, seen)
 
     def _search(
         self, loss: ClientLoss, views: Sequence[AttackerView], chosen: list[_Prepared], solutions: list[LogitSolution]

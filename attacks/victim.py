@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from attacks.label_inference import infer_labels
+from attacks.label_search import searched_labels
 from attacks.losses import SoftTargetLoss, batch_loss
 from attacks.simulate import Params
 from attacks.view import AttackerView, AttackNotApplicable
@@ -46,8 +46,9 @@ def target_update(view: AttackerView, device: torch.device) -> Params:
 
 
 def label_targets(view: AttackerView, attack: str) -> tuple[Tensor, Tensor]:
-    """The labels behind the update (public ones, else inferred) and their one-hot targets (N, C)."""
-    labels = view.labels.detach().cpu().long() if view.labels is not None else infer_labels(view, attack)
+    """The labels behind the update (public ones, else counted and, when the count does not fit the final
+    layer's update, searched: ``attacks.label_search``) and their one-hot targets (N, C)."""
+    labels = view.labels.detach().cpu().long() if view.labels is not None else searched_labels(view, attack)[0]
     return labels, torch.nn.functional.one_hot(labels, view.num_classes).to(torch.float32)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 import metrics
 from attacks import AttackerView, AttackNotApplicable, Reconstruction, build_attack, infer_labels
+from attacks.label_search import FIT_TOLERANCE, searched_labels
 from attacks.losses import batch_loss, centred, logit_derivatives, marks_presence
 from defenses import CrossEntropy, LabelSmoothing, MeanSquaredError, SigmoidBinaryCrossEntropy
 from metrics.recovery import recovered
@@ -333,3 +334,23 @@ def test_analytic_attacks_leave_the_model_and_view_untouched() -> None:
         build_attack(name).reconstruct(view)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     assert all(torch.equal(update[name], value) for name, value in view.update.items())
+
+
+@pytest.mark.parametrize(
+    ("model_name", "labels", "loss"),
+    [("lenet", [3, 6, 6, 6, 8, 9], "mse"), ("lenet", [1, 3, 3, 5, 5, 7, 8, 8], "label-smoothing")],
+)
+def test_a_failed_label_count_is_searched_before_an_optimisation_attack_runs(
+    model_name: str, labels: list[int], loss: str
+) -> None:
+    """Counting misses a class here (the loss's off-class entries are not all positive); the search over
+    label multisets finds the labels whose logit gradients fit the final layer's update to round-off, and
+    Inverting Gradients simulates the client with them."""
+    seed = 2
+    images, targets = mnist_digits(labels, offset=seed * 3)
+    view = make_view(build_model(model_name, SHAPE, 10, seed=seed), images, targets, loss=loss)
+    assert infer_labels(view).tolist() != labels
+    found, residual = searched_labels(view, "inverting-gradients")
+    assert found.tolist() == labels and residual < FIT_TOLERANCE
+    result = build_attack("inverting-gradients", {"iterations": 1, "restarts": 1}).reconstruct(view)
+    assert result.labels is not None and sorted(result.labels.tolist()) == labels
