@@ -96,6 +96,54 @@ def test_a_focal_loss_from_the_users_file_trains_through_testbed_run(tmp_path: P
     assert params[f"clients.focal.defence.loss.{module}:Focal.gamma"] == "2"
 
 
+@pytest.mark.slow
+def test_a_users_focal_loss_and_label_smoothing_are_attacked_as_cross_entropy_is(tmp_path: Path) -> None:
+    """The attacks re-create each group's loss from the loss object it trained with: a focal loss from the user's
+    file (no PYTHONPATH) and label smoothing at epsilon 0.3 leak to Inverting Gradients alone (sigmoid LeNet,
+    batch 1, labels inferred) as cross-entropy does. Before, the focal group got no leakage at all and label
+    smoothing was simulated at epsilon 0.1."""
+    module = write_module(tmp_path, FOCAL_LOSS, stem="focal")
+    group = {"count": 12, "batch_size": 1}
+    topology = {
+        "name": "user-losses-attacked",
+        "seed": 0,
+        "rounds": 2,
+        "dataset": {"name": "mnist-5k", "max_train": 600, "max_test": 200, "partition": {"scheme": "iid"}},
+        "model": {"name": "lenet"},
+        "algorithm": {"name": "fedsgd", "lr": 0.1},
+        "clients": [
+            {"group": "ce", **group, "defence": {"loss": "cross-entropy"}},
+            {"group": "focal", **group, "defence": {"loss": {f"{module}:Focal": {"gamma": 2}}}},
+            {"group": "smooth", **group, "defence": {"loss": {"label-smoothing": 0.3}}},
+        ],
+        "attack": {
+            "name": "inverting-gradients",
+            "params": {"iterations": 1000},
+            "audit": {"clients_per_round": 9},
+        },
+        "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 12},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
+    }
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    leakage = json.loads(done.stdout.strip().splitlines()[-1])["leakage"]
+    assert set(leakage) == {"ce", "focal", "smooth"}, leakage  # every group attacked, none not applicable
+    assert all(row["audited_samples"] >= 3 for row in leakage.values()), leakage
+    reference = leakage["ce"]["recovered_fraction"]
+    assert reference >= 0.8, leakage  # one image through a sigmoid LeNet: Inverting Gradients recovers it
+    for name in ("focal", "smooth"):
+        assert abs(leakage[name]["recovered_fraction"] - reference) <= 0.1, leakage
+
+
 def test_resnet18_smoke_on_synthetic_rgb(local_ray: None, tracking: dict[str, Any]) -> None:
     """topologies/cifar10-resnet.yaml's model, one FedAvg round on small synthetic 3x32x32 data, two workers."""
     overrides = [
