@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from testbed.config.load import load_experiment
@@ -132,3 +136,60 @@ def _check_the_ssim_ladder(
             for level in ("0.5", "0.7"):
                 mine = metrics[f"leakage/{group}/{attack}/ssim_ge_{level}"]
                 assert mine == pytest.approx(np.mean((ssim >= float(level)) & above)) and mine <= at[level]
+
+
+@pytest.mark.slow
+def test_attack_auto_through_testbed_run_on_fedsgd_and_fedavg(tmp_path: Path) -> None:
+    """attack: auto runs every image attack where it applies: all five on FedSGD; on FedAvg deltas of two local
+    steps ce-demix says why it cannot, while Inverting Gradients simulates the steps; the optimisation attacks stop
+    at the round's cap and the updates they skip are counted."""
+    group = {"count": 10, "batch_size": 2}
+    topology = {
+        "name": "auto",
+        "seed": 0,
+        "rounds": 1,
+        "dataset": {"name": "mnist-5k", "max_train": 400, "max_test": 200, "partition": {"scheme": "iid"}},
+        "model": {"name": "softmax"},
+        "algorithm": {"name": "fedsgd", "lr": 0.1},
+        "clients": [
+            {"group": "random", **group},
+            {"group": "identical", **group, "defence": {"batching": "identical-labels"}},
+        ],
+        "attack": {
+            "params": {"inverting-gradients": {"iterations": 200}, "dlg": {"iterations": 5}},
+            "audit": {"clients_per_round": 6, "optimisation_per_round": 2},
+        },
+        "sweep": [{"algorithm.name": "fedsgd"}, {"algorithm.name": "fedavg", "algorithm.local_steps": 2}],
+        "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 10},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
+    }
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=topology["tracking"]["uri"])
+    runs = client.search_runs(client.get_experiment_by_name("auto").experiment_id)
+    children = {run.data.params.get("algorithm.name"): run for run in runs if "mlflow.parentRunId" in run.data.tags}
+    assert set(children) == {"fedsgd", "fedavg"}
+    attacks = ["dense-ratio", "ce-demix", "dlg", "inverting-gradients", "cocktail-party"]
+    for algorithm, run in children.items():
+        metrics = run.data.metrics
+        for name in attacks:
+            assert f"audit/{name}/not_applicable" in metrics, (algorithm, name)
+        # six audited updates a round, the optimisation attacks on two of them
+        assert metrics["audit/dlg/not_applicable"] == 4.0 and metrics["audit/inverting-gradients/not_applicable"] == 4.0
+        assert metrics["audit/dense-ratio/not_applicable"] == 0.0
+        assert metrics["audit/cocktail-party/not_applicable"] == 0.0
+        # the two updates Inverting Gradients attacked (drawn from the round's six) were scored
+        assert any(f"leakage/{g}/inverting-gradients/recovered_fraction" in metrics for g in ("random", "identical"))
+        for group_name in ("random", "identical"):
+            assert f"leakage/{group_name}/cocktail-party/recovered_fraction" in metrics, (algorithm, group_name)
+            assert f"leakage/{group_name}/ssim_ge_0.5" in metrics
+    assert children["fedsgd"].data.metrics["audit/ce-demix/not_applicable"] == 0.0
+    assert children["fedavg"].data.metrics["audit/ce-demix/not_applicable"] == 6.0  # a delta of two local steps
+    assert "auto: worst case of dense-ratio" in children["fedavg"].data.tags["mlflow.note.content"]
