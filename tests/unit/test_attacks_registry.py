@@ -16,6 +16,7 @@ from attacks import (
     AttackNotApplicable,
     build_attack,
 )
+from defenses import LOSSES
 from testbed.runtime.models import build_model
 from tests.conftest import REPO
 from tests.unit.test_attacks_support import make_view, mnist_digits
@@ -172,3 +173,11 @@ def test_docs_list_every_parameter_with_its_default(name: str) -> None:
     for parameter, spec in declared.items():
         value = documented[parameter]
         assert (float(value) == pytest.approx(spec.default)) if spec.kind in (int, float) else value == spec.default
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_defence_loss_can_be_attacked(loss: str) -> None:
+    """A loss a client can declare is a loss the attacks can simulate: the view carries the object itself."""
+    view = dataclasses.replace(_view("softmax"), loss=LOSSES[loss]())
+    for name in ("dlg", "inverting-gradients", "ce-demix"):
+        build_attack(name).check(view)
