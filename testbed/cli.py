@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         default="checkpoints",
         help="checkpoint folder for --resume without FILE (default: %(default)s)",
     )
+    run.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="--resume without FILE: accept code (import paths) named in the checkpoint's stored configuration",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology (or study) file and print OK or its errors")
@@ -90,8 +95,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.file is None:
         if args.resume is None:
             raise UserError("run: give a topology FILE, or --resume RUN_ID to continue a run")
-        experiment = experiment_from_checkpoint(args.checkpoints, args.resume, args.overrides)
+        experiment = experiment_from_checkpoint(
+            args.checkpoints, args.resume, args.overrides, trust=args.trust_checkpoint
+        )
     else:
+        if args.trust_checkpoint:
+            raise UserError("run: --trust-checkpoint applies to --resume without FILE (the file names the code)")
         experiment = load_experiment(args.file, args.overrides)
     try:
         if experiment.sweep is not None:
