@@ -11,15 +11,29 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS
 from testbed.errors import UserError
 
 DEFAULT_UI_PORT = 5000
+SWEEP_CELLS_HELP = f"most combinations a sweep may have (default: {MAX_SWEEP_CELLS})"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +73,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--resume without FILE: accept code (import paths) named in the checkpoint's stored configuration",
     )
+    run.add_argument("--max-sweep-cells", type=_positive, default=MAX_SWEEP_CELLS, metavar="N", help=SWEEP_CELLS_HELP)
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology (or study) file and print OK or its errors")
     validate.add_argument("file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument(
+        "--max-sweep-cells", type=_positive, default=MAX_SWEEP_CELLS, metavar="N", help=SWEEP_CELLS_HELP
+    )
 
     schema = commands.add_parser("schema", help="print the JSON Schema of topology files")
     schema.add_argument("--markdown", action="store_true", help="print the configuration reference instead")
@@ -86,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_FOLDER_NAME = 100
+
+
+def default_folder(parent: str, name: str) -> Path:
+    """``parent/<name as a slug>``: a folder name of letters, digits, ``. _ -`` that stays inside ``parent``.
+
+    The name comes from the command line or from data (a run id, an experiment or study name); ``..``,
+    slashes and other characters cannot take the default output folder elsewhere. ``--out`` is not changed.
+    """
+    slug = _UNSAFE.sub("-", name).strip(".-")[:MAX_FOLDER_NAME].strip(".-") or "unnamed"
+    return Path(parent) / slug
+
+
 def _run(args: argparse.Namespace) -> int:
     from testbed.config.load import load_experiment
     from testbed.engine import RunAborted, run_experiment
@@ -101,10 +133,15 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.trust_checkpoint:
             raise UserError("run: --trust-checkpoint applies to --resume without FILE (the file names the code)")
-        experiment = load_experiment(args.file, args.overrides)
+        experiment = load_experiment(args.file, args.overrides, args.max_sweep_cells)
     try:
         if experiment.sweep is not None:
-            sweep = run_sweep(experiment, show_progress=not args.quiet, resume_parent_id=args.resume)
+            sweep = run_sweep(
+                experiment,
+                show_progress=not args.quiet,
+                resume_parent_id=args.resume,
+                max_cells=args.max_sweep_cells,
+            )
             runs = [{"combination": c.values, "run_id": run_id} for c, run_id in sweep.runs]
             print(json.dumps({"parent_run_id": sweep.parent_run_id, "skipped": sweep.skipped, "runs": runs}))
             return 0
@@ -137,7 +174,7 @@ def _validate(args: argparse.Namespace) -> int:
         check_tracking_uri(str(spec.tracking.get("uri", "")))
         print(f"{args.file}: OK (study: {len(spec.arms)} arms, {len(spec.seeds)} seeds)")
         return 0
-    experiment = load_experiment(args.file, args.overrides)
+    experiment = load_experiment(args.file, args.overrides, args.max_sweep_cells)
     check_tracking_uri(experiment.tracking.uri)
     print(f"{args.file}: OK")
     return 0
@@ -153,9 +190,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from testbed.report.command import report_command
+    from testbed.report.data import open_store
     from testbed.study.report import is_study_run, study_report
 
-    out = args.out or Path("reports") / args.target
+    open_store(args.uri)  # a missing or unreadable store is a one-line error, and nothing is created for it
+    out = args.out or default_folder("reports", args.target)
     if is_study_run(args.target, args.uri):
         path = study_report(args.target, uri=args.uri, out=out, page=args.page)
     else:
@@ -171,7 +210,7 @@ def _study(args: argparse.Namespace) -> int:
     from testbed.study.spec import load_study
 
     spec = load_study(args.file)
-    out = args.out or Path("studies") / spec.name
+    out = args.out or default_folder("studies", spec.name)
     result = run_study(spec, Path(args.file), out, show_progress=not args.quiet)
     print(
         json.dumps({"study_run_id": result.run_id, "tables": str(result.folder), "seconds": round(result.seconds, 1)})
