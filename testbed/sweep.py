@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from testbed.config.schema import Experiment
-from testbed.config.sweep_plan import Combination, plan
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS, Combination, plan
 from testbed.errors import UserError
 from testbed.tracking.progress import Progress
 from testbed.tracking.store import Tracker, flatten
@@ -41,14 +41,18 @@ def _finished(tracker: Tracker, parent_run_id: str) -> set[str]:
 
 
 def run_sweep(
-    experiment: Experiment, *, show_progress: bool = True, resume_parent_id: str | None = None
+    experiment: Experiment,
+    *,
+    show_progress: bool = True,
+    resume_parent_id: str | None = None,
+    max_cells: int = MAX_SWEEP_CELLS,
 ) -> SweepResult:
     """Run every combination as a child of one parent run, on one Ray cluster."""
     from testbed.engine import run_experiment
     from testbed.runtime.cluster import check_address, ray_session
     from testbed.runtime.preparation import prepare_data
 
-    cells = plan(experiment)
+    cells = plan(experiment, max_cells)
     check_tracking_uri(experiment.tracking.uri)
     for _, cell in cells:
         prepare_data(cell)

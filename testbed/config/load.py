@@ -6,20 +6,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from testbed.config.schema import Experiment
-from testbed.config.sweep_plan import plan
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS, plan
 from testbed.config.topology import apply_overrides, read_yaml, validate
 from testbed.data.import_path import find_folder, is_import_path
 
 
-def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
-    """Read, override and validate a topology file; a sweep's combinations are validated too."""
+def load_experiment(
+    path: str | Path, overrides: Sequence[str] = (), max_sweep_cells: int = MAX_SWEEP_CELLS
+) -> Experiment:
+    """Read, override and validate a topology file; a sweep's combinations (at most ``max_sweep_cells``) too."""
     data, node = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
     experiment = validate(data, source=str(path), node=node)
     record_code_folders(experiment, Path(path).resolve().parent)
     if experiment.sweep is not None:
-        plan(experiment)
+        plan(experiment, max_sweep_cells)
     return experiment
 
 
