@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from testbed.config.load import load_experiment
     from testbed.config.topology import read_yaml
-    from testbed.tracking.store_check import check_tracking_uri
+    from testbed.tracking.store_check import check_output_folders, check_tracking_uri
 
     data, _ = read_yaml(args.file)
     if isinstance(data, dict) and "arms" in data and "policies" in data:  # a study file (testbed study)
@@ -176,6 +176,7 @@ def _validate(args: argparse.Namespace) -> int:
         return 0
     experiment = load_experiment(args.file, args.overrides, args.max_sweep_cells)
     check_tracking_uri(experiment.tracking.uri)
+    check_output_folders(experiment.tracking.checkpoints, experiment.tracking.artifact_location)
     print(f"{args.file}: OK")
     return 0
 
@@ -257,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # raised by code the command called (a user's module), not by the command itself
+        if args.debug:
+            raise
+        print(f"testbed: unexpected error: sys.exit({exc.code!r}) called during the command", file=sys.stderr)
+        return 1
     except Exception as exc:  # the last line of defence: one line, the traceback only on request
         if args.debug:
             raise

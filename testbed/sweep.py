@@ -12,7 +12,7 @@ from testbed.config.sweep_plan import MAX_SWEEP_CELLS, Combination, plan
 from testbed.errors import UserError
 from testbed.tracking.progress import Progress
 from testbed.tracking.store import Tracker, flatten
-from testbed.tracking.store_check import check_tracking_uri
+from testbed.tracking.store_check import check_output_folders, check_tracking_uri
 
 PARENT_TAG = "testbed.sweep"
 COMBINATION_TAG = "testbed.combination"
@@ -54,6 +54,7 @@ def run_sweep(
 
     cells = plan(experiment, max_cells)
     check_tracking_uri(experiment.tracking.uri)
+    check_output_folders(experiment.tracking.checkpoints, experiment.tracking.artifact_location)
     for _, cell in cells:
         prepare_data(cell)
     check_address(experiment.resources)
