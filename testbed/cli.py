@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    ui.add_argument(
+        "--serve-artifacts",
+        action="store_true",
+        help="also serve (and accept) run artifacts through the UI's server (default: off)",
+    )
     return parser
 
 
@@ -219,6 +224,18 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) listens on this machine only."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _ui(args: argparse.Namespace) -> int:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [
@@ -234,7 +251,14 @@ def _ui(args: argparse.Namespace) -> int:
         str(args.port),
         "--workers",
         "1",
+        "--serve-artifacts" if args.serve_artifacts else "--no-serve-artifacts",
     ]
+    if not is_loopback(args.host):
+        print(
+            f"testbed: warning: --host {args.host} is not a loopback address: anyone who can reach this machine can "
+            "read and change the runs in this store through MLflow's API (no authentication)",
+            file=sys.stderr,
+        )
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     try:
         return subprocess.call(command, env=env)

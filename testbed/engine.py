@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from testbed.config.schema import Experiment
+from testbed.errors import RunAborted
 from testbed.runtime.local_update import evaluate
 from testbed.runtime.models import model_for
 from testbed.runtime.preparation import PreparedData, initial_params, prepare_data
@@ -34,10 +35,6 @@ from testbed.tracking.store_check import check_output_folders, check_tracking_ur
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundLoop", "RunAborted", "RunResult", "initial_params", "prepare_data", "run_experiment"]
-
-
-class RunAborted(RuntimeError):
-    """The run stopped on purpose (too few updates in a round); the message says why."""
 
 
 @dataclass
