@@ -56,6 +56,17 @@ def writers():
     x = np.zeros((40, 28, 28), dtype=np.uint8)
     return {"train_x": x, "train_y": np.arange(40) % 10, "test_x": x, "test_y": np.arange(40) % 10,
             "train_keys": np.arange(40) % 4}
+
+
+def pixels_0_255():
+    x = np.full((40, 28, 28), 255.0, dtype=np.float32)
+    return x, np.arange(40) % 10, x[:10], np.arange(10)
+
+
+def exits(num_classes=10):
+    import sys
+
+    sys.exit(3)
 """
 """The user's own modules some cases place beside the topology file."""
 
@@ -265,6 +276,126 @@ CASES = [
         "resources.client.num_gpus: 1 GPU per worker requested, but the cluster has no GPU",
         _good(resources={"num_cpus": 1, "client": {"num_gpus": 1}}),
         starts_ray=True,
+    ),
+]
+
+GOOD_TEXT = yaml.safe_dump(GOOD, sort_keys=False)
+ALIAS_BOMB = (
+    GOOD_TEXT.replace("model:\n  name: softmax\n", "")
+    + "x0: &x0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+    + "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 6))
+    + "model: {name: 'bomb_models:net', params: {layers: *x5}}\n"
+    + "sweep: {rounds: [1, 2]}\n"
+)
+
+CASES += [
+    Case(
+        "duplicate key",
+        f"{FILE}:14: duplicate key 'rounds' (first given on line 2)",
+        text=GOOD_TEXT.replace("rounds: 2\n", "rounds: 2\nseed: 1\n", 1).rstrip("\n") + "\nrounds: 5\n",
+    ),
+    Case(
+        "duplicate block",
+        "duplicate key 'clients' (first given on line",
+        text=GOOD_TEXT + "clients:\n- {group: b, count: 10, batch_size: 4}\n",
+    ),
+    Case(
+        "aliases expanding past the cap", f"{FILE}: the YAML cannot be read: with its aliases expanded", text=ALIAS_BOMB
+    ),
+    Case(
+        "recursive alias",
+        f"{FILE}: the YAML cannot be read: an alias refers to a block that contains it",
+        text=GOOD_TEXT + "sweep: &s {rounds: [1, *s]}\n",
+    ),
+    Case(
+        "sweep past the cell cap",
+        "sweep: 8,000 combinations, more than the 1,000 allowed; split the sweep, or raise the limit with "
+        "--max-sweep-cells N",
+        _good(sweep={"seed": list(range(40)), "rounds": list(range(1, 41)), "algorithm.lr": [0.1, 0.2, 0.3, 0.4, 0.5]}),
+    ),
+    Case(
+        "sweep past a lowered cell cap",
+        "sweep: 2 combinations, more than the 1 allowed",
+        _good(sweep={"rounds": [1, 2]}),
+        args=("--max-sweep-cells", "1"),
+    ),
+    Case(
+        "infinite learning rate",
+        "algorithm.lr: Input should be a finite number (got inf)",
+        text=GOOD_TEXT + "algorithm: {lr: .inf}\n",
+    ),
+    Case(
+        "nan Dirichlet alpha",
+        "dataset.partition.alpha: Input should be a finite number (got nan)",
+        _good(dataset__partition={"scheme": "dirichlet", "alpha": float("nan")}),
+    ),
+    Case(
+        "infinite round timeout",
+        "sampling.round_timeout_s: Input should be a finite number (got inf)",
+        _good(sampling={"round_timeout_s": float("inf")}),
+    ),
+    Case(
+        "infinite actor CPUs",
+        "resources.client.num_cpus: Input should be a finite number (got inf)",
+        _good(resources={"client": {"num_cpus": float("inf")}}),
+    ),
+    Case("seed of 2^63", "seed: Input should be less than 9223372036854775808", _good(seed=2**63)),
+    Case(
+        "group name MLflow refuses",
+        "clients[0].group name 'dp (sigma=1)': use letters, digits, _ and -",
+        _good(clients__0__group="dp (sigma=1)"),
+    ),
+    Case(
+        "run name with a line break",
+        "name: 'x\\n<img src=x onerror=alert(1)>' holds a line break",
+        _good(name="x\n<img src=x onerror=alert(1)>"),
+    ),
+    Case(
+        "experiment name past MLflow's length",
+        "tracking.experiment: 300 characters, more than the 256 MLflow keeps",
+        _good(tracking={"experiment": "e" * 300}),
+    ),
+    Case(
+        "model parameter key MLflow refuses",
+        "model.params: MLflow would refuse the parameter key 'model.params.a(b)'",
+        _good(model={"name": "some_models:net", "params": {"a(b)": 1}}),
+    ),
+    Case(
+        "checkpoints folder under a regular file",
+        "tracking.checkpoints: cannot make the folder blocker/ck for checkpoints",
+        _good(tracking={"checkpoints": "blocker/ck"}),
+        files=(("blocker", "a regular file\n"),),
+    ),
+    Case(
+        "artifact folder under a regular file",
+        "tracking.artifact_location: cannot make the folder blocker/art for artifacts",
+        _good(tracking={"artifact_location": "blocker/art"}),
+        files=(("blocker", "a regular file\n"),),
+    ),
+    Case(
+        "own images in [0, 255] as floats",
+        "dataset.name: pixel_data:pixels_0_255: floating-point train_x must lie in [0, 1], found values from 255 "
+        "to 255",
+        _good(dataset={"name": "pixel_data:pixels_0_255"}),
+        files=(("pixel_data.py", USER_CODE),),
+    ),
+    Case(
+        "own model factory calling sys.exit",
+        "model.name: exit_models:exits(num_classes=10) failed: it called sys.exit(3)",
+        _good(model={"name": "exit_models:exits"}),
+        files=(("exit_models.py", USER_CODE),),
+    ),
+    Case(
+        "own data set calling sys.exit",
+        "dataset.name: exit_data:exits() failed: it called sys.exit(3)",
+        _good(dataset={"name": "exit_data:exits"}),
+        files=(("exit_data.py", USER_CODE),),
+    ),
+    Case(
+        "--trust-checkpoint with FILE",
+        "run: --trust-checkpoint applies to --resume without FILE",
+        GOOD,
+        args=("--resume", "f00df00d", "--trust-checkpoint"),
     ),
 ]
 
