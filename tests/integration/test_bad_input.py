@@ -552,3 +552,248 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+# --- Data never runs code: checkpoints and tracking stores name code only as text -------------------------------
+
+MARKER_CODE = """
+from pathlib import Path
+
+Path(__file__).with_name("IMPORTED").write_text("user code ran")
+
+
+def make(**kwargs):
+    Path(__file__).with_name("CALLED").write_text("user code ran")
+    raise RuntimeError("not a data set")
+
+
+class Evil:
+    pass
+"""
+"""A module that leaves IMPORTED beside itself when imported and CALLED when its function runs."""
+
+
+def _ran(folder: Path) -> list[str]:
+    return sorted(name for name in ("IMPORTED", "CALLED", "PWNED") if (folder / name).exists())
+
+
+def _main_in(folder: Path, argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(argv)
+    finally:
+        os.chdir(previous)
+    return status, out.getvalue(), err.getvalue()
+
+
+def _one_error_line(status: int, err: str, expected: str) -> None:
+    assert status == 2, (status, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: error: "), err
+    assert expected in lines[0], lines[0]
+
+
+def _checkpoint_state(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's checkpoint holds after round 1, for ``config`` (built-in parts only are validated)."""
+    import torch
+
+    return {
+        "round": 1,
+        "params": {"weight": torch.zeros(10, 784), "bias": torch.zeros(10)},
+        "history": [{"round": 1, "test_accuracy": 0.5}],
+        "config": config,
+        "pending_metrics": [],
+        "audits": {"rows": [], "attack_rows": [], "not_applicable": {}, "grids": []},
+    }
+
+
+def _write_checkpoint(folder: Path, run_id: str, config: dict[str, Any]) -> Path:
+    from testbed.tracking.checkpoint import checkpoint_path, save_checkpoint
+
+    path = checkpoint_path(folder / "checkpoints", run_id)
+    save_checkpoint(path, _checkpoint_state(config))
+    return path
+
+
+def _code_naming_configs() -> dict[str, dict[str, Any]]:
+    shell = _good(dataset={"name": "os:system", "params": {"command": "touch PWNED"}})
+    data = _good(dataset={"name": "marker_code:make"})
+    model = _good(model={"name": "marker_code:make"})
+    defence = _good(clients__0__defence={"batching": "marker_code:Evil"})
+    return {"shell command": shell, "data set": data, "model": model, "defence": defence}
+
+
+@pytest.mark.parametrize("named", sorted(_code_naming_configs()))
+def test_resume_from_a_checkpoint_naming_code_runs_none_of_it(named: str, tmp_path: Path, no_ray: None) -> None:
+    (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
+    sys.modules.pop("marker_code", None)
+    path = _write_checkpoint(tmp_path, "evil", _code_naming_configs()[named])
+    status, _, err = _main_in(tmp_path, ["run", "--resume", "evil", "--checkpoints", "checkpoints", "--quiet"])
+    _one_error_line(status, err, "--resume: the configuration stored in checkpoints/evil/state.pt names code")
+    assert "pass the topology file" in err and "--trust-checkpoint" in err
+    assert _ran(tmp_path) == []
+    assert not (tmp_path / "mlruns.db").exists()
+    # with FILE, the checkpoint's configuration is only compared with the file's, never loaded
+    (tmp_path / FILE).write_text(yaml.safe_dump(GOOD), encoding="utf-8")
+    status, _, err = _main_in(tmp_path, ["run", FILE, "--resume", "evil", "--checkpoints", "checkpoints", "--quiet"])
+    _one_error_line(status, err, "--resume: the checkpoint was written with a different configuration")
+    assert _ran(tmp_path) == [] and path.is_file()
+
+
+def test_trusted_checkpoint_does_import_what_it_names(tmp_path: Path, no_ray: None) -> None:
+    """The control for the marker: with --trust-checkpoint the stored configuration is used, code and all."""
+    (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
+    sys.modules.pop("marker_code", None)
+    _write_checkpoint(tmp_path, "trusted", _code_naming_configs()["data set"])
+    argv = ["run", "--resume", "trusted", "--checkpoints", "checkpoints", "--trust-checkpoint", "--quiet"]
+    status, _, err = _main_in(tmp_path, argv)
+    _one_error_line(status, err, "marker_code:make() failed: RuntimeError: not a data set")
+    assert _ran(tmp_path) == ["CALLED", "IMPORTED"]
+    sys.modules.pop("marker_code", None)
+
+
+def _real_checkpoint_bytes(tmp_path: Path) -> bytes:
+    return _write_checkpoint(tmp_path / "source", "good", _good()).read_bytes()
+
+
+CORRUPT: dict[str, Any] = {
+    "random bytes": lambda good: random.Random(3).randbytes(600),
+    "empty file": lambda good: b"",
+    "truncated": lambda good: good[: len(good) // 2],
+    "not a mapping": [1, 2, 3],
+    "no config": {"round": 1, "params": {}},
+    "config not a mapping": "config",
+    "negative round": -1,
+    "params not tensors": {"weight": [0.0, 1.0]},
+    "history of text": ["round one"],
+    "pending metrics malformed": [("run", "step")],
+    "audit rows malformed": {"rows": {"columns": {"avd": "not a tensor"}}, "attack_rows": []},
+}
+
+
+def _corrupt(kind: str, good: bytes, folder: Path) -> bytes:
+    import torch
+
+    how = CORRUPT[kind]
+    if callable(how):
+        data: bytes = how(good)
+        return data
+    if kind in ("not a mapping", "no config"):
+        state: Any = how
+    else:
+        key = {
+            "config not a mapping": "config",
+            "negative round": "round",
+            "params not tensors": "params",
+            "history of text": "history",
+            "pending metrics malformed": "pending_metrics",
+            "audit rows malformed": "audits",
+        }[kind]
+        state = {**_checkpoint_state(_good()), key: how}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_corrupt_checkpoint_is_a_user_error_naming_the_file(kind: str, tmp_path: Path, no_ray: None) -> None:
+    path = tmp_path / "checkpoints" / "broken" / "state.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_corrupt(kind, _real_checkpoint_bytes(tmp_path), tmp_path))
+    for argv in (
+        ["run", "--resume", "broken", "--checkpoints", "checkpoints", "--quiet"],
+        ["run", FILE, "--resume", "broken", "--checkpoints", "checkpoints", "--quiet"],
+    ):
+        (tmp_path / FILE).write_text(yaml.safe_dump(_good(tracking={"checkpoints": "checkpoints"})), encoding="utf-8")
+        status, out, err = _main_in(tmp_path, argv)
+        _one_error_line(status, err, "checkpoints/broken/state.pt")
+        assert out == ""
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name not in {FILE, "checkpoints", "source", "mlruns.db"})
+    assert leftovers == []
+
+
+def _mutate_state(rng: random.Random, state: Any, depth: int = 0) -> Any:
+    """One random structural change somewhere in a checkpoint's nested data."""
+    import torch
+
+    junk = [None, "text", -7, 2**70, 1.5, float("nan"), [], {}, torch.zeros(2), ["a"], {"k": "v"}, True]
+    if isinstance(state, dict) and state and depth < 4:
+        key = rng.choice(sorted(state, key=str))
+        action = rng.random()
+        copy = dict(state)
+        if action < 0.2:
+            del copy[key]
+        elif action < 0.45:
+            copy[key] = rng.choice(junk)
+        elif action < 0.5:
+            copy[rng.choice(["x", 3, ("t",)])] = rng.choice(junk)
+        else:
+            copy[key] = _mutate_state(rng, state[key], depth + 1)
+        return copy
+    if isinstance(state, list) and state and depth < 4:
+        copy_list = list(state)
+        index = rng.randrange(len(copy_list))
+        copy_list[index] = _mutate_state(rng, copy_list[index], depth + 1) if rng.random() < 0.5 else rng.choice(junk)
+        return copy_list
+    return rng.choice(junk)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzzed_checkpoints_are_read_or_refused_in_one_line(seed: int, tmp_path: Path) -> None:
+    """Seeded mutations of a real checkpoint (bytes and structure): a checkpoint or a UserError naming the file.
+
+    Never another exception, and never any code named in a mutated configuration run (the marker module).
+    """
+    import torch
+
+    from testbed.config.schema import Experiment
+    from testbed.errors import UserError
+    from testbed.tracking.checkpoint import checkpoint_path, experiment_from_checkpoint, load_checkpoint
+
+    (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
+    sys.modules.pop("marker_code", None)
+    rng = random.Random(seed)
+    good = _real_checkpoint_bytes(tmp_path)
+    outcomes = {"read": 0, "refused": 0}
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        for case in range(60):
+            kind = rng.choice(["bytes", "bytes", "structure", "structure", "code"])
+            if kind == "bytes":
+                content = bytearray(good)
+                for _ in range(rng.randint(1, 30)):
+                    content[rng.randrange(len(content))] = rng.randrange(256)
+                if rng.random() < 0.3:
+                    content = content[: rng.randrange(len(content))]
+                data = bytes(content)
+            else:
+                state = _checkpoint_state(_good())
+                if kind == "code":
+                    state["config"] = rng.choice(list(_code_naming_configs().values()))
+                state = _mutate_state(rng, state)
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                data = buffer.getvalue()
+            run_id = f"case{case}"
+            path = checkpoint_path("checkpoints", run_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            try:
+                loaded = load_checkpoint(path)
+                experiment = experiment_from_checkpoint("checkpoints", run_id)
+            except UserError as exc:
+                assert str(path) in str(exc), (case, kind, str(exc))
+                assert "\n" not in str(exc).strip() or str(path) in str(exc).splitlines()[0]
+                outcomes["refused"] += 1
+            else:
+                assert isinstance(experiment, Experiment) and isinstance(loaded["params"], dict)
+                outcomes["read"] += 1
+            assert _ran(tmp_path) == [], (case, kind)
+    finally:
+        os.chdir(previous)
+    assert outcomes["refused"] >= 20, outcomes  # the mutations do reach the checks
