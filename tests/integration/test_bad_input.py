@@ -797,3 +797,132 @@ def test_fuzzed_checkpoints_are_read_or_refused_in_one_line(seed: int, tmp_path:
     finally:
         os.chdir(previous)
     assert outcomes["refused"] >= 20, outcomes  # the mutations do reach the checks
+
+
+def _store_with_a_run(folder: Path, experiment: str, run_name: str, extra: dict[str, str]) -> tuple[str, str]:
+    """A real sqlite MLflow store holding one FINISHED run with the parameters a run of GOOD logs, plus ``extra``."""
+    from mlflow.tracking import MlflowClient
+
+    from testbed.config.topology import validate
+    from testbed.tracking.store import flatten
+
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(experiment, artifact_location=(folder / "mlartifacts").as_uri())
+    run = client.create_run(experiment_id, run_name=run_name)
+    params = {**flatten(validate(_good()).model_dump(mode="json")), **extra}
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "test_accuracy", 0.5, step=1)
+    client.set_terminated(run.info.run_id)
+    return uri, run.info.run_id
+
+
+def test_report_shows_stored_names_and_imports_nothing(tmp_path: Path) -> None:
+    (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
+    sys.modules.pop("marker_code", None)
+    name = "x\n<img src=x onerror=alert(1)>"
+    defence = {"clients.a.defence.batching": "marker_code:Evil", "clients.a.defence.update": '["marker_code.Evil"]'}
+    uri, run_id = _store_with_a_run(tmp_path, "shared", name, defence)
+    status, out, err = _main_in(tmp_path, ["report", run_id, "--uri", uri])
+    assert status == 0, err
+    report = tmp_path / "reports" / run_id / "report.md"
+    assert out.strip() == str(Path("reports") / run_id / "report.md")
+    assert _ran(tmp_path) == []
+    text = report.read_text(encoding="utf-8")
+    assert "marker\\_code:Evil / cross-entropy / marker\\_code.Evil" in text  # as stored, escaped
+    assert "<img" not in text and "x &lt;img src=x onerror=alert(1)&gt;" in text
+    assert f"| `{run_id}` | x &lt;img src=x onerror=alert(1)&gt; | - | 0.500 |" in text  # one table row
+    assert f"- Target: run x &lt;img src=x onerror=alert(1)&gt; (`{run_id}`)" in text
+    with (tmp_path / "reports" / run_id / "leakage.csv").open(encoding="utf-8") as handle:
+        assert "marker_code:Evil / cross-entropy / marker_code.Evil" in handle.read()
+
+
+def test_report_default_folder_stays_under_reports(tmp_path: Path) -> None:
+    uri, _ = _store_with_a_run(tmp_path, "../escape", "plain", {})
+    status, out, err = _main_in(tmp_path, ["report", "../escape", "--uri", uri])
+    assert status == 0, err
+    assert out.strip() == str(Path("reports") / "escape" / "report.md")
+    assert (tmp_path / "reports" / "escape" / "report.md").is_file()
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:///absent.db", "--uri: no MLflow store at absent.db"),
+        ("ftp://127.0.0.1/store", "--uri: cannot read MLflow at 'ftp://127.0.0.1/store'"),
+        ("absent-folder", "--uri: no MLflow store at absent-folder"),
+    ],
+)
+def test_report_on_a_store_that_is_not_there_creates_nothing(uri: str, expected: str, tmp_path: Path) -> None:
+    status, out, err = _main_in(tmp_path, ["report", "some-run", "--uri", uri])
+    _one_error_line(status, err, expected)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_study_report_reads_two_values_of_the_stored_study_file(tmp_path: Path) -> None:
+    from testbed.errors import UserError
+    from testbed.study.report import _stored_settings
+
+    (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
+    sys.modules.pop("marker_code", None)
+    stored = yaml.safe_dump(
+        {
+            "name": "shared",
+            "baseline": "evil",
+            "policies": {"evil": {"batching": "marker_code:Evil"}},
+            "dataset": {"name": "marker_code:make"},
+            "arms": [{"model": {"name": "marker_code:make"}}],
+            "audit": {"bootstrap": 500},
+        }
+    )
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert _stored_settings(stored, "r1") == ("evil", 500)
+        assert _ran(tmp_path) == []
+        with pytest.raises(
+            UserError, match=r"study\.yaml of run r1: the YAML cannot be read: with its aliases expanded"
+        ):
+            _stored_settings(ALIAS_BOMB, "r1")
+        with pytest.raises(UserError, match=r"study\.yaml of run r1:3: duplicate key 'baseline'"):
+            _stored_settings("name: s\nbaseline: a\nbaseline: b\n", "r1")
+    finally:
+        os.chdir(previous)
+
+
+def test_run_whose_parameters_mlflow_refuses_is_closed_failed(tmp_path: Path) -> None:
+    """A run is created before its parameters are sent; when MLflow refuses them the run ends FAILED, not RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    from testbed.tracking.store import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns.db'}", "refused", str(tmp_path / "art"))
+    with pytest.raises(MlflowException):
+        tracker.start_run("r", {"clients.dp (sigma=1).count": "2"})
+    runs = tracker.client.search_runs([tracker.ensure_experiment()])
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "warned", "serve"),
+    [
+        (["ui"], False, "--no-serve-artifacts"),
+        (["ui", "--host", "localhost"], False, "--no-serve-artifacts"),
+        (["ui", "--host", "::1"], False, "--no-serve-artifacts"),
+        (["ui", "--host", "0.0.0.0"], True, "--no-serve-artifacts"),
+        (["ui", "--host", "192.168.1.7", "--serve-artifacts"], True, "--serve-artifacts"),
+    ],
+)
+def test_ui_warns_off_loopback_and_serves_no_artifacts_unless_asked(
+    argv: list[str], warned: bool, serve: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr("testbed.cli.subprocess.call", lambda command, env: started.append(command) or 0)
+    status, out, err = _main_in(tmp_path, argv)
+    assert status == 0 and out == ""
+    [command] = started
+    assert command[command.index("--host") + 1] == (argv[2] if len(argv) > 2 else "127.0.0.1")
+    assert serve in command and ({"--serve-artifacts", "--no-serve-artifacts"} - {serve}).isdisjoint(command)
+    assert ("testbed: warning: --host" in err and "not a loopback address" in err) == warned, err
