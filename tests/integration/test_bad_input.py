@@ -926,3 +926,84 @@ def test_ui_warns_off_loopback_and_serves_no_artifacts_unless_asked(
     assert command[command.index("--host") + 1] == (argv[2] if len(argv) > 2 else "127.0.0.1")
     assert serve in command and ({"--serve-artifacts", "--no-serve-artifacts"} - {serve}).isdisjoint(command)
     assert ("testbed: warning: --host" in err and "not a loopback address" in err) == warned, err
+
+
+def _yaml_structure_case(rng: random.Random) -> tuple[str, str, str | None]:
+    """A topology text with a random YAML structure: (kind, text, what the one error line must say or None for OK)."""
+    from testbed.config.topology import MAX_YAML_NODES
+
+    kind = rng.choice(["aliases", "duplicate", "nested duplicate", "deep", "merge"])
+    if kind == "aliases":
+        levels, fan = rng.randint(1, 7), rng.randint(1, 12)
+        lines = ["x0: &x0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+        lines += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * fan)}]" for i in range(1, levels + 1)]
+        size = 11
+        for _ in range(levels):
+            size = 1 + fan * size
+        # every anchor is also a top-level field: the file holds each level once more
+        total = sum((11 if level == 0 else 1) for level in range(levels + 1)) + size * 2
+        if size > MAX_YAML_NODES:
+            expected: str | None = "with its aliases expanded the YAML holds over 100,000 values"
+        elif total < MAX_YAML_NODES // 2:
+            expected = "x0: unknown field"
+        else:
+            return _yaml_structure_case(rng)  # too close to the cap to say which line comes first
+        return kind, GOOD_TEXT + "\n".join(lines) + "\n", expected
+    if kind == "duplicate":
+        key = rng.choice(["name", "rounds", "seed", "clients", "model", "dataset"])
+        value = {"clients": "[{group: b, count: 5, batch_size: 2}]", "model": "{name: mlp}", "dataset": "{}"}
+        extra = f"{key}: {value.get(key, '3')}\n"
+        first = 1 + [line.split(":")[0] for line in GOOD_TEXT.splitlines()].index(key) if key in GOOD else None
+        lines = GOOD_TEXT.count("\n") + (1 if key == "seed" else 0)
+        text = GOOD_TEXT + ("seed: 1\n" if key == "seed" else "") + extra
+        where = f"(first given on line {first if first is not None else lines})"
+        return kind, text, f"{FILE}:{lines + 1}: duplicate key '{key}' {where}"
+    if kind == "nested duplicate":
+        inner = rng.choice(["count", "batch_size", "group"])
+        text = GOOD_TEXT.replace("- group: a", f"- {inner}: 3\n  group: a", 1) if inner != "group" else GOOD_TEXT
+        if inner == "group":
+            text = GOOD_TEXT.replace("  count: 10", "  group: z\n  count: 10", 1)
+        return kind, text, f"duplicate key '{inner}'"
+    if kind == "deep":
+        depth = rng.choice([10, 100, 1_000, 20_000])
+        text = GOOD_TEXT + "extra: " + "[" * depth + "]" * depth + "\n"
+        return kind, text, "nested too deeply" if depth >= 1_000 else "extra: unknown field"
+    anchor = "x: &shared {count: 4, batch_size: 2}\n"  # an unknown field, read only after the merge worked
+    clients = "clients:\n- {<<: *shared, group: a}\n- {<<: *shared, group: b, count: 6}\n"
+    return kind, GOOD_TEXT.split("clients:")[0] + anchor + clients, "x: unknown field"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzzed_yaml_structure_is_one_line_within_seconds(seed: int, tmp_path: Path) -> None:
+    """Seeded aliases (some past the cap), duplicate keys at the top and inside blocks, deep nesting, merge keys."""
+    rng = random.Random(seed)
+    seen = set()
+    for case in range(30):
+        kind, text, expected = _yaml_structure_case(rng)
+        seen.add(kind)
+        (tmp_path / FILE).write_text(text, encoding="utf-8")
+        started = time.monotonic()
+        status, out, err = _main_in(tmp_path, ["validate", FILE])
+        seconds = time.monotonic() - started
+        where = f"seed {seed}, case {case} ({kind})"
+        assert seconds < 5, f"{where}: {seconds:.1f} s"
+        assert "Traceback" not in out + err, where
+        if expected is None:
+            assert status == 0 and out.strip() == f"{FILE}: OK", (where, err)
+        else:
+            assert status == 2, (where, status, err)
+            assert len(err.strip().splitlines()) == 1 and expected in err, (where, expected, err)
+    assert len(seen) >= 4, seen
+
+
+def test_merge_keys_and_anchors_stay_usable(tmp_path: Path) -> None:
+    text = GOOD_TEXT.split("clients:")[0] + (
+        "clients:\n- &first {group: a, count: 4, batch_size: 2}\n- {<<: *first, group: b, count: 6}\n"
+    )
+    (tmp_path / FILE).write_text(text, encoding="utf-8")
+    status, out, err = _main_in(tmp_path, ["validate", FILE])
+    assert (status, out.strip(), err) == (0, f"{FILE}: OK", "")
+    study = Path(__file__).resolve().parents[2] / "topologies" / "studies" / "mixing-study.yaml"
+    assert "&fedsgd" in study.read_text(encoding="utf-8")
+    status, out, err = _main_in(tmp_path, ["validate", str(study)])
+    assert status == 0 and "OK (study:" in out, err
