@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import random
 import subprocess
@@ -1007,3 +1008,63 @@ def test_merge_keys_and_anchors_stay_usable(tmp_path: Path) -> None:
     assert "&fedsgd" in study.read_text(encoding="utf-8")
     status, out, err = _main_in(tmp_path, ["validate", str(study)])
     assert status == 0 and "OK (study:" in out, err
+
+
+DYING_MODEL = """
+import os
+
+from torch import nn
+
+
+class Dies(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(28 * 28, num_classes)
+
+    def forward(self, x):
+        if str(os.getpid()) != os.environ.get("TESTBED_TEST_DRIVER"):
+            os._exit(1)  # the worker process dies in every chunk; the driver's own checks pass
+        return self.linear(x.flatten(1))
+
+
+def net(num_classes):
+    return Dies(num_classes)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_chunk_that_kills_every_worker_stops_the_run_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_ray: None
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from testbed.runtime.workers import MAX_CHUNK_RETRIES
+
+    (tmp_path / "dying_models.py").write_text(DYING_MODEL, encoding="utf-8")
+    sys.modules.pop("dying_models", None)
+    monkeypatch.setenv("TESTBED_TEST_DRIVER", str(os.getpid()))
+    topology = _good(
+        rounds=1,
+        model={"name": "dying_models:net"},
+        dataset={"name": "mnist-5k", "max_train": 400, "max_test": 100},
+        clients=[{"group": "a", "count": 4, "batch_size": 4}],
+        resources={"num_cpus": 1, "workers": 1, "chunk_size": 4},
+    )
+    (tmp_path / FILE).write_text(yaml.safe_dump(topology), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="testbed.runtime.workers"):
+        status, out, err = _main_in(tmp_path, ["run", FILE, "--quiet"])
+    assert status == 1, err
+    assert not any(line.startswith("{") for line in out.splitlines()), out  # no result line (Ray's own log may show)
+    assert "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("testbed:")]
+    assert len(ours) == 1, err
+    assert ours[0].startswith(
+        f"testbed: run stopped: round 1: chunk 0 (4 clients) killed its worker {MAX_CHUNK_RETRIES + 1} times "
+        f"(it is retried at most {MAX_CHUNK_RETRIES} times); last error: "
+    ), ours[0]
+    retried = [record for record in caplog.records if "re-running chunk 0 on a new worker" in record.getMessage()]
+    assert len(retried) == MAX_CHUNK_RETRIES
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FAILED"]
