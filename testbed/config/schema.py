@@ -412,7 +412,7 @@ class TrackingConfig(Strict):
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, value: str | None) -> str | None:
-        return None if value is None else printable_name(value, "tracking.experiment", MAX_EXPERIMENT_NAME)
+        return None if value is None else printable_name(value, "experiment", MAX_EXPERIMENT_NAME)
 
 
 class EvaluationConfig(Strict):

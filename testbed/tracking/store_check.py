@@ -70,7 +70,7 @@ def check_folder(folder: str | Path, field: str, *, what: str, hint: str = "") -
     Nothing is left behind: the check makes a probe folder in the nearest existing ancestor and removes it.
     """
     wanted = Path(folder).expanduser()
-    existing = wanted.absolute()
+    existing = wanted
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
