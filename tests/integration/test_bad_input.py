@@ -1050,6 +1050,7 @@ def test_chunk_that_kills_every_worker_stops_the_run_in_one_line(
         dataset={"name": "mnist-5k", "max_train": 400, "max_test": 100},
         clients=[{"group": "a", "count": 4, "batch_size": 4}],
         resources={"num_cpus": 1, "workers": 1, "chunk_size": 4},
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"},  # absolute: MLflow caches stores by URI
     )
     (tmp_path / FILE).write_text(yaml.safe_dump(topology), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="testbed.runtime.workers"):
