@@ -458,7 +458,7 @@ class Experiment(Strict):
     @model_validator(mode="after")
     def _mlflow_keys(self) -> Experiment:
         """Every parameter key the run will log is one MLflow accepts (user parameters become keys too)."""
-        from testbed.tracking.store import flatten
+        from testbed.config.flat import flatten
 
         for key in flatten(self.model_dump(mode="json", exclude={"sweep"})):
             problem = mlflow_key_problem(key)

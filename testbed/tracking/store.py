@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from testbed.config.flat import flatten as flatten  # re-exported: the parameters a run logs
 from testbed.config.schema import Experiment
 from testbed.errors import UserError
 
-MAX_PARAM_LENGTH = 6000
 MAX_RUN_NAME_LENGTH = 250  # the run name column of MLflow's SQL stores
 RETRY_DELAYS_S = (0.5, 2.0)
 MAX_RETRY_DELAY_S = 10.0
@@ -31,22 +31,6 @@ T = TypeVar("T")
 
 class TrackingUnavailable(RuntimeError):
     """MLflow stayed unreachable longer than the configured outage allowance."""
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten nested config data to dotted keys; client groups are keyed by their group name."""
-    items: dict[str, str] = {}
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            items.update(flatten(value, f"{prefix}{key}."))
-    elif isinstance(data, list) and data and all(isinstance(item, Mapping) and "group" in item for item in data):
-        for item in data:
-            rest = {key: value for key, value in item.items() if key != "group"}
-            items.update(flatten(rest, f"{prefix}{item['group']}."))
-    else:
-        text = json.dumps(data) if isinstance(data, list | dict) else str(data)
-        items[prefix.rstrip(".")] = text[:MAX_PARAM_LENGTH]
-    return items
 
 
 def _reason(exc: Exception) -> str:
