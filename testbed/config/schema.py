@@ -447,7 +447,7 @@ class Experiment(Strict):
     sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = Field(
         None,
         description="grid {field.path: [values]} ('a,b' keys change together) or a list of combinations; "
-        "each a child run",
+        "each a child run; at most 1,000 combinations unless --max-sweep-cells N allows more",
     )
 
     @field_validator("name")
