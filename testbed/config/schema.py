@@ -24,6 +24,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+MAX_SWEEP_CELLS = 1000
+"""The most combinations a sweep may have unless ``--max-sweep-cells`` allows more (each is validated, then run)."""
+
 MAX_SEED = 2**63
 """Seeds are in [0, 2^63): numpy and torch take them as 64-bit integers."""
 
@@ -447,7 +450,7 @@ class Experiment(Strict):
     sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = Field(
         None,
         description="grid {field.path: [values]} ('a,b' keys change together) or a list of combinations; "
-        "each a child run; at most 1,000 combinations unless --max-sweep-cells N allows more",
+        f"each a child run; at most {MAX_SWEEP_CELLS:,} combinations unless --max-sweep-cells N allows more",
     )
 
     @field_validator("name")

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.config.schema import MAX_SWEEP_CELLS as MAX_SWEEP_CELLS  # re-exported for the CLI
 from testbed.config.schema import Experiment
 from testbed.config.topology import set_path, validate
 from testbed.errors import UserError
@@ -34,10 +35,6 @@ class Combination:
     def label(self) -> str:
         """A short human-readable name for the child run."""
         return ", ".join(f"{path}={json.dumps(value)}" for path, value in self.values.items())
-
-
-MAX_SWEEP_CELLS = 1000
-"""The most combinations a sweep may have unless ``--max-sweep-cells`` allows more (each is validated, then run)."""
 
 
 def _check_cells(count: int, max_cells: int) -> None:
