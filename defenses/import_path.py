@@ -125,6 +125,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
+def _stopped(exc: BaseException) -> str:
+    """One line for what ended a user call: its exception, or the exit it asked for."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "it raised KeyboardInterrupt"
+    return _first_line(exc)
+
+
 def _check_origin(module: str, folder: str | None) -> None:
     """Refuse a module already imported in this process from somewhere else than ``folder``."""
     loaded = sys.modules.get(module)
@@ -153,8 +162,8 @@ def load_callable(name: str, folder: str | None = None) -> Callable[..., Any]:
                 f"cannot import {module_name!r}: no module {missing!r} in {where}the working directory or PYTHONPATH"
             ) from None
         raise ImportPathError(f"importing {module_name!r} failed: {_first_line(exc)}") from None
-    except Exception as exc:  # the user's module raised (syntax error, failing top-level code)
-        raise ImportPathError(f"importing {module_name!r} failed: {_first_line(exc)}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # the module raised, or called sys.exit at import
+        raise ImportPathError(f"importing {module_name!r} failed: {_stopped(exc)}") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ImportPathError(f"{module_name!r} has no attribute {attribute!r}")
@@ -179,6 +188,6 @@ def call(name: str, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any
     """``function(**kwargs)``, any exception it raises turned into one line that names the call."""
     try:
         return function(**kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in user code ends the call, not the CLI
         shown = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
-        raise ImportPathError(f"{name}({shown[:200]}) failed: {_first_line(exc)}") from None
+        raise ImportPathError(f"{name}({shown[:200]}) failed: {_stopped(exc)}") from None

@@ -11,15 +11,29 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS
 from testbed.errors import UserError
 
 DEFAULT_UI_PORT = 5000
+SWEEP_CELLS_HELP = f"most combinations a sweep may have (default: {MAX_SWEEP_CELLS})"
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,11 +68,20 @@ def _parser() -> argparse.ArgumentParser:
         default="checkpoints",
         help="checkpoint folder for --resume without FILE (default: %(default)s)",
     )
+    run.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="--resume without FILE: accept code (import paths) named in the checkpoint's stored configuration",
+    )
+    run.add_argument("--max-sweep-cells", type=_positive, default=MAX_SWEEP_CELLS, metavar="N", help=SWEEP_CELLS_HELP)
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
     validate = commands.add_parser("validate", help="check a topology (or study) file and print OK or its errors")
     validate.add_argument("file")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument(
+        "--max-sweep-cells", type=_positive, default=MAX_SWEEP_CELLS, metavar="N", help=SWEEP_CELLS_HELP
+    )
 
     schema = commands.add_parser("schema", help="print the JSON Schema of topology files")
     schema.add_argument("--markdown", action="store_true", help="print the configuration reference instead")
@@ -78,7 +101,26 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    ui.add_argument(
+        "--serve-artifacts",
+        action="store_true",
+        help="also serve (and accept) run artifacts through the UI's server (default: off)",
+    )
     return parser
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_FOLDER_NAME = 100
+
+
+def default_folder(parent: str, name: str) -> Path:
+    """``parent/<name as a slug>``: a folder name of letters, digits, ``. _ -`` that stays inside ``parent``.
+
+    The name comes from the command line or from data (a run id, an experiment or study name); ``..``,
+    slashes and other characters cannot take the default output folder elsewhere. ``--out`` is not changed.
+    """
+    slug = _UNSAFE.sub("-", name).strip(".-")[:MAX_FOLDER_NAME].strip(".-") or "unnamed"
+    return Path(parent) / slug
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -90,12 +132,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.file is None:
         if args.resume is None:
             raise UserError("run: give a topology FILE, or --resume RUN_ID to continue a run")
-        experiment = experiment_from_checkpoint(args.checkpoints, args.resume, args.overrides)
+        experiment = experiment_from_checkpoint(
+            args.checkpoints, args.resume, args.overrides, trust=args.trust_checkpoint
+        )
     else:
-        experiment = load_experiment(args.file, args.overrides)
+        if args.trust_checkpoint:
+            raise UserError("run: --trust-checkpoint applies to --resume without FILE (the file names the code)")
+        experiment = load_experiment(args.file, args.overrides, args.max_sweep_cells)
     try:
         if experiment.sweep is not None:
-            sweep = run_sweep(experiment, show_progress=not args.quiet, resume_parent_id=args.resume)
+            sweep = run_sweep(
+                experiment,
+                show_progress=not args.quiet,
+                resume_parent_id=args.resume,
+                max_cells=args.max_sweep_cells,
+            )
             runs = [{"combination": c.values, "run_id": run_id} for c, run_id in sweep.runs]
             print(json.dumps({"parent_run_id": sweep.parent_run_id, "skipped": sweep.skipped, "runs": runs}))
             return 0
@@ -116,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from testbed.config.load import load_experiment
     from testbed.config.topology import read_yaml
-    from testbed.tracking.store_check import check_tracking_uri
+    from testbed.tracking.store_check import check_output_folders, check_tracking_uri
 
     data, _ = read_yaml(args.file)
     if isinstance(data, dict) and "arms" in data and "policies" in data:  # a study file (testbed study)
@@ -128,8 +179,9 @@ def _validate(args: argparse.Namespace) -> int:
         check_tracking_uri(str(spec.tracking.get("uri", "")))
         print(f"{args.file}: OK (study: {len(spec.arms)} arms, {len(spec.seeds)} seeds)")
         return 0
-    experiment = load_experiment(args.file, args.overrides)
+    experiment = load_experiment(args.file, args.overrides, args.max_sweep_cells)
     check_tracking_uri(experiment.tracking.uri)
+    check_output_folders(experiment.tracking.checkpoints, experiment.tracking.artifact_location)
     print(f"{args.file}: OK")
     return 0
 
@@ -144,9 +196,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from testbed.report.command import report_command
+    from testbed.report.data import open_store
     from testbed.study.report import is_study_run, study_report
 
-    out = args.out or Path("reports") / args.target
+    open_store(args.uri)  # a missing or unreadable store is a one-line error, and nothing is created for it
+    out = args.out or default_folder("reports", args.target)
     if is_study_run(args.target, args.uri):
         path = study_report(args.target, uri=args.uri, out=out, page=args.page)
     else:
@@ -162,12 +216,24 @@ def _study(args: argparse.Namespace) -> int:
     from testbed.study.spec import load_study
 
     spec = load_study(args.file)
-    out = args.out or Path("studies") / spec.name
+    out = args.out or default_folder("studies", spec.name)
     result = run_study(spec, Path(args.file), out, show_progress=not args.quiet)
     print(
         json.dumps({"study_run_id": result.run_id, "tables": str(result.folder), "seconds": round(result.seconds, 1)})
     )
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) listens on this machine only."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -185,7 +251,14 @@ def _ui(args: argparse.Namespace) -> int:
         str(args.port),
         "--workers",
         "1",
+        "--serve-artifacts" if args.serve_artifacts else "--no-serve-artifacts",
     ]
+    if not is_loopback(args.host):
+        print(
+            f"testbed: warning: --host {args.host} is not a loopback address: anyone who can reach this machine can "
+            "read and change the runs in this store through MLflow's API (no authentication)",
+            file=sys.stderr,
+        )
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     try:
         return subprocess.call(command, env=env)
@@ -209,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # raised by code the command called (a user's module), not by the command itself
+        if args.debug:
+            raise
+        print(f"testbed: unexpected error: sys.exit({exc.code!r}) called during the command", file=sys.stderr)
+        return 1
     except Exception as exc:  # the last line of defence: one line, the traceback only on request
         if args.debug:
             raise

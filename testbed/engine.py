@@ -19,18 +19,19 @@ import numpy as np
 import torch
 
 from testbed.config.schema import Experiment
+from testbed.errors import RunAborted
 from testbed.runtime.local_update import evaluate
 from testbed.runtime.models import model_for
 from testbed.runtime.preparation import PreparedData, initial_params, prepare_data
 from testbed.runtime.records import ChunkSummary, Params
 from testbed.runtime.round_metrics import privacy_metrics, privacy_plan, round_metrics
-from testbed.runtime.round_step import RunAborted, check_accepted
+from testbed.runtime.round_step import check_accepted
 from testbed.runtime.scheduling import audited_clients, make_tasks, sample_clients
 from testbed.tracking.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from testbed.tracking.progress import Progress
 from testbed.tracking.run_summary import check_same_experiment, log_final, resolved_yaml, run_note
 from testbed.tracking.store import Tracker, TrackingUnavailable, flatten
-from testbed.tracking.store_check import check_tracking_uri
+from testbed.tracking.store_check import check_output_folders, check_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def prepare(experiment: Experiment, resume_run_id: str | None) -> Prepared:
     from testbed.runtime.cluster import check_address
 
     check_tracking_uri(experiment.tracking.uri)
+    check_output_folders(experiment.tracking.checkpoints, experiment.tracking.artifact_location)
     data = prepare_data(experiment)
     state: dict[str, Any] = {}
     if resume_run_id is not None:
@@ -101,7 +103,11 @@ def run_experiment(
     prepared = prepare(experiment, resume_run_id)
     with ray_session(experiment.resources, experiment) as available:
         loop = RoundLoop(experiment, prepared, available, show_progress=show_progress)
-        loop.open_run(resume_run_id, parent_run_id, run_name or experiment.name, tags)
+        try:
+            loop.open_run(resume_run_id, parent_run_id, run_name or experiment.name, tags)
+        except BaseException as exc:  # the run may be open already: it ends FAILED (KILLED), never RUNNING
+            loop.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
         return loop.execute()
 
 

@@ -10,3 +10,10 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class RunAborted(RuntimeError):
+    """The run stopped on purpose (too few updates in a round, a chunk out of retries); the message says why.
+
+    The command line prints it as one line, ``testbed: run stopped: ...``, with exit status 1.
+    """

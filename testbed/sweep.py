@@ -8,11 +8,11 @@ import json
 from dataclasses import dataclass, field
 
 from testbed.config.schema import Experiment
-from testbed.config.sweep_plan import Combination, plan
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS, Combination, plan
 from testbed.errors import UserError
 from testbed.tracking.progress import Progress
 from testbed.tracking.store import Tracker, flatten
-from testbed.tracking.store_check import check_tracking_uri
+from testbed.tracking.store_check import check_output_folders, check_tracking_uri
 
 PARENT_TAG = "testbed.sweep"
 COMBINATION_TAG = "testbed.combination"
@@ -41,15 +41,20 @@ def _finished(tracker: Tracker, parent_run_id: str) -> set[str]:
 
 
 def run_sweep(
-    experiment: Experiment, *, show_progress: bool = True, resume_parent_id: str | None = None
+    experiment: Experiment,
+    *,
+    show_progress: bool = True,
+    resume_parent_id: str | None = None,
+    max_cells: int = MAX_SWEEP_CELLS,
 ) -> SweepResult:
     """Run every combination as a child of one parent run, on one Ray cluster."""
     from testbed.engine import run_experiment
     from testbed.runtime.cluster import check_address, ray_session
     from testbed.runtime.preparation import prepare_data
 
-    cells = plan(experiment)
+    cells = plan(experiment, max_cells)
     check_tracking_uri(experiment.tracking.uri)
+    check_output_folders(experiment.tracking.checkpoints, experiment.tracking.artifact_location)
     for _, cell in cells:
         prepare_data(cell)
     check_address(experiment.resources)

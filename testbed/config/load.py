@@ -7,12 +7,14 @@ from pathlib import Path
 
 from defenses.import_path import is_import_path, recorded_folder
 from testbed.config.schema import Experiment
-from testbed.config.sweep_plan import plan
+from testbed.config.sweep_plan import MAX_SWEEP_CELLS, plan
 from testbed.config.topology import apply_overrides, read_yaml, validate
 
 
-def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
-    """Read, override and validate a topology file; a sweep's combinations are validated too."""
+def load_experiment(
+    path: str | Path, overrides: Sequence[str] = (), max_sweep_cells: int = MAX_SWEEP_CELLS
+) -> Experiment:
+    """Read, override and validate a topology file; a sweep's combinations (at most ``max_sweep_cells``) too."""
     data, node = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
@@ -20,7 +22,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     experiment = validate(data, source=str(path), node=node, folder=str(folder))
     record_code_folders(experiment, folder)
     if experiment.sweep is not None:
-        plan(experiment)
+        plan(experiment, max_sweep_cells)
     return experiment
 
 

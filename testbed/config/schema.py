@@ -6,6 +6,8 @@ The pydantic models below are the single source of truth for what a topology fil
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
@@ -16,9 +18,49 @@ from testbed.data.partition import PARTITIONS
 
 
 class Strict(BaseModel):
-    """Base for every block: unknown keys are errors, so typos never pass silently."""
+    """Base for every block: unknown keys are errors, so typos never pass silently; no number field takes
+    inf or nan (none of them means anything infinite: a missing limit is null)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_SWEEP_CELLS = 1000
+"""The most combinations a sweep may have unless ``--max-sweep-cells`` allows more (each is validated, then run)."""
+
+MAX_SEED = 2**63
+"""Seeds are in [0, 2^63): numpy and torch take them as 64-bit integers."""
+
+MAX_RUN_NAME = 250
+MAX_EXPERIMENT_NAME = 256
+MAX_PARAM_KEY = 250
+"""Lengths MLflow's SQL stores keep: run names, experiment names, parameter keys."""
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A client group name: it becomes part of MLflow parameter and metric keys (clients.<group>.count) and of
+``--set clients.<group>.<field>``."""
+
+_MLFLOW_KEY = re.compile(r"[/\w.\- :]*")
+"""The characters MLflow accepts in a parameter or metric key."""
+
+
+def printable_name(value: str, field: str, limit: int) -> str:
+    """A name MLflow stores as given: printable characters on one line, at most ``limit`` of them."""
+    if any(not char.isprintable() for char in value):
+        raise ValueError(f"{field}: {value!r} holds a line break or another control character; use printable text")
+    if len(value) > limit:
+        raise ValueError(f"{field}: {len(value)} characters, more than the {limit} MLflow keeps")
+    return value
+
+
+def mlflow_key_problem(key: str) -> str | None:
+    """Why MLflow would refuse ``key`` as a parameter key, or None (its rules: characters, path form, length)."""
+    if not _MLFLOW_KEY.fullmatch(key):
+        return "MLflow keys hold only letters, digits, _ - . / : and spaces"
+    if posixpath.normpath(key) != key or key.startswith(("..", "/")):
+        return "MLflow keys must not read as a different path (no '//', '/./', '..' or a leading '/')"
+    if len(key) > MAX_PARAM_KEY:
+        return f"longer than the {MAX_PARAM_KEY} characters MLflow keeps"
+    return None
 
 
 class PartitionConfig(Strict):
@@ -200,7 +242,11 @@ class FaultConfig(Strict):
 class ClientGroupConfig(Strict):
     """A group of clients sharing a batch size, a defence policy and a simulated behaviour."""
 
-    group: str = Field(min_length=1, description="unique group name")
+    group: str = Field(
+        min_length=1,
+        max_length=100,
+        description="unique group name: letters, digits, _ and - (it is part of MLflow keys and of --set paths)",
+    )
     count: int = Field(ge=1, description="number of clients in the group")
     batch_size: int = Field(ge=1, description="samples per local batch")
     defence: dict[str, Any] = Field(
@@ -211,6 +257,16 @@ class ClientGroupConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a sampled client sends nothing")
     straggler_delay_s: float = Field(0.0, ge=0, description="mean simulated delay (exponential)")
     faults: FaultConfig = Field(default_factory=lambda: FaultConfig(), description="fault injection")
+
+    @field_validator("group")
+    @classmethod
+    def _group_name(cls, value: str) -> str:
+        if not GROUP_NAME.fullmatch(value):
+            raise ValueError(
+                f"group name {value!r}: use letters, digits, _ and - (starting with a letter or digit); the name is "
+                "part of MLflow parameter keys and of --set clients.<group>.<field>"
+            )
+        return value
 
     @field_validator("defence")
     @classmethod
@@ -395,10 +451,19 @@ class TrackingConfig(Strict):
     """Where MLflow stores the run."""
 
     uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI")
-    experiment: str | None = Field(None, description="MLflow experiment (default: the topology name)")
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow experiment (default: the topology name); printable, at most 256 characters",
+    )
     artifact_location: str = Field("mlartifacts", description="artifact folder for new experiments")
     checkpoints: str = Field("checkpoints", description="folder of per-run checkpoints (for --resume)")
     outage_s: float = Field(300.0, gt=0, description="stop (after a checkpoint) if MLflow is down this long")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, value: str | None) -> str | None:
+        return None if value is None else printable_name(value, "experiment", MAX_EXPERIMENT_NAME)
 
 
 class EvaluationConfig(Strict):
@@ -411,8 +476,12 @@ class EvaluationConfig(Strict):
 class Experiment(Strict):
     """A whole experiment: the root of a topology YAML file."""
 
-    name: str = Field(min_length=1, description="experiment name (MLflow run name)")
-    seed: int = Field(0, ge=0, description="seeds data split, partition, model init and every client")
+    name: str = Field(
+        min_length=1, description="experiment name (MLflow run name): printable, on one line, at most 250 characters"
+    )
+    seed: int = Field(
+        0, ge=0, lt=MAX_SEED, description="seeds data split, partition, model init and every client; 0 <= seed < 2^63"
+    )
     rounds: int = Field(ge=1, description="communication rounds")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -429,8 +498,26 @@ class Experiment(Strict):
     sweep: dict[str, list[Any]] | list[dict[str, Any]] | None = Field(
         None,
         description="grid {field.path: [values]} ('a,b' keys change together) or a list of combinations; "
-        "each a child run",
+        f"each a child run; at most {MAX_SWEEP_CELLS:,} combinations unless --max-sweep-cells N allows more",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        return printable_name(value, "name", MAX_RUN_NAME)
+
+    @model_validator(mode="after")
+    def _mlflow_keys(self) -> Experiment:
+        """Every parameter key the run will log is one MLflow accepts (user parameters become keys too)."""
+        from testbed.config.flat import flatten
+
+        for key in flatten(self.model_dump(mode="json", exclude={"sweep"})):
+            problem = mlflow_key_problem(key)
+            if problem is not None:
+                parts = key.split(".")
+                field = ".".join(parts[:2]) if len(parts) > 2 else key
+                raise ValueError(f"{field}: MLflow would refuse the parameter key {key!r}: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:

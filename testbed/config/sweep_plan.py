@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.config.schema import MAX_SWEEP_CELLS as MAX_SWEEP_CELLS  # re-exported for the CLI
 from testbed.config.schema import Experiment
 from testbed.config.topology import set_path, validate
 from testbed.errors import UserError
@@ -36,10 +37,28 @@ class Combination:
         return ", ".join(f"{path}={json.dumps(value)}" for path, value in self.values.items())
 
 
-def expand(sweep: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Combination]:
-    """All combinations of a sweep block, in a fixed order (the first key varies slowest)."""
+def _check_cells(count: int, max_cells: int) -> None:
+    if count > max_cells:
+        raise UserError(
+            f"sweep: {count:,} combinations, more than the {max_cells:,} allowed; split the sweep, or raise the "
+            "limit with --max-sweep-cells N"
+        )
+
+
+def expand(
+    sweep: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], max_cells: int = MAX_SWEEP_CELLS
+) -> list[Combination]:
+    """All combinations of a sweep block, in a fixed order (the first key varies slowest).
+
+    More than ``max_cells`` combinations is a UserError, raised before any of them is built.
+    """
     if isinstance(sweep, Sequence) and not isinstance(sweep, str):
+        _check_cells(len(sweep), max_cells)
         return [Combination(dict(cell)) for cell in sweep]
+    count = 1
+    for values in sweep.values():
+        count *= len(values) if isinstance(values, list) else 1
+    _check_cells(count, max_cells)
     axes: list[list[dict[str, Any]]] = []
     for key, values in sweep.items():
         paths = [part.strip() for part in key.split(",")]
@@ -57,13 +76,13 @@ def expand(sweep: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> 
     return [Combination({k: v for part in cell for k, v in part.items()}) for cell in itertools.product(*axes)]
 
 
-def plan(experiment: Experiment) -> list[tuple[Combination, Experiment]]:
-    """Every combination with its validated experiment; the first invalid one raises a UserError."""
+def plan(experiment: Experiment, max_cells: int = MAX_SWEEP_CELLS) -> list[tuple[Combination, Experiment]]:
+    """Every combination with its validated experiment; the first invalid one (or too many) raises a UserError."""
     if experiment.sweep is None:
         return []
     base = experiment.model_dump(mode="json", exclude={"sweep"})
     cells = []
-    for combination in expand(experiment.sweep):
+    for combination in expand(experiment.sweep, max_cells):
         data = json.loads(json.dumps(base))
         for path, value in combination.values.items():
             set_path(data, path, value, origin=f"sweep {combination.label}:")

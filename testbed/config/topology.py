@@ -30,22 +30,102 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
         raw = file.read_bytes()
     except OSError as exc:
         raise UserError(f"{file}: cannot read the topology file ({exc.strerror or type(exc).__name__})") from None
-    text = _decode(raw, file)
+    data, node = load_yaml_text(_decode(raw, file), str(file))
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: the top level must be a mapping of fields (name, rounds, clients, ...)")
+    return data, node
+
+
+MAX_YAML_NODES = 100_000
+"""The most nodes a YAML document may hold with every alias expanded (anchors stay usable; alias bombs do not)."""
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that names the same key twice (PyYAML would keep the last one silently)."""
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_keys(node: yaml.MappingNode) -> None:
+    """Refuse a mapping that gives a scalar key twice (merge keys ``<<`` may still be overridden)."""
+    seen: dict[tuple[str, str], int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+            continue
+        key = (key_node.tag, key_node.value)
+        if key in seen:
+            raise _DuplicateKey(
+                None, None, f"duplicate key {key_node.value!r} (first given on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def expanded_size(root: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
+    """Nodes of the document with every alias expanded, counted without expanding anything.
+
+    Raises ValueError past ``limit`` nodes or on an alias that contains itself; a mapping that gives a key
+    twice raises a MarkedYAMLError at the second one.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > limit:
+                raise ValueError(f"with its aliases expanded the YAML holds over {limit:,} values")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in on_path:
+            raise ValueError("an alias refers to a block that contains it (a recursive structure)")
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node)
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml_text(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML text with the safe loader: duplicate keys, alias bombs and deep nesting are UserErrors.
+
+    Returns the data and its node tree (for line numbers). ``source`` names the file in messages.
+    """
+    loader: yaml.SafeLoader | None = None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        expanded_size(node)
+        return loader.construct_document(node), node
+    except _DuplicateKey as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        raise UserError(f"{source}:{line}: {exc.problem}; give each key once") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{file}: malformed YAML{where}: {problem}") from None
+        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
     except RecursionError:
-        raise UserError(f"{file}: the YAML is nested too deeply to be a topology file") from None
-    except ValueError as exc:  # e.g. an integer beyond Python's 4,300-digit conversion limit
-        raise UserError(f"{file}: a value cannot be read: {str(exc).splitlines()[0][:200]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{file}: the top level must be a mapping of fields (name, rounds, clients, ...)")
-    return data, node
+        raise UserError(f"{source}: the YAML is nested too deeply to be a topology file") from None
+    except ValueError as exc:  # too many values, a recursive alias, an integer beyond Python's digit limit
+        raise UserError(f"{source}: the YAML cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _decode(raw: bytes, file: Path) -> str:
@@ -160,8 +240,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rounds=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml_text(raw, f"--set {key.strip()}")[0] if raw.strip() else ""
+    except UserError as exc:
+        if "duplicate key" in str(exc) or "cannot be read" in str(exc) or "nested too deeply" in str(exc):
+            raise
         value = raw
     return key.strip(), value
 

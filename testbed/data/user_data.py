@@ -10,8 +10,9 @@ callable takes one) and returns the train and test splits in one of three forms:
   (the keys of the training items become ``train_keys``).
 
 Images are ``(N, C, H, W)`` or ``(N, H, W)`` (one channel is added); uint8 images are divided by 255,
-floating-point ones kept as they are. Labels are integers from 0; the number of classes is the largest
-label plus one unless ``num_classes`` says more. ``max_train``/``max_test`` keep a seeded, stratified subset
+floating-point ones must already lie in [0, 1] (anything else is refused, naming the range found).
+Labels are integers from 0; the number of classes is the largest label plus one unless ``num_classes``
+says more. ``max_train``/``max_test`` keep a seeded, stratified subset
 (the keys follow their samples). Every problem is a one-line ``ImportPathError``.
 """
 
@@ -148,8 +149,15 @@ def _images(name: str, split: str, value: Any) -> np.ndarray:
         raise ImportPathError(f"{name}: {split} must be images (N, C, H, W) or (N, H, W), got shape {array.shape}")
     if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
         raise ImportPathError(f"{name}: {split} must be uint8 (0-255) or floating point, got {array.dtype}")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ImportPathError(f"{name}: {split} holds values that are not finite")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImportPathError(f"{name}: {split} holds values that are not finite")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ImportPathError(
+                f"{name}: floating-point {split} must lie in [0, 1], found values from {low:g} to {high:g} "
+                "(divide by 255, or return uint8 images); the leakage scores compare images on [0, 1]"
+            )
     return _as_float(array)
 
 

@@ -24,6 +24,7 @@ from testbed.report.data import (
     read_results,
     select_runs,
 )
+from testbed.report.markup import code, text
 from testbed.report.plots import plot_leakage_vs_batch, plot_privacy_utility
 
 ARTIFACT_FOLDER = "report"
@@ -95,17 +96,14 @@ def label_leak_notes(rows: list[LeakageRow]) -> list[str]:
         if "identical-labels" not in row.policy.defence or not math.isfinite(row.label_histogram_exact):
             continue
         notes.append(
-            f"{row.policy.model} / {row.policy.attack} / {row.policy.defence}, batch {row.policy.batch_size}: "
+            f"{text(row.policy.model)} / {text(row.policy.attack)} / {text(row.policy.defence)}, "
+            f"batch {row.policy.batch_size}: "
             f"identical-label batching gives every audited update a single class, and label inference recovered "
             f"the exact label histogram of {number(row.label_histogram_exact)} of the updates (label accuracy "
             f"{number(row.label_accuracy)}): this defence makes the class of every sample in a batch known to "
             "the server, whatever the image reconstructions show."
         )
     return notes
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def _mean_std(spread: Spread) -> str:
@@ -137,8 +135,8 @@ def markdown_table(rows: list[LeakageRow]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         policy = row.policy
-        cells = [policy.model, policy.attack, policy.defence, str(policy.batch_size)]
-        cells += [policy.setting or "-"] if with_setting else []
+        cells = [text(policy.model), text(policy.attack), text(policy.defence), str(policy.batch_size)]
+        cells += [text(policy.setting) if policy.setting else "-"] if with_setting else []
         cells += [
             _mean_std(row.avd),
             _median_iqr(row.avd),
@@ -149,9 +147,9 @@ def markdown_table(rows: list[LeakageRow]) -> list[str]:
             number(row.label_histogram_exact),
             str(row.samples),
             number(row.accuracy),
-            ", ".join(f"`{run_id}`" for run_id in row.run_ids),
+            ", ".join(code(run_id) for run_id in row.run_ids),
         ]
-        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")  # every cell is escaped text, a number or plain code
     return lines
 
 
@@ -165,7 +163,7 @@ def _runs_table(selection: Selection) -> list[str]:
             else "-"
         )
         accuracy = number(run.data.metrics.get("test_accuracy"))
-        lines.append(f"| `{run.info.run_id}` | {_cell(run.info.run_name or '-')} | {_cell(shown)} | {accuracy} |")
+        lines.append(f"| {code(run.info.run_id)} | {text(run.info.run_name or '-')} | {text(shown)} | {accuracy} |")
     return lines
 
 
@@ -180,16 +178,16 @@ def write_markdown(
     """report.md: what was read, the leakage table, the figures as relative links, and notes."""
     skipped = ", ".join(f"{count} {status}" for status, count in sorted(selection.skipped.items()))
     logged = (
-        f"also logged to run `{selection.log_run_id}` under `{ARTIFACT_FOLDER}/`"
+        f"also logged to run {code(selection.log_run_id)} under `{ARTIFACT_FOLDER}/`"
         if selection.log_run_id
         else "not logged to MLflow (the target is neither one run nor one sweep)"
     )
     read_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = [
-        f"# Leakage report: {selection.target}",
+        f"# Leakage report: {text(selection.target)}",
         "",
         f"- Target: {selection.description}",
-        f"- Tracking store: `{uri}`",
+        f"- Tracking store: {code(uri)}",
         f"- Read at: {read_at}",
         f"- Runs read: {len(selection.runs)} finished" + (f"; skipped: {skipped}" if skipped else ""),
         f"- This report: {logged}",

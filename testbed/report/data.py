@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from testbed.errors import UserError
+from testbed.report.markup import code
+from testbed.report.markup import text as plain
 
 SWEEP_TAG = "testbed.sweep"
 COMBINATION_TAG = "testbed.combination"
@@ -123,8 +125,12 @@ def open_store(uri: str) -> Any:
         path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise UserError(f"--uri: no MLflow store at {path} (run an experiment first, or pass --uri)")
-    client = MlflowClient(tracking_uri=uri)
+    elif "://" not in uri or uri.startswith("file:"):
+        folder = Path(uri.removeprefix("file://").removeprefix("file:"))
+        if not folder.is_dir():
+            raise UserError(f"--uri: no MLflow store at {folder} (run an experiment first, or pass --uri)")
     try:
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # whatever the store raises, the address is the user's to fix
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -171,7 +177,7 @@ def select_runs(client: Any, target: str, uri: str) -> Selection:
         plain = [run for run in candidates if PARENT_TAG not in run.data.tags]
         owners = parents + plain
         log_run_id = owners[0].info.run_id if len(owners) == 1 else None
-        description = f"experiment `{target}` (sweeps: {len(parents)}, single runs: {len(plain)})"
+        description = f"experiment {code(target)} (sweeps: {len(parents)}, single runs: {len(plain)})"
         return _finished(target, description, candidates, log_run_id)
     run = _find_run(client, target)
     if run is None:
@@ -181,9 +187,9 @@ def select_runs(client: Any, target: str, uri: str) -> Selection:
             f"(browse their runs with `testbed ui --uri {uri}`)"
         )
     if run.data.tags.get(SWEEP_TAG) == "parent":
-        description = f"sweep `{run.info.run_name}` (parent run `{run.info.run_id}`)"
+        description = f"sweep {code(run.info.run_name)} (parent run {code(run.info.run_id)})"
         return _finished(target, description, _children(client, run), run.info.run_id)
-    return _finished(target, f"run `{run.info.run_name}` (`{run.info.run_id}`)", [run], run.info.run_id)
+    return _finished(target, f"run {code(run.info.run_name)} ({code(run.info.run_id)})", [run], run.info.run_id)
 
 
 def _finished(target: str, description: str, runs: list[Any], log_run_id: str | None) -> Selection:
@@ -267,14 +273,53 @@ def _part(described: Mapping[str, Any]) -> str:
     return f"{described['name']}(" + ", ".join(f"{key}={_short(value)}" for key, value in values.items()) + ")"
 
 
+def _names_code(value: Any) -> bool:
+    """Whether a stored defence block holds a dotted or colon name anywhere (keys included): an import path."""
+    from defenses.registry import is_import_path
+
+    if isinstance(value, str):
+        return is_import_path(value)
+    if isinstance(value, Mapping):
+        return any(_names_code(key) or _names_code(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_names_code(item) for item in value)
+    return False
+
+
+def _stored_part(value: Any) -> str:
+    """One defence part as stored: 'name', or 'name(parameters)' for a one-key mapping."""
+    if isinstance(value, Mapping) and len(value) == 1:
+        name, params = next(iter(value.items()))
+        return f"{name}({_short(params)})" if params else str(name)
+    return _short(value)
+
+
+def stored_defence(spec: Mapping[str, Any]) -> str:
+    """The defence as its stored names and parameters read ('batching / loss / transform / ...'), nothing imported."""
+    if spec.get("dp") is not None:
+        parts = [_stored_part({"dp": spec["dp"]})]
+    else:
+        parts = [_stored_part(spec.get("batching", "random"))]
+    parts.append(_stored_part(spec.get("loss", "cross-entropy")))
+    update = spec.get("update")
+    parts += [_stored_part(item) for item in update] if isinstance(update, list) else []
+    return " / ".join(parts)
+
+
 def describe_defence(spec: Mapping[str, Any]) -> str:
-    """'batching / loss / transform(parameter) / ...', with defaults filled in and names made canonical."""
+    """'batching / loss / transform(parameter) / ...', with defaults filled in and names made canonical.
+
+    The spec comes from a tracking store, which is data: only registry names are looked up (that imports
+    nothing); a block naming a class by import path is shown as stored (``stored_defence``), never imported.
+    """
     from defenses import DefenceConfigError, build_policy
 
+    if _names_code(spec):
+        return stored_defence(spec)
     try:
         described = build_policy(spec).describe()
-    except (DefenceConfigError, ImportError):
-        return json.dumps(spec, sort_keys=True)
+    except (DefenceConfigError, ImportError, TypeError, ValueError):
+        return stored_defence(spec)
     parts = [described["batching"], described["loss"], *described["update"]]
     if "dp" in described:  # DP-SGD: Poisson batches, per-example clipping and noise before any transform
         parts = [described["dp"], described["loss"], *described["update"]]
@@ -351,7 +396,8 @@ def read_results(client: Any, runs: list[Any]) -> tuple[list[GroupResult], list[
                 reasons = json.loads(skipped.read_text(encoding="utf-8"))
                 for reason, count in sorted(reasons.items()):
                     notes.append(
-                        f"run `{run.info.run_name}`: attack not applicable to {count} audited updates ({reason})"
+                        f"run {code(run.info.run_name)}: attack not applicable to {plain(count)} audited updates "
+                        f"({plain(reason)})"
                     )
             accuracy = run.data.metrics.get("test_accuracy", math.nan)
             model, attack = describe_model(params), describe_attack(params)

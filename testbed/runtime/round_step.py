@@ -9,13 +9,10 @@ beside it, and a round with fewer accepted updates than ``sampling.min_clients``
 from __future__ import annotations
 
 from testbed.config.schema import Experiment
+from testbed.errors import RunAborted
 from testbed.runtime.aggregation import global_step
 
 __all__ = ["RunAborted", "check_accepted", "global_step"]
-
-
-class RunAborted(RuntimeError):
-    """The run stopped on purpose (too few updates in a round); the message says why."""
 
 
 def check_accepted(accepted: float, experiment: Experiment, round_index: int) -> None:

@@ -66,7 +66,7 @@ def check_user_model(model: nn.Module, name: str, input_shape: Sequence[int], nu
     try:
         with torch.no_grad():
             logits = model(torch.zeros(2, *shape))
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in forward is the model's failure
         raise UserModelError(
             f"model.name: {name} fails on a batch of 2 images of shape {shape}: {_first_line(exc)}"
         ) from None
@@ -94,7 +94,7 @@ def check_user_model(model: nn.Module, name: str, input_shape: Sequence[int], nu
             stateful_update(model, loss, params, buffers, batches, 0.01)
         else:
             stacked_gradients(model, loss, params, batches)
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         raise UserModelError(
             f"model.name: {name} cannot be trained vectorised over clients (torch.func): {_first_line(exc)}"
         ) from None

@@ -2,7 +2,8 @@
 
 The training arrays and the partition reach every worker once, through the object store. A round is a
 list of chunk tasks handed out dynamically (a few in flight per worker); a chunk whose worker dies is
-run again on a fresh worker, so no client update is lost or counted twice.
+run again on a fresh worker, so no client update is lost or counted twice. A chunk whose worker dies
+more than ``MAX_CHUNK_RETRIES`` times stops the run (``RunAborted``) naming the chunk and the last error.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from ray.exceptions import RayActorError, WorkerCrashedError
 
 from testbed.config.schema import Experiment
 from testbed.data.partition import Partition
+from testbed.errors import RunAborted
 from testbed.runtime.records import ChunkPayload, ChunkSummary, ChunkTask, ClientUpdate, Params
 from testbed.runtime.simulation import SimulationContext, simulate_chunk
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2
+MAX_CHUNK_RETRIES = 3
+"""Times one chunk is run again after its worker died; one more death stops the run."""
 
 
 class ClientWorker:
@@ -100,6 +104,7 @@ class WorkerPool:
         summaries: dict[int, ChunkSummary] = {}
         payloads: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
         load = [0] * len(self.workers)
+        deaths: dict[int, int] = {}  # chunk index -> times its worker died running it
 
         def submit(slot: int) -> None:
             task = pending.popleft()
@@ -117,7 +122,15 @@ class WorkerPool:
             load[slot] -= 1
             try:
                 summary: ChunkSummary = ray.get(ready[0])
-            except (RayActorError, WorkerCrashedError):
+            except (RayActorError, WorkerCrashedError) as exc:
+                deaths[task.index] = deaths.get(task.index, 0) + 1
+                if deaths[task.index] > MAX_CHUNK_RETRIES:
+                    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                    raise RunAborted(
+                        f"round {task.round + 1}: chunk {task.index} ({len(task.clients)} clients) killed its worker "
+                        f"{deaths[task.index]} times "
+                        f"(it is retried at most {MAX_CHUNK_RETRIES} times); last error: {detail}"
+                    ) from None
                 log.warning("client worker %d died; re-running chunk %d on a new worker", slot, task.index)
                 self._replace(slot, running, pending, load)
                 pending.appendleft(task)

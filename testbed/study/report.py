@@ -9,6 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from testbed.config.topology import load_yaml_text
 from testbed.errors import UserError
 from testbed.study.page import write_report
 from testbed.study.runner import STUDY_TAG, checkout_commit
@@ -32,12 +35,11 @@ def is_study_run(target: str, uri: str) -> bool:
 def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path:
     """Read the study's tables from the folder ``target`` or download them from run ``target`` at ``uri``;
     write the report to ``out`` (and ``page``)."""
-    import yaml
     from mlflow.tracking import MlflowClient
 
     if _is_tables(Path(target)):
         folder = Path(target)
-        spec = StudySpec.model_validate(yaml.safe_load((folder / "study.yaml").read_text(encoding="utf-8")))
+        spec = _stored_spec((folder / "study.yaml").read_text(encoding="utf-8"), str(folder / "study.yaml"))
         command = f"testbed report {target} --out {out}" + (f" --page {page}" if page else "")
         return write_report(folder, out, page, spec, f"`{command}`{_at_commit()}")
 
@@ -48,7 +50,7 @@ def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(client.download_artifacts(target, "study", scratch))
         spec_text = Path(client.download_artifacts(target, "study.yaml", scratch)).read_text(encoding="utf-8")
-        spec = StudySpec.model_validate(yaml.safe_load(spec_text))
+        spec = _stored_spec(spec_text, f"study.yaml of run {target}")
         command = f"testbed report {target} --uri {uri} --out {out}" + (f" --page {page}" if page else "")
         return write_report(folder, out, page, spec, f"`{command}`{_at_commit()}")
 
@@ -56,6 +58,19 @@ def study_report(target: str, *, uri: str, out: Path, page: Path | None) -> Path
 def _is_tables(folder: Path) -> bool:
     """A folder with a study's audits table and its study file."""
     return (folder / "audits.csv").is_file() and (folder / "study.yaml").is_file()
+
+
+def _stored_spec(text: str, source: str) -> StudySpec:
+    """The study file read back with the report, as data: parsed with the capped safe loader and checked
+    against the study schema, which only compares names and numbers (nothing it names, policies, models or
+    defences, is built or imported)."""
+    data, _ = load_yaml_text(text, source)
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "study"
+        raise UserError(f"report: {source}: {where}: {first['msg']}") from None
 
 
 def _at_commit() -> str:

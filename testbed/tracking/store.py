@@ -6,6 +6,7 @@ several runs in one process stay independent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from testbed.config.flat import flatten as flatten  # re-exported: the parameters a run logs
 from testbed.config.schema import Experiment
 from testbed.errors import UserError
 
-MAX_PARAM_LENGTH = 6000
+MAX_RUN_NAME_LENGTH = 250  # the run name column of MLflow's SQL stores
 RETRY_DELAYS_S = (0.5, 2.0)
 MAX_RETRY_DELAY_S = 10.0
 QUEUED_AT_KEY = "__queued_at_ms__"  # in a queued entry: its MLflow timestamp, fixed when it was queued
@@ -29,22 +31,6 @@ T = TypeVar("T")
 
 class TrackingUnavailable(RuntimeError):
     """MLflow stayed unreachable longer than the configured outage allowance."""
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten nested config data to dotted keys; client groups are keyed by their group name."""
-    items: dict[str, str] = {}
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            items.update(flatten(value, f"{prefix}{key}."))
-    elif isinstance(data, list) and data and all(isinstance(item, Mapping) and "group" in item for item in data):
-        for item in data:
-            rest = {key: value for key, value in item.items() if key != "group"}
-            items.update(flatten(rest, f"{prefix}{item['group']}."))
-    else:
-        text = json.dumps(data) if isinstance(data, list | dict) else str(data)
-        items[prefix.rstrip(".")] = text[:MAX_PARAM_LENGTH]
-    return items
 
 
 def _reason(exc: Exception) -> str:
@@ -129,14 +115,20 @@ class Tracker:
         """Create a run (a child of ``parent_run_id`` when given) with its parameters; return its id."""
         from mlflow.entities import Param
 
+        name = name[:MAX_RUN_NAME_LENGTH]
         all_tags = {"mlflow.runName": name, **(tags or {})}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.ensure_experiment(), tags=all_tags, run_name=name)
         run_id = str(run.info.run_id)
         entries = [Param(key, value) for key, value in params.items()]
-        for start in range(0, len(entries), 100):
-            self.client.log_batch(run_id, params=entries[start : start + 100])
+        try:
+            for start in range(0, len(entries), 100):
+                self.client.log_batch(run_id, params=entries[start : start + 100])
+        except BaseException:  # a run whose parameters were refused is closed, not left RUNNING
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, status="FAILED")
+            raise
         return run_id
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -61,13 +61,32 @@ def check_tracking_uri(uri: str) -> None:
 
 def _check_creatable(folder: Path, uri: str, *, what: str) -> None:
     """``folder`` exists as a writable folder, or its nearest existing ancestor is one (so it can be made)."""
-    existing = folder.absolute()
+    check_folder(folder, "tracking.uri", what=what, hint=f"check {uri!r}")
+
+
+def check_folder(folder: str | Path, field: str, *, what: str, hint: str = "") -> None:
+    """``folder`` is a writable folder or can be made as one; else a UserError naming ``field``.
+
+    Nothing is left behind: the check makes a probe folder in the nearest existing ancestor and removes it.
+    """
+    wanted = Path(folder).expanduser()
+    existing = wanted
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"tracking.uri: cannot make the folder {folder} for {what} ({existing} is not a folder)")
+        raise UserError(f"{field}: cannot make the folder {wanted} for {what} ({existing} is not a folder)")
     try:  # a probe folder, removed at once: os.access says yes to root even where nothing can be made
         os.rmdir(tempfile.mkdtemp(prefix=".testbed-probe-", dir=existing))
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"tracking.uri: cannot make {what} under {existing} ({reason}); check {uri!r}") from None
+        raise UserError(
+            f"{field}: cannot make {what} under {existing} ({reason}){'; ' + hint if hint else ''}"
+        ) from None
+
+
+def check_output_folders(checkpoints: str, artifact_location: str) -> None:
+    """The run's local output folders can be written: checkpoints, and artifacts when they are local files."""
+    check_folder(checkpoints, "tracking.checkpoints", what="checkpoints")
+    if "://" not in artifact_location or artifact_location.startswith("file:"):
+        local = artifact_location.removeprefix("file://").removeprefix("file:")
+        check_folder(local, "tracking.artifact_location", what="artifacts")
