@@ -152,7 +152,7 @@ def code_references(config: Mapping[str, Any]) -> list[str]:
     defence block would. Defence blocks are searched for any dotted or colon name, keys included.
     """
     from defenses.registry import is_import_path as names_defence_class
-    from testbed.data.import_path import is_import_path
+    from defenses.import_path import is_import_path
 
     found = []
     for block in ("model", "dataset"):

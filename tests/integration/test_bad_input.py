@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from testbed.cli import main
+from tests.conftest import REPO
 
 FILE = "topology.yaml"
 MARK = "TESTBED_TEST_MARK"
@@ -862,33 +863,33 @@ def test_report_on_a_store_that_is_not_there_creates_nothing(uri: str, expected:
     assert out == "" and list(tmp_path.iterdir()) == []
 
 
-def test_study_report_reads_two_values_of_the_stored_study_file(tmp_path: Path) -> None:
+def test_study_report_reads_the_stored_study_file_as_data(tmp_path: Path) -> None:
+    """The study file read back from a store names code everywhere (policies, data set, models): the report
+    checks it against the study schema, which compares names and numbers, and imports none of it."""
     from testbed.errors import UserError
-    from testbed.study.report import _stored_settings
+    from testbed.study.report import _stored_spec
 
     (tmp_path / "marker_code.py").write_text(MARKER_CODE, encoding="utf-8")
     sys.modules.pop("marker_code", None)
-    stored = yaml.safe_dump(
-        {
-            "name": "shared",
-            "baseline": "evil",
-            "policies": {"evil": {"batching": "marker_code:Evil"}},
-            "dataset": {"name": "marker_code:make"},
-            "arms": [{"model": {"name": "marker_code:make"}}],
-            "audit": {"bootstrap": 500},
-        }
-    )
+    study = yaml.safe_load((REPO / "docs" / "results" / "tables" / "study.yaml").read_text(encoding="utf-8"))
+    study["dataset"] = {"name": "marker_code:make"}
+    study["policies"] = {name: {"batching": "marker_code:Evil"} for name in study["policies"]}
+    for arm in study["arms"]:
+        arm["model"] = {"name": "marker_code:make"}
     previous = Path.cwd()
     os.chdir(tmp_path)
     try:
-        assert _stored_settings(stored, "r1") == ("evil", 500)
+        spec = _stored_spec(yaml.safe_dump(study), "study.yaml of run r1")
+        assert spec.dataset == {"name": "marker_code:make"} and spec.baseline in spec.policies
         assert _ran(tmp_path) == []
         with pytest.raises(
             UserError, match=r"study\.yaml of run r1: the YAML cannot be read: with its aliases expanded"
         ):
-            _stored_settings(ALIAS_BOMB, "r1")
+            _stored_spec(ALIAS_BOMB, "study.yaml of run r1")
         with pytest.raises(UserError, match=r"study\.yaml of run r1:3: duplicate key 'baseline'"):
-            _stored_settings("name: s\nbaseline: a\nbaseline: b\n", "r1")
+            _stored_spec("name: s\nbaseline: a\nbaseline: b\n", "study.yaml of run r1")
+        with pytest.raises(UserError, match=r"report: study\.yaml of run r1: seeds: "):
+            _stored_spec(yaml.safe_dump({**study, "seeds": "many"}), "study.yaml of run r1")
     finally:
         os.chdir(previous)
 

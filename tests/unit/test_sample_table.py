@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from testbed.audit.sample_table import CSV_FIELDS, FLOATS, SampleTable
-from testbed.tracking.checkpoint import load_checkpoint, save_checkpoint
+from testbed.tracking.checkpoint import save_checkpoint
 
 
 def _rows(count: int, seed: int) -> list[dict[str, object]]:
@@ -78,7 +78,7 @@ def test_a_checkpoint_round_trip_keeps_every_row(tmp_path: Path) -> None:
     table = _table(rows)
     path = tmp_path / "state.pt"
     save_checkpoint(path, {"rows": table.state()})
-    back = SampleTable.from_state(load_checkpoint(path)["rows"])  # weights_only: tensors and plain data only
+    back = SampleTable.from_state(torch.load(path, weights_only=True)["rows"])  # tensors and plain data only
     assert back.to_csv() == table.to_csv()
     # a checkpoint holds one tensor per column, not one object per sample and field
     assert all(isinstance(values, torch.Tensor) for values in table.state()["columns"].values())
@@ -102,7 +102,7 @@ def test_an_empty_tables_checkpoint_resumes_into_whole_numbers(tmp_path: Path) -
     columns' types, so the rows appended after the resume print as before."""
     path = tmp_path / "state.pt"
     save_checkpoint(path, {"rows": SampleTable().state()})
-    resumed = SampleTable.from_state(load_checkpoint(path)["rows"])
+    resumed = SampleTable.from_state(torch.load(path, weights_only=True)["rows"])
     rows = _rows(8, 3)
     expected = _table(rows)
     _table(rows, resumed)
