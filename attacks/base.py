@@ -12,6 +12,9 @@ import torch
 from attacks.params import Param, resolve_params
 from attacks.view import AttackConfigError, AttackerView, Reconstruction
 
+COSTS = ("analytic", "optimisation")
+"""The values of ``Attack.cost``."""
+
 
 class Attack(abc.ABC):
     """A gradient-inversion attack: turns one client's update (an AttackerView) into a Reconstruction.
