@@ -127,11 +127,11 @@ def pairwise_ssim(originals: Any, reconstructions: Any) -> np.ndarray:
     x = pixel_major(clip_unit(v0))
     y = pixel_major(clip_unit(np.where(np.isfinite(v1), v1, 0.0)))
     first, second = np.divmod(np.arange(len(v0) * len(v1)), len(v1))
-    values = np.empty(len(first))
+    flat = np.empty(len(first))
     for start in range(0, len(first), PAIRS_PER_BLOCK):  # bounds the stacked copies of the pairs
         block = slice(start, start + PAIRS_PER_BLOCK)
-        values[block] = ssim_pixel_major(np.take(x, first[block], axis=-1), np.take(y, second[block], axis=-1))
-    values = values.reshape(len(v0), len(v1))
+        flat[block] = ssim_pixel_major(np.take(x, first[block], axis=-1), np.take(y, second[block], axis=-1))
+    values = flat.reshape(len(v0), len(v1))
     values[:, ~finite] = WORST_SCORE["ssim"]
     return values
 
