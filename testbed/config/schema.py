@@ -95,6 +95,7 @@ DEFAULT_ACTIVATIONS: dict[str, str] = {"mlp": "relu", "lenet": "sigmoid", "cnn":
 """Each model's activation when the topology names none (LeNet: sigmoid, as in the DLG papers)."""
 
 BUILT_IN_MODELS = ("softmax", "mlp", "lenet", "cnn")
+"""The models ``model.name`` may name besides an import path (built by ``testbed.runtime.models.build_model``)."""
 DEFAULT_HIDDEN = [256]
 
 
