@@ -23,6 +23,7 @@ from torch.func import grad_and_value, vmap
 
 from attacks.base import Attack
 from attacks.early_stop import Plateau
+from attacks.lane_adam import LaneAdam
 from attacks.layers import final_dense
 from attacks.losses import SoftTargetLoss, loss_key
 from attacks.params import Param
@@ -54,8 +55,6 @@ INITS = ("uniform", "normal", "constant")
 MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 """Fractions of ``iterations`` at which the step size is divided by 10 (the reference implementation's)."""
 DECAY = 0.1
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 """Adam's moment decay rates and denominator offset (torch's defaults, which the reference code used)."""
 
 LANE_SAMPLES = {"cpu": 64, "cuda": 16384}
@@ -178,7 +177,7 @@ class InvertingGradients(Attack):
         lanes = images.shape[0]
         milestones = [int(iterations * fraction) for fraction in MILESTONES]
         plateau = Plateau(lanes, self.params["patience"], self.params["min_delta"], images.device)
-        adam = _LaneAdam(images)
+        adam = LaneAdam(images)
         stage = torch.zeros(lanes, dtype=torch.long)
         active = torch.ones(lanes, dtype=torch.bool)
         run = torch.full((lanes,), iterations, dtype=torch.long)
@@ -193,7 +192,7 @@ class InvertingGradients(Attack):
                 step_size = self._step_sizes(stage, images.device)
             values, signs = value_and_sign(images if subset is None else images[subset], subset)
             plateau.observe(values, subset)
-            adam.step(images, signs, step_size, subset)
+            adam.step(images, signs, step_size, subset, bounds=(0.0, 1.0))
             done = step + 1
             if done % self.params["check_every"] or done == iterations:
                 continue
@@ -430,37 +429,6 @@ class PerSampleLanes(LaneObjective):
     def values(self, images: Tensor) -> Tensor:
         """See ``LaneObjective``."""
         return self._objective(images, None, create_graph=False).detach()
-
-
-class _LaneAdam:
-    """Adam on a stack of lanes (first dimension), each with its own step size; lanes left out do not move.
-
-    The update is torch's Adam without weight decay (moments, bias correction, ``EPS`` added to the
-    corrected root second moment), written out so that the step size can differ per lane and a
-    lane can be frozen. Pixels are projected to [0, 1] after every step.
-    """
-
-    def __init__(self, images: Tensor) -> None:
-        self.first = torch.zeros_like(images)
-        self.second = torch.zeros_like(images)
-        self.steps = torch.zeros(images.shape[0], dtype=images.dtype, device=images.device)
-
-    def step(self, images: Tensor, direction: Tensor, step_size: Tensor, lanes: Tensor | None) -> None:
-        """One step of the lanes ``lanes`` (all when ``None``) along ``direction`` (their rows only)."""
-        with torch.no_grad():
-            index = slice(None) if lanes is None else lanes
-            shape = (-1,) + (1,) * (images.dim() - 1)
-            steps = self.steps[index] + 1
-            self.steps[index] = steps
-            first = self.first[index].mul_(BETAS[0]).add_(direction, alpha=1 - BETAS[0])
-            second = self.second[index].mul_(BETAS[1]).addcmul_(direction, direction, value=1 - BETAS[1])
-            if lanes is not None:
-                self.first[index] = first
-                self.second[index] = second
-            scale = (step_size[index] / (1 - BETAS[0] ** steps)).view(shape)
-            root = (1 - BETAS[1] ** steps).sqrt().view(shape)
-            moved = images[index] - scale * first / (second.sqrt() / root + EPS)
-            images[index] = moved.clamp_(0, 1)
 
 
 @contextlib.contextmanager
