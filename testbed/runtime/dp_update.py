@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from defenses import DPSGD, Loss
 from testbed.config.schema import AlgorithmConfig
-from testbed.runtime.fused import fusable
+from testbed.runtime.fused import dense_forward, fusable
 from testbed.runtime.local_update import StackedBatches
 from testbed.runtime.records import Params
 
@@ -86,28 +86,20 @@ def dense_clipped_sums(
     x, y, w = batch
     clients, width = int(x.shape[0]), int(x.shape[1])
     layers = list(model.named_children()) if isinstance(model, nn.Sequential) else [("", model)]
-    h = x
-    dense: list[tuple[str, bool]] = []  # key prefix of each dense layer, and whether it has a bias
-    inputs: list[Tensor] = []
-    outputs: list[Tensor] = []
-    for name, layer in layers:
-        if isinstance(layer, nn.Flatten):
-            h = h.reshape(clients, width, -1)
-        elif isinstance(layer, nn.Linear):
-            prefix = f"{name}." if name else ""
-            weight = params[prefix + "weight"]
-            z = torch.matmul(h, weight.T) if shared else torch.bmm(h, weight.transpose(1, 2))
-            if layer.bias is not None:
-                bias = params[prefix + "bias"]
-                z = z + (bias if shared else bias.unsqueeze(1))
-            if not z.requires_grad:  # the first dense layer: nothing before it needs a gradient
-                z.requires_grad_(True)
-            dense.append((prefix, layer.bias is not None))
-            inputs.append(h.detach())
-            outputs.append(z)
-            h = z
-        else:
-            h = layer(h)
+    dense = [  # key prefix of each dense layer, and whether it has a bias
+        (f"{name}." if name else "", layer.bias is not None) for name, layer in layers if isinstance(layer, nn.Linear)
+    ]
+
+    def output(name: str, layer: nn.Linear, h: Tensor, position: int) -> Tensor:
+        prefix = dense[position][0]
+        weight = params[prefix + "weight"]
+        z = torch.matmul(h, weight.T) if shared else torch.bmm(h, weight.transpose(1, 2))
+        if layer.bias is not None:
+            bias = params[prefix + "bias"]
+            z = z + (bias if shared else bias.unsqueeze(1))
+        return z
+
+    h, inputs, outputs = dense_forward(layers, x, output)
     per_example = loss.per_sample(h.reshape(clients * width, -1), y.reshape(-1)).reshape(clients, width)
     signals = torch.autograd.grad((per_example * w).sum(), outputs)  # padding rows: zero signal
     squares = torch.zeros(clients, width, dtype=x.dtype, device=x.device)
