@@ -14,8 +14,8 @@ inputs of every row:
 - an audited client's raw update is one small batched product of its own rows.
 
 Valid when the model is dense layers and parameter-free elementwise activations, and when nothing
-needs each client's full update (no update transforms, no injected faults); ``fusable`` checks the
-model and ``worth_fusing`` weighs the low-rank corrections against per-client weights.
+needs each client's full update (no update transforms, no injected faults); ``is_dense_stack`` checks the
+model and ``low_rank_cheaper`` weighs the low-rank corrections against per-client weights.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("", model)]
 
 
-def fusable(model: nn.Module) -> bool:
+def is_dense_stack(model: nn.Module) -> bool:
     """Whether every layer of ``model`` is dense or a parameter-free elementwise map, applied in order.
 
     A model with buffers (BatchNorm statistics) is not, nor a subclass of ``nn.Sequential`` that may
@@ -55,7 +55,7 @@ def fusable(model: nn.Module) -> bool:
     return all(isinstance(layer, LAYERS) for _, layer in _layers(model))
 
 
-def worth_fusing(model: nn.Module, rows: int) -> bool:
+def low_rank_cheaper(model: nn.Module, rows: int) -> bool:
     """Whether ``rows`` samples per client (all local steps) are cheaper as low-rank corrections.
 
     A correction costs about rows x (in + out) per layer and sample, a per-client weight matrix in x out.

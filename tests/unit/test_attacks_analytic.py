@@ -16,7 +16,7 @@ from attacks.losses import batch_loss, centred, logit_derivatives, marks_presenc
 from defenses import CrossEntropy, LabelSmoothing, MeanSquaredError, SigmoidBinaryCrossEntropy
 from metrics.recovery import recovered
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 

@@ -10,7 +10,7 @@ import torch
 
 from attacks import Attack, AttackerView, AttackNotApplicable, Reconstruction
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 
 class Echo(Attack):

@@ -6,7 +6,7 @@ import torch
 
 from attacks import AttackerView, build_attack
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 IMAGE_TOLERANCE = 1e-4

@@ -19,7 +19,7 @@ from attacks import (
 from defenses import LOSSES
 from testbed.runtime.models import build_model
 from tests.conftest import REPO
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 NAMES = ["dense-ratio", "ce-demix", "label-inference", "dlg", "inverting-gradients", "cocktail-party"]

@@ -14,7 +14,7 @@ from attacks import ATTACKS, Attack, AttackConfigError, AttackNotApplicable, aut
 from testbed.config.schema import AttackConfig
 from testbed.runtime.models import build_model
 from tests.conftest import REPO
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 from tests.user_code import write_module
 
 
