@@ -63,6 +63,18 @@ def test_bad_parameter_values_raise_one_line_errors(name: str, params: dict[str,
     assert str(error.value) == message
 
 
+def test_number_parameters_read_numeric_strings_as_defence_parameters_do() -> None:
+    """One rule for numbers given as strings: YAML 1.1 keeps 1e-3 as text; attacks and defences both read it."""
+    from defenses import build_policy
+
+    assert build_attack("dlg", {"lr": "1e-3"}).params["lr"] == 0.001
+    assert build_policy({"update": [{"clip-l2": "1e-3"}]}).transforms[0].describe()["norm"] == 0.001
+    with pytest.raises(AttackConfigError, match=r"dlg\.lr: must be a number > 0, got 'fast'"):
+        build_attack("dlg", {"lr": "fast"})
+    with pytest.raises(AttackConfigError, match=r"dlg\.iterations: must be an integer >= 1, got '10'"):
+        build_attack("dlg", {"iterations": "10"})
+
+
 def test_parameters_override_defaults_and_keep_their_types() -> None:
     attack = build_attack("inverting-gradients", {"tv_weight": 0, "restarts": 3})
     assert attack.params["tv_weight"] == 0.0 and isinstance(attack.params["tv_weight"], float)
