@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TOPOLOGY ?= topologies/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test lint ui clean
+.PHONY: setup run test quick lint ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# The inner loop of development: the unit tests that start no Ray cluster and are not marked slow.
+quick: setup
+	$(PY) -m pytest -q -m "not ray and not slow" tests/unit
 
 ui: setup
 	$(VENV)/bin/testbed ui

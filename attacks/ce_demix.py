@@ -9,8 +9,7 @@ recovered activations) and the same solve recovers each layer's input, down to t
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import ClassVar
@@ -229,22 +228,9 @@ class CrossEntropyDemix(Attack):
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
         return self._solve([view])[0]
 
-    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        """Check every view, then solve the views that share a loss and a sample count as one batch.
+    def batch_key(self, view: AttackerView) -> Hashable:
+        """Views that share a loss, a sample count and a class count are solved as one batch."""
+        return (loss_key(view.loss), view.num_samples, view.num_classes)
 
-        Raises AttackNotApplicable for the first view that does not qualify, as ``reconstruct`` would.
-        """
-        for view in views:
-            self.check(view)
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            groups.setdefault((loss_key(view.loss), view.num_samples, view.num_classes), []).append(index)
-        results: list[Reconstruction | None] = [None] * len(views)
-        for indices in groups.values():
-            start = time.perf_counter()
-            solved = self._solve([views[i] for i in indices])
-            share = (time.perf_counter() - start) / len(indices)
-            for index, result in zip(indices, solved, strict=True):
-                result.diagnostics["seconds"] = share
-                results[index] = result
-        return [result for result in results if result is not None]
+    def _reconstruct_batch(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        return self._solve(views)

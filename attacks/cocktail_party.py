@@ -8,8 +8,7 @@ sign and scale. The numerical work lives in :mod:`attacks.ica`; this module is t
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import ClassVar
 
 import torch
@@ -81,25 +80,13 @@ class CocktailParty(Attack):
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
         return self._run([view])[0]
 
-    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        """Every view checked, then the views of equal shapes unmixed together; same result as one by one."""
-        for view in views:
-            self.check(view)
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            layer = first_dense_on_image(view.model, view.input_shape, self.name)
-            key = (tuple(layer.module.weight.shape), view.num_samples, view.input_shape)
-            groups.setdefault(key, []).append(index)
-        results: dict[int, Reconstruction] = {}
-        for members in groups.values():
-            start = time.perf_counter()
-            with torch.enable_grad():
-                batch = self._run([views[i] for i in members])
-            seconds = (time.perf_counter() - start) / len(members)
-            for index, result in zip(members, batch, strict=True):
-                result.diagnostics["seconds"] = seconds
-                results[index] = result
-        return [results[index] for index in range(len(views))]
+    def batch_key(self, view: AttackerView) -> Hashable:
+        """Views of equal shapes are unmixed together; same result as one by one."""
+        layer = first_dense_on_image(view.model, view.input_shape, self.name)
+        return (tuple(layer.module.weight.shape), view.num_samples, view.input_shape)
+
+    def _reconstruct_batch(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        return self._run(views)
 
     def _run(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
         """Unmix views whose first layers have one shape and whose updates hold one number of samples."""

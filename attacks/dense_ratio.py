@@ -16,8 +16,7 @@ ranking reads only the verified pairs (``rank_from_pairs``), never an H x H matr
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -191,26 +190,14 @@ class DenseRatio(Attack):
     def _reconstruct(self, view: AttackerView) -> Reconstruction:
         return self._solve([view])[0]
 
-    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        """Every view checked, then the views whose first layers have one shape screened together.
+    def batch_key(self, view: AttackerView) -> Hashable:
+        """Views whose first layers have one shape are screened together; the kept candidates are those of
+        ``ranked_distinct_rows`` on each view (see the module docstring)."""
+        layer = first_dense_on_image(view.model, view.input_shape, self.name)
+        return (layer.weight_key, tuple(layer.module.weight.shape))
 
-        The kept candidates are those of ``ranked_distinct_rows`` on each view (see the module docstring).
-        """
-        for view in views:
-            self.check(view)
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            layer = first_dense_on_image(view.model, view.input_shape, self.name)
-            groups.setdefault((layer.weight_key, tuple(layer.module.weight.shape)), []).append(index)
-        results: dict[int, Reconstruction] = {}
-        for members in groups.values():
-            start = time.perf_counter()
-            solved = self._solve([views[i] for i in members])
-            seconds = (time.perf_counter() - start) / len(members)
-            for index, result in zip(members, solved, strict=True):
-                result.diagnostics["seconds"] = seconds
-                results[index] = result
-        return [results[index] for index in range(len(views))]
+    def _reconstruct_batch(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        return self._solve(views)
 
     def _usable(self, bias: Tensor) -> Tensor:
         magnitude = bias.abs()

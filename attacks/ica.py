@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from attacks.early_stop import Plateau
+from attacks.lane_adam import LaneAdam
 
 GAUSSIAN_LOGCOSH = 0.3745672075
 """E[log cosh(nu)] for a standard normal nu (numerical integration)."""
@@ -152,36 +153,33 @@ def _optimise(
     steps = torch.full((lanes,), settings.iterations, dtype=torch.long)
     plateau = Plateau(lanes, settings.patience, settings.min_delta, white.device)
     active = torch.arange(lanes)
-    variable = unmixing.to(device=white.device, dtype=torch.float32).requires_grad_(True)
-    optimiser = torch.optim.Adam([variable], lr=settings.lr)
+    variable = unmixing.to(device=white.device, dtype=torch.float32)
+    adam = LaneAdam(variable)
     for step in range(1, settings.iterations + 1):
-        optimiser.zero_grad(set_to_none=True)
-        values = objective(variable, white, image_shape, settings)
-        values.sum().backward()
-        optimiser.step()
+        with torch.enable_grad():
+            leaf = variable.detach().requires_grad_(True)
+            values = objective(leaf, white, image_shape, settings)
+            (gradient,) = torch.autograd.grad(values.sum(), leaf)
+        adam.step(variable, gradient, settings.lr)
         if settings.patience == 0:
             continue
-        plateau.observe(values, active.to(white.device))
+        plateau.observe(values.detach(), active.to(white.device))
         if step % settings.check_every or step == settings.iterations:
             continue
         flat = plateau.check(step)[active]
         if not bool(flat.any()):
             continue
         done = active[flat]
-        result[done] = variable.detach()[flat].to(device="cpu", dtype=torch.float64)
+        result[done] = variable[flat].to(device="cpu", dtype=torch.float64)
         steps[done] = step
         active = active[~flat]
         if len(active) == 0:
             return result, steps
         keep = (~flat).to(white.device)
         white = white[keep]
-        state = optimiser.state[variable]
-        variable = variable.detach()[keep].clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([variable], lr=settings.lr)
-        optimiser.state[variable] = {
-            name: value if name == "step" else value[keep].clone() for name, value in state.items()
-        }
-    result[active] = variable.detach().to(device="cpu", dtype=torch.float64)
+        variable = variable[keep]
+        adam.keep(keep)
+    result[active] = variable.to(device="cpu", dtype=torch.float64)
     return result, steps
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +23,7 @@ from torch.func import grad_and_value, vmap
 
 from attacks.base import Attack
 from attacks.early_stop import Plateau
+from attacks.lane_adam import LaneAdam
 from attacks.layers import final_dense
 from attacks.losses import SoftTargetLoss, loss_key
 from attacks.params import Param
@@ -55,8 +55,6 @@ INITS = ("uniform", "normal", "constant")
 MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 """Fractions of ``iterations`` at which the step size is divided by 10 (the reference implementation's)."""
 DECAY = 0.1
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 """Adam's moment decay rates and denominator offset (torch's defaults, which the reference code used)."""
 
 LANE_SAMPLES = {"cpu": 64, "cuda": 16384}
@@ -179,7 +177,7 @@ class InvertingGradients(Attack):
         lanes = images.shape[0]
         milestones = [int(iterations * fraction) for fraction in MILESTONES]
         plateau = Plateau(lanes, self.params["patience"], self.params["min_delta"], images.device)
-        adam = _LaneAdam(images)
+        adam = LaneAdam(images)
         stage = torch.zeros(lanes, dtype=torch.long)
         active = torch.ones(lanes, dtype=torch.bool)
         run = torch.full((lanes,), iterations, dtype=torch.long)
@@ -194,7 +192,7 @@ class InvertingGradients(Attack):
                 step_size = self._step_sizes(stage, images.device)
             values, signs = value_and_sign(images if subset is None else images[subset], subset)
             plateau.observe(values, subset)
-            adam.step(images, signs, step_size, subset)
+            adam.step(images, signs, step_size, subset, bounds=(0.0, 1.0))
             done = step + 1
             if done % self.params["check_every"] or done == iterations:
                 continue
@@ -253,35 +251,42 @@ class InvertingGradients(Attack):
             },
         )
 
-    def reconstruct_many(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        """All victims and restarts in one batched computation; same result as ``reconstruct`` per view.
+    def batch_key(self, view: AttackerView) -> Hashable:
+        """Views that share the architecture, update kind, loss, local steps, learning rate and shapes (the
+        audit of one client group in one round does) form one batch: all victims and restarts in one batched
+        computation, with the same result as ``reconstruct`` per view."""
+        architecture = tuple((name, tuple(p.shape)) for name, p in view.model.named_parameters())
+        return (
+            type(view.model),
+            architecture,
+            view.kind,
+            loss_key(view.loss),
+            view.local_steps,
+            view.lr,
+            view.batch_size,
+            view.num_samples,
+            view.input_shape,
+            view.num_classes,
+        )
 
-        Views that share the architecture, update kind, loss, local steps, learning rate and shapes (the
-        audit of one client group in one round does) form one batch; their global parameters are shared
-        when equal, else stacked per victim. A view alone in its group takes the (faster) one-victim path.
-        A group larger than ``lane_samples`` allows runs as several batched computations, one after the
-        other, so memory stays bounded whatever the number of victims.
+    def _reconstruct_batch(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
+        """Views of one ``batch_key``: their global parameters are shared when equal, else stacked per victim.
+
+        A view alone takes the (faster) one-victim path. More views than ``lane_samples`` allows run as several
+        batched computations, one after the other, so memory stays bounded whatever the number of victims.
         """
-        for view in views:
-            self.check(view)
-        results: dict[int, Reconstruction] = {}
-        for members in _compatible_groups(views):
-            if len(members) == 1:
-                results[members[0]] = self.reconstruct(views[members[0]])
-                continue
-            per_view = self.params["restarts"] * views[members[0]].num_samples
-            limit = self.lane_samples or LANE_SAMPLES.get(self.device.type, LANE_SAMPLES["cpu"])
-            size = max(1, limit // per_view)
-            for first in range(0, len(members), size):
-                chunk = members[first : first + size]
-                with torch.enable_grad(), _full_float32(self.device):
-                    batch = self._batched([views[i] for i in chunk])
-                for index, result in zip(chunk, batch, strict=True):
-                    results[index] = result
-        return [results[index] for index in range(len(views))]
+        if len(views) == 1:
+            return [self._reconstruct(views[0])]
+        per_view = self.params["restarts"] * views[0].num_samples
+        limit = self.lane_samples or LANE_SAMPLES.get(self.device.type, LANE_SAMPLES["cpu"])
+        size = max(1, limit // per_view)
+        results: list[Reconstruction] = []
+        for first in range(0, len(views), size):
+            with _full_float32(self.device):
+                results += self._batched(views[first : first + size])
+        return results
 
     def _batched(self, views: Sequence[AttackerView]) -> list[Reconstruction]:
-        start = time.perf_counter()
         # one model for all victims; their tensors stay on the CPU until stacked (one transfer per kind)
         model = working_model(views[0], self.device)
         setups = [self._setup(view, torch.device("cpu"), model) for view in views]
@@ -297,15 +302,12 @@ class InvertingGradients(Attack):
         runs = self._optimise(images, value_and_sign)
         finals = torch.nan_to_num(objective.values(images).detach().cpu(), nan=math.inf)
         images = images.cpu()
-        seconds = (time.perf_counter() - start) / len(views)
         results = []
         for index, setup in enumerate(setups):
             lanes = finals[index * restarts : (index + 1) * restarts]
             best = int(torch.argmin(lanes))
             lane = index * restarts + best
-            result = self._result(setup, images[lane], float(lanes[best]), best, int(runs[lane]))
-            result.diagnostics["seconds"] = seconds
-            results.append(result)
+            results.append(self._result(setup, images[lane], float(lanes[best]), best, int(runs[lane])))
         return results
 
     def _lane_objective(self, setups: Sequence[_Setup]) -> LaneObjective:
@@ -427,58 +429,6 @@ class PerSampleLanes(LaneObjective):
     def values(self, images: Tensor) -> Tensor:
         """See ``LaneObjective``."""
         return self._objective(images, None, create_graph=False).detach()
-
-
-class _LaneAdam:
-    """Adam on a stack of lanes (first dimension), each with its own step size; lanes left out do not move.
-
-    The update is torch's Adam without weight decay (moments, bias correction, ``EPS`` added to the
-    corrected root second moment), written out so that the step size can differ per lane and a
-    lane can be frozen. Pixels are projected to [0, 1] after every step.
-    """
-
-    def __init__(self, images: Tensor) -> None:
-        self.first = torch.zeros_like(images)
-        self.second = torch.zeros_like(images)
-        self.steps = torch.zeros(images.shape[0], dtype=images.dtype, device=images.device)
-
-    def step(self, images: Tensor, direction: Tensor, step_size: Tensor, lanes: Tensor | None) -> None:
-        """One step of the lanes ``lanes`` (all when ``None``) along ``direction`` (their rows only)."""
-        with torch.no_grad():
-            index = slice(None) if lanes is None else lanes
-            shape = (-1,) + (1,) * (images.dim() - 1)
-            steps = self.steps[index] + 1
-            self.steps[index] = steps
-            first = self.first[index].mul_(BETAS[0]).add_(direction, alpha=1 - BETAS[0])
-            second = self.second[index].mul_(BETAS[1]).addcmul_(direction, direction, value=1 - BETAS[1])
-            if lanes is not None:
-                self.first[index] = first
-                self.second[index] = second
-            scale = (step_size[index] / (1 - BETAS[0] ** steps)).view(shape)
-            root = (1 - BETAS[1] ** steps).sqrt().view(shape)
-            moved = images[index] - scale * first / (second.sqrt() / root + EPS)
-            images[index] = moved.clamp_(0, 1)
-
-
-def _compatible_groups(views: Sequence[AttackerView]) -> list[list[int]]:
-    """Indices of the views grouped by everything a batched inversion must share, in first-seen order."""
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for index, view in enumerate(views):
-        architecture = tuple((name, tuple(p.shape)) for name, p in view.model.named_parameters())
-        key = (
-            type(view.model),
-            architecture,
-            view.kind,
-            loss_key(view.loss),
-            view.local_steps,
-            view.lr,
-            view.batch_size,
-            view.num_samples,
-            view.input_shape,
-            view.num_classes,
-        )
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
 
 
 @contextlib.contextmanager

@@ -33,7 +33,12 @@ class Param:
         return text
 
     def validate(self, where: str, value: Any) -> Any:
-        """Return ``value`` converted to this parameter's type, or raise AttackConfigError."""
+        """Return ``value`` converted to this parameter's type, or raise AttackConfigError.
+
+        Numbers follow the rule of defence parameters (``defenses.spec.coerce``): a number parameter also
+        takes a numeric string such as ``'1e-3'`` (YAML 1.1 loaders keep ``1e-3`` as text); an integer
+        parameter takes whole numbers only, never strings or booleans.
+        """
         bad = AttackConfigError(f"{where}: must be {self.allowed()}, got {value!r}")
         if self.kind is bool:
             if not isinstance(value, bool):
@@ -43,6 +48,11 @@ class Param:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad
         elif self.kind is float:
+            if isinstance(value, str):  # the rule defence parameters follow: '1e-3', which YAML 1.1 keeps as text
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise bad from None
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise bad
             value = float(value)

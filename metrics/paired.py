@@ -10,7 +10,6 @@ of half a window cropped before the mean, channels averaged).
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import uniform_filter
 
 from metrics.avd import (
     first_order_map,
@@ -22,9 +21,8 @@ from metrics.avd import (
 )
 from metrics.conventions import PSNR_CEILING_DB, WORST_SCORE
 from metrics.images import clip_unit
-from metrics.similarity import DATA_RANGE, psnr_of_mse, ssim_pixel_major, ssim_window
-
-K1, K2 = 0.01, 0.03
+from metrics.products import pixel_major
+from metrics.similarity import DATA_RANGE, psnr_of_mse, ssim_pixel_major
 
 
 def _finite(images: np.ndarray) -> np.ndarray:
@@ -62,24 +60,12 @@ def paired_psnr(v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
 
 
 def paired_ssim(v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
-    """SSIM of each aligned pair (channels averaged); -1 where the reconstruction is not finite."""
+    """SSIM of each aligned pair (channels averaged) by ``ssim_pixel_major``; -1 where the reconstruction is
+    not finite."""
     finite = _finite(v1)
-    x = clip_unit(v0).astype(np.float64)
-    y = clip_unit(np.where(np.isfinite(v1), v1, 0.0)).astype(np.float64)
-    window = ssim_window(x.shape[-2], x.shape[-1])
-    size = (1, 1, window, window)
-    count = window * window
-    norm = count / (count - 1)
-    ux, uy = uniform_filter(x, size=size), uniform_filter(y, size=size)
-    vx = norm * (uniform_filter(x * x, size=size) - ux * ux)
-    vy = norm * (uniform_filter(y * y, size=size) - uy * uy)
-    vxy = norm * (uniform_filter(x * y, size=size) - ux * uy)
-    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    pad = (window - 1) // 2
-    cropped = s[..., pad : s.shape[-2] - pad, pad : s.shape[-1] - pad]
-    values = cropped.mean(axis=(2, 3)).mean(axis=1)
-    return np.where(finite, values, WORST_SCORE["ssim"])
+    x = pixel_major(clip_unit(v0))
+    y = pixel_major(clip_unit(np.where(np.isfinite(v1), v1, 0.0)))
+    return np.where(finite, ssim_pixel_major(x, y), WORST_SCORE["ssim"])
 
 
 PAIRED = {"avd": paired_avd, "mse": paired_mse, "psnr": paired_psnr, "ssim": paired_ssim}

@@ -12,11 +12,10 @@ import math
 from typing import Any
 
 import numpy as np
-from skimage.metrics import structural_similarity
 
 from metrics.conventions import PSNR_CEILING_DB, WORST_SCORE
 from metrics.images import as_batch_pair, as_image_pair, clip_unit, is_finite_image
-from metrics.products import squared_distances, window_sums
+from metrics.products import pixel_major, squared_distances, window_sums
 
 DATA_RANGE = 1.0
 """The intensity range used by PSNR and SSIM."""
@@ -26,6 +25,9 @@ SSIM_WINDOW = 7
 
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 """SSIM's stabilising constants (scikit-image's defaults): C1 = (K1 L)^2 and C2 = (K2 L)^2 for data range L."""
+
+PAIRS_PER_BLOCK = 256
+"""Pairs ``pairwise_ssim`` stacks per call of the kernel."""
 
 _MSE_FLOOR = 10.0 ** (-PSNR_CEILING_DB / 10.0)
 
@@ -47,9 +49,10 @@ def _psnr_from_mse(error: float) -> float:
 
 
 def _ssim(v0: np.ndarray, v1: np.ndarray) -> float:
-    window = ssim_window(v0.shape[-2], v0.shape[-1])
-    value = structural_similarity(clip_unit(v0), clip_unit(v1), data_range=DATA_RANGE, channel_axis=0, win_size=window)
-    return float(value)
+    """SSIM of one finite pair (C x H x W) by the window-sums kernel, ``ssim_pixel_major``."""
+    x = np.ascontiguousarray(clip_unit(v0).transpose(1, 2, 0)[..., np.newaxis], dtype=np.float64)
+    y = np.ascontiguousarray(clip_unit(v1).transpose(1, 2, 0)[..., np.newaxis], dtype=np.float64)
+    return float(ssim_pixel_major(x, y)[0])
 
 
 def mse(original: Any, reconstruction: Any) -> float:
@@ -74,9 +77,9 @@ def psnr(original: Any, reconstruction: Any) -> float:
 def ssim(original: Any, reconstruction: Any) -> float:
     """Structural similarity (Wang et al. 2004) with data range 1.0, after clipping to [0, 1].
 
-    Uses scikit-image's ``structural_similarity`` with a 7 x 7 uniform window (the largest odd
-    window that fits for smaller images); for C x H x W the per-channel values are averaged. A
-    non-finite reconstruction scores ``-1.0``.
+    The statistic of scikit-image's ``structural_similarity`` (its test reference) with a 7 x 7 uniform
+    window (the largest odd window that fits for smaller images), computed by ``ssim_pixel_major``; for
+    C x H x W the per-channel values are averaged. A non-finite reconstruction scores ``-1.0``.
     """
     v0, v1 = as_image_pair(original, reconstruction)
     return _ssim(v0, v1) if is_finite_image(v1) else WORST_SCORE["ssim"]
@@ -117,18 +120,27 @@ def pairwise_psnr(originals: Any, reconstructions: Any) -> np.ndarray:
 
 
 def pairwise_ssim(originals: Any, reconstructions: Any) -> np.ndarray:
-    """N x M matrix of SSIM between every original and every reconstruction (-1 if non-finite)."""
+    """N x M matrix of SSIM between every original and every reconstruction (-1 if non-finite), by the
+    window-sums kernel (``ssim_pixel_major``) over all N x M pairs at once."""
     v0, v1 = as_batch_pair(originals, reconstructions)
     finite = _finite_rows(v1)
-    values = np.full((len(v0), len(v1)), WORST_SCORE["ssim"])
-    for j in np.flatnonzero(finite):
-        for i in range(len(v0)):
-            values[i, j] = _ssim(v0[i], v1[j])
+    x = pixel_major(clip_unit(v0))
+    y = pixel_major(clip_unit(np.where(np.isfinite(v1), v1, 0.0)))
+    first, second = np.divmod(np.arange(len(v0) * len(v1)), len(v1))
+    flat = np.empty(len(first))
+    for start in range(0, len(first), PAIRS_PER_BLOCK):  # bounds the stacked copies of the pairs
+        block = slice(start, start + PAIRS_PER_BLOCK)
+        flat[block] = ssim_pixel_major(np.take(x, first[block], axis=-1), np.take(y, second[block], axis=-1))
+    values = flat.reshape(len(v0), len(v1))
+    values[:, ~finite] = WORST_SCORE["ssim"]
     return values
 
 
 def ssim_pixel_major(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """SSIM of aligned pairs of pixel-major images (H, W, C, P) already clipped to [0, 1]: shape (P,).
+
+    The one SSIM kernel of the package: ``ssim``, ``pairwise_ssim``, ``paired_ssim`` and the matched pairs'
+    scores all call it.
 
     The statistic of ``ssim`` (scikit-image's uniform window of n = w x w pixels, sample covariance,
     borders of half a window cropped, channels averaged), computed in float64 from the window sums

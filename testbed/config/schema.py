@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from defenses.import_path import is_import_path
+from defenses.import_path import is_import_path, recorded_folder
 from testbed.data.datasets import DATASETS
 from testbed.data.partition import PARTITIONS
 
@@ -137,6 +137,7 @@ DEFAULT_ACTIVATIONS: dict[str, str] = {"mlp": "relu", "lenet": "sigmoid", "cnn":
 """Each model's activation when the topology names none (LeNet: sigmoid, as in the DLG papers)."""
 
 BUILT_IN_MODELS = ("softmax", "mlp", "lenet", "cnn")
+"""The models ``model.name`` may name besides an import path (built by ``testbed.runtime.models.build_model``)."""
 DEFAULT_HIDDEN = [256]
 
 
@@ -323,16 +324,27 @@ class AttackConfig(Strict):
 
     name: str | list[str] = Field(
         "auto",
-        description="auto (the default: every image attack, each where it applies), an attack name, or a list of "
-        "attacks: every applicable one runs on each audited update and each sample's leakage is the best "
-        "reconstruction over them (the worst case for the client)",
+        description="auto (the default: every image attack, each where it applies), an attack name, your own "
+        "attack by import path package.module:Class (docs/attacks.md: Write your own attack), or a list of these "
+        "(auto in a list: every image attack plus the others listed): every applicable one runs on each audited "
+        "update and each sample's leakage is the best reconstruction over them (the worst case for the client)",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="the attack's parameters; with auto or a list of attacks, a mapping from attack name to its "
-        "parameters",
+        description="the attack's parameters; with auto or a list of attacks, a mapping from attack name (or the "
+        "import path as written in name) to its parameters",
+    )
+    path: str | None = Field(
+        None,
+        description="folder import-path attacks are imported from (relative: to the topology file); when not "
+        "given, the topology file's folder or the working directory holding the module is recorded here on loading",
     )
     aggregator: str | list[str] = Field("root", description="which aggregator(s) run it: root and/or edge names")
+
+    @property
+    def written(self) -> list[str]:
+        """``name`` as a list, as the topology writes it (auto, registry names, import paths)."""
+        return [self.name] if isinstance(self.name, str) else list(self.name)
 
     @property
     def is_portfolio(self) -> bool:
@@ -344,29 +356,39 @@ class AttackConfig(Strict):
         """Most audited updates per round the optimisation attacks run on (None: every one)."""
         if self.audit.optimisation_per_round is not None:
             return self.audit.optimisation_per_round
-        return AUTO_OPTIMISATION_CAP if self.name == AUTO_ATTACK else None
+        return AUTO_OPTIMISATION_CAP if AUTO_ATTACK in self.written else None
 
     @property
     def names(self) -> list[str]:
-        """The attacks that run, in the configured order (``auto``: every image attack of the registry)."""
-        from attacks import auto_attacks
+        """The registry names of the attacks that run, in the configured order; ``auto`` stands for every image
+        attack of the registry, and an import path for its class (imported from ``path`` and registered)."""
+        from attacks import attack_name, auto_attacks
 
-        if self.name == AUTO_ATTACK:
-            return auto_attacks()
-        return [self.name] if isinstance(self.name, str) else list(self.name)
+        own = {entry: attack_name(entry, self.path) for entry in self.written if entry != AUTO_ATTACK}
+        found: list[str] = []
+        for entry in self.written:
+            for name in auto_attacks() if entry == AUTO_ATTACK else [own[entry]]:
+                if name not in found:
+                    found.append(name)
+        return found
 
     def params_of(self, name: str) -> dict[str, Any]:
-        """The parameters of attack ``name`` (its defaults where none are given)."""
+        """The parameters of attack ``name`` (a registry name; its defaults where none are given)."""
         if not self.is_portfolio:
             return dict(self.params)
-        return dict(self.params.get(name) or {})
+        from attacks import attack_name
+
+        for key, given in self.params.items():
+            if key == name or (key in self.written and key != AUTO_ATTACK and attack_name(key, self.path) == name):
+                return dict(given or {})
+        return {}
 
     @property
     def label(self) -> str:
         """The attack, or the portfolio, in a few words (for descriptions and progress)."""
         if not self.is_portfolio:
-            return str(self.name)
-        prefix = "auto: " if self.name == AUTO_ATTACK else ""
+            return self.names[0]
+        prefix = "auto: " if AUTO_ATTACK in self.written else ""
         return prefix + "worst case of " + ", ".join(self.names)
 
     @property
@@ -377,6 +399,22 @@ class AttackConfig(Strict):
     labels_known: bool = Field(False, description="threat model: labels are public")
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _record_path(cls, data: Any, info: ValidationInfo) -> Any:
+        """Record where import-path attacks come from, as ``model.path`` is (the topology file's folder:
+        ``folder`` in the validation context), so that the attack actors import them from there."""
+        if not isinstance(data, dict):
+            return data
+        written = data.get("name", AUTO_ATTACK)
+        entries = [written] if isinstance(written, str) else written if isinstance(written, list) else []
+        paths = [entry for entry in entries if isinstance(entry, str) and is_import_path(entry)]
+        given = data.get("path")
+        if not paths or (given is not None and not isinstance(given, str)):
+            return data
+        folder = recorded_folder(paths, given, (info.context or {}).get("folder"))
+        return data if folder is None else {**data, "path": folder}
+
     @model_validator(mode="after")
     def _known_attack(self) -> AttackConfig:
         from attacks import build_attack
@@ -384,23 +422,29 @@ class AttackConfig(Strict):
         if isinstance(self.name, list):
             if not self.name:
                 raise ValueError("attack.name: give an attack or a non-empty list of attacks")
-            if AUTO_ATTACK in self.name:
-                raise ValueError("attack.name: auto stands for every attack; give it alone, not in a list")
             repeated = sorted({name for name in self.name if self.name.count(name) > 1})
             if repeated:
                 raise ValueError(f"attack.name: {', '.join(repeated)} listed more than once")
+            from attacks import auto_attacks
+
+            twice = [name for name in self.name if AUTO_ATTACK in self.name and name in auto_attacks()]
+            if twice:
+                raise ValueError(f"attack.name: auto runs {', '.join(twice)} already; list it once")
+        if self.path is not None and not any(is_import_path(entry) for entry in self.written):
+            raise ValueError("attack.path: only an import-path attack.name takes path")
+        names = self.names
         if self.is_portfolio:
-            stray = sorted(set(self.params) - set(self.names))
+            stray = sorted(set(self.params) - set(names) - set(self.written))
             if stray:
                 raise ValueError(
                     f"attack.params: {', '.join(stray)} is not in attack.name; with auto or a list of attacks, params "
-                    f"maps each attack to its parameters (attacks: {', '.join(self.names)})"
+                    f"maps each attack to its parameters (attacks: {', '.join(names)})"
                 )
-        for name in self.names:
-            given = self.params.get(name) or {} if self.is_portfolio else self.params
-            if not isinstance(given, dict):
-                raise ValueError(f"attack.params.{name}: expected a mapping of parameters, got {given!r}")
-            build_attack(name, given)
+            for key, given in self.params.items():
+                if given is not None and not isinstance(given, dict):
+                    raise ValueError(f"attack.params.{key}: expected a mapping of parameters, got {given!r}")
+        for name in names:
+            build_attack(name, self.params_of(name))
         return self
 
 

@@ -6,7 +6,7 @@ says. Two ways to the clipped sums, the same up to float round-off:
 - any model: per-example gradients from ``torch.func``, ``vmap`` over clients of ``vmap`` over examples
   of ``grad`` of one example's loss, formed a slice of clients at a time so that memory stays near
   ``MEMORY_BUDGET`` whatever the chunk size;
-- dense models (``testbed.runtime.fused.fusable``): no per-example gradient is formed. A dense layer
+- dense models (``testbed.runtime.fused.is_dense_stack``): no per-example gradient is formed. A dense layer
   ``z = W a + b`` gives example i the weight gradient ``d_i a_i^T`` and bias gradient ``d_i``, with
   ``d_i`` the gradient of its loss at ``z_i``. So ``||g_i||^2 = sum over layers of ||d_i||^2 (||a_i||^2 + 1)``
   (Goodfellow 2015), and the clipped sum ``sum_i c_i d_i a_i^T`` is one batched product per layer.
@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from defenses import DPSGD, Loss
 from testbed.config.schema import AlgorithmConfig
-from testbed.runtime.fused import fusable
+from testbed.runtime.fused import dense_forward, is_dense_stack
 from testbed.runtime.local_update import StackedBatches
 from testbed.runtime.records import Params
 
@@ -86,28 +86,20 @@ def dense_clipped_sums(
     x, y, w = batch
     clients, width = int(x.shape[0]), int(x.shape[1])
     layers = list(model.named_children()) if isinstance(model, nn.Sequential) else [("", model)]
-    h = x
-    dense: list[tuple[str, bool]] = []  # key prefix of each dense layer, and whether it has a bias
-    inputs: list[Tensor] = []
-    outputs: list[Tensor] = []
-    for name, layer in layers:
-        if isinstance(layer, nn.Flatten):
-            h = h.reshape(clients, width, -1)
-        elif isinstance(layer, nn.Linear):
-            prefix = f"{name}." if name else ""
-            weight = params[prefix + "weight"]
-            z = torch.matmul(h, weight.T) if shared else torch.bmm(h, weight.transpose(1, 2))
-            if layer.bias is not None:
-                bias = params[prefix + "bias"]
-                z = z + (bias if shared else bias.unsqueeze(1))
-            if not z.requires_grad:  # the first dense layer: nothing before it needs a gradient
-                z.requires_grad_(True)
-            dense.append((prefix, layer.bias is not None))
-            inputs.append(h.detach())
-            outputs.append(z)
-            h = z
-        else:
-            h = layer(h)
+    dense = [  # key prefix of each dense layer, and whether it has a bias
+        (f"{name}." if name else "", layer.bias is not None) for name, layer in layers if isinstance(layer, nn.Linear)
+    ]
+
+    def output(name: str, layer: nn.Linear, h: Tensor, position: int) -> Tensor:
+        prefix = dense[position][0]
+        weight = params[prefix + "weight"]
+        z = torch.matmul(h, weight.T) if shared else torch.bmm(h, weight.transpose(1, 2))
+        if layer.bias is not None:
+            bias = params[prefix + "bias"]
+            z = z + (bias if shared else bias.unsqueeze(1))
+        return z
+
+    h, inputs, outputs = dense_forward(layers, x, output)
     per_example = loss.per_sample(h.reshape(clients * width, -1), y.reshape(-1)).reshape(clients, width)
     signals = torch.autograd.grad((per_example * w).sum(), outputs)  # padding rows: zero signal
     squares = torch.zeros(clients, width, dtype=x.dtype, device=x.device)
@@ -145,7 +137,7 @@ def dp_step(
 
     ``batch`` is (x, y, w) shaped (C, W, ...), (C, W), (C, W) with w 1 for a sampled example, 0 for padding.
     """
-    if fusable(model):
+    if is_dense_stack(model):
         return dp.privatise(dense_clipped_sums(model, loss, dp, params, batch, shared=shared), normaliser, generators)
     x, y, w = batch
     clients, width = int(x.shape[0]), int(x.shape[1])

@@ -14,8 +14,8 @@ inputs of every row:
 - an audited client's raw update is one small batched product of its own rows.
 
 Valid when the model is dense layers and parameter-free elementwise activations, and when nothing
-needs each client's full update (no update transforms, no injected faults); ``fusable`` checks the
-model and ``worth_fusing`` weighs the low-rank corrections against per-client weights.
+needs each client's full update (no update transforms, no injected faults); ``is_dense_stack`` checks the
+model and ``low_rank_cheaper`` weighs the low-rank corrections against per-client weights.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("", model)]
 
 
-def fusable(model: nn.Module) -> bool:
+def is_dense_stack(model: nn.Module) -> bool:
     """Whether every layer of ``model`` is dense or a parameter-free elementwise map, applied in order.
 
     A model with buffers (BatchNorm statistics) is not, nor a subclass of ``nn.Sequential`` that may
@@ -55,7 +55,7 @@ def fusable(model: nn.Module) -> bool:
     return all(isinstance(layer, LAYERS) for _, layer in _layers(model))
 
 
-def worth_fusing(model: nn.Module, rows: int) -> bool:
+def low_rank_cheaper(model: nn.Module, rows: int) -> bool:
     """Whether ``rows`` samples per client (all local steps) are cheaper as low-rank corrections.
 
     A correction costs about rows x (in + out) per layer and sample, a per-client weight matrix in x out.
@@ -152,13 +152,14 @@ DenseOutput = Callable[[str, nn.Linear, Tensor, int], Tensor]
 """(module name, layer, its input (C, B, in), its position among the dense layers) -> its output (C, B, out)."""
 
 
-def _local_step(
-    layers: list[tuple[str, nn.Module]], loss: Loss, x: Tensor, y: Tensor, w: Tensor, dense_output: DenseOutput
-) -> tuple[list[Tensor], list[Tensor]]:
-    """One local step of every client: each dense layer's input rows and the error signals at its output.
+def dense_forward(
+    layers: list[tuple[str, nn.Module]], x: Tensor, dense_output: DenseOutput
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The forward walk of a Flatten -> Linear -> activation ... stack over every client's batch (C, B, ...).
 
-    The loss is each client's mean over its real (weight-1) samples, summed over clients, so a row's
-    signal is exactly its share of its own client's gradient.
+    Returns the logits (C, B, classes), each dense layer's input rows (detached) and its output (C, B, out),
+    from ``dense_output``, each requiring a gradient (the first too, though nothing before it needs one), so
+    that ``torch.autograd.grad`` of a loss gives the error signals at the dense layers' outputs.
     """
     clients, width = int(x.shape[0]), int(x.shape[1])
     h = x
@@ -176,6 +177,19 @@ def _local_step(
             h = z
         else:
             h = layer(h)
+    return h, inputs, outputs
+
+
+def _local_step(
+    layers: list[tuple[str, nn.Module]], loss: Loss, x: Tensor, y: Tensor, w: Tensor, dense_output: DenseOutput
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One local step of every client: each dense layer's input rows and the error signals at its output.
+
+    The loss is each client's mean over its real (weight-1) samples, summed over clients, so a row's
+    signal is exactly its share of its own client's gradient.
+    """
+    clients, width = int(x.shape[0]), int(x.shape[1])
+    h, inputs, outputs = dense_forward(layers, x, dense_output)
     per_sample = loss.per_sample(h.reshape(clients * width, -1), y.reshape(-1))
     total = ((per_sample.reshape(clients, width) * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).sum()
     return inputs, [grad.detach() for grad in torch.autograd.grad(total, outputs)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from defenses.import_path import is_import_path
-from testbed.config.schema import DEFAULT_ACTIVATIONS
+from testbed.config.schema import BUILT_IN_MODELS, DEFAULT_ACTIVATIONS
 from testbed.runtime.user_models import build_user_model
 
 if TYPE_CHECKING:
@@ -100,7 +100,6 @@ def small_cnn(input_shape: Sequence[int], num_classes: int, activation: str = "r
     return nn.Sequential(*body, nn.Linear(features, 64), layer(), nn.Linear(64, num_classes))
 
 
-MODEL_NAMES = ("softmax", "mlp", "lenet", "cnn")
 INITS = ("default", "dlg")
 
 
@@ -158,7 +157,7 @@ def build_model(
         elif name == "cnn":
             model = small_cnn(input_shape, num_classes, chosen)
         else:
-            raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+            raise UnknownModelError(f"model.name: unknown model {name!r}; allowed: {', '.join(BUILT_IN_MODELS)}")
         return dlg_init(model) if init == "dlg" else model
 
 

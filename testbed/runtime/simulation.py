@@ -23,7 +23,7 @@ from testbed.data.partition import Partition
 from testbed.runtime.buffers import buffer_contribution, split_state, stateful_update
 from testbed.runtime.dp_update import dp_local_steps, dp_updates
 from testbed.runtime.faults import corrupt_values, malformed
-from testbed.runtime.fused import dense_deltas, fusable, fused_trace, worth_fusing
+from testbed.runtime.fused import dense_deltas, fused_trace, is_dense_stack, low_rank_cheaper
 from testbed.runtime.local_update import StackedBatches, stacked_deltas, stacked_gradients, weighted_sum
 from testbed.runtime.low_rank import Factors, worth_factoring
 from testbed.runtime.models import model_for
@@ -62,7 +62,7 @@ class SimulationContext:
     partition: Partition
     groups: list[GroupRuntime]
     device: torch.device
-    fusable: bool = False
+    dense_stack: bool = False
     factor_audits: bool = False  # every attack reads factored weights (Attack.reads_factors)
 
     @classmethod
@@ -95,7 +95,7 @@ class SimulationContext:
             partition=partition,
             groups=groups,
             device=torch.device(device),
-            fusable=fusable(model),
+            dense_stack=is_dense_stack(model),
             factor_audits=experiment.attack is not None
             and all(getattr(ATTACKS.get(name), "reads_factors", False) for name in experiment.attack.names),
         )
@@ -198,7 +198,7 @@ def _local_updates(
         update, trained = stateful_update(context.model, loss, params, buffers, batches, lr)
     elif experiment.algorithm.name == "fedsgd":
         update = stacked_gradients(context.model, loss, params, batches)
-    elif context.fusable:  # dense model, too many local steps to fuse: per-client weights updated in place
+    elif context.dense_stack:  # dense model, too many local steps to fuse: per-client weights updated in place
         update = dense_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
     else:
         update = stacked_deltas(context.model, loss, params, batches, experiment.algorithm.lr)
@@ -310,7 +310,7 @@ def _client_weights(context: SimulationContext, group: GroupRuntime, clients: np
     return torch.tensor(held, dtype=used.dtype, device=used.device)
 
 
-def _fused(
+def _fused_chunk(
     context: SimulationContext,
     group: GroupRuntime,
     params: Params,
@@ -320,7 +320,8 @@ def _fused(
     summary: ChunkSummary,
     payload: ChunkPayload,
 ) -> bool:
-    """The chunk by the fused dense-layer path when every client's update is accepted; False otherwise.
+    """Run the chunk by the fused dense-layer path; True when done (every client's update accepted), False to
+    run it client by client.
 
     Norms (Gram matrices) are formed only under ``max_update_norm``; a non-finite update shows in the sum.
     """
@@ -355,15 +356,15 @@ def _fused(
     return True
 
 
-def _fuses(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -> bool:
+def _fused_path_applies(context: SimulationContext, group: GroupRuntime, index: np.ndarray) -> bool:
     """Whether a group's chunk can skip per-client parameters and gradients (see testbed.runtime.fused)."""
     steps, width = index.shape[1], index.shape[2]  # FedSGD plans one step
     return (
-        context.fusable
+        context.dense_stack
         and not group.policy.transforms
         and group.policy.dp is None
         and group.config.faults.fraction == 0
-        and (steps == 1 or worth_fusing(context.model, steps * width))  # one step needs no corrections
+        and (steps == 1 or low_rank_cheaper(context.model, steps * width))  # one step needs no corrections
     )
 
 
@@ -388,7 +389,8 @@ def simulate_chunk(context: SimulationContext, params: Params, task: ChunkTask) 
         return summary, payload
     params, buffers = split_state(context.model, {key: value.to(context.device) for key, value in params.items()})
     index, summary.short_batches = plan_batches(context, group, clients, task.round)
-    if _fuses(context, group, index) and _fused(context, group, params, clients, index, task, summary, payload):
+    fused = _fused_path_applies(context, group, index)
+    if fused and _fused_chunk(context, group, params, clients, index, task, summary, payload):
         summary.seconds = time.perf_counter() - started
         return summary, payload
     update, used, trained = _local_updates(context, group, params, clients, task.round, index, buffers)

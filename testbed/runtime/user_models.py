@@ -8,8 +8,9 @@ every failure is one line naming ``model.name``.
 
 Its module reaches the Ray workers through the recorded folder (``model.path``, put on ``sys.path`` where it
 exists) and through the job's runtime environment (``runtime_env``): PYTHONPATH for a local Ray, the module's
-files (``py_modules``) for a joined cluster. The modules of the data set and of defence parts named by import
-path (``defence.path``) travel the same way.
+files (``py_modules``) for a joined cluster. The modules of the data set, of defence parts named by import
+path (``defence.path``) and of attacks named by import path (``attack.path``, to the attack actors) travel the
+same way.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def check_user_model(model: nn.Module, name: str, input_shape: Sequence[int], nu
 
 
 def _code_blocks(experiment: Experiment) -> list[tuple[str, str | None]]:
-    """(import path, recorded folder) of every piece of the user's code: model, data set, defence parts."""
+    """(import path, recorded folder) of every piece of the user's code: model, data set, defence parts,
+    attacks."""
     blocks = [(block.name, block.path) for block in (experiment.model, experiment.dataset)]
+    if experiment.attack is not None:
+        blocks.extend((name, experiment.attack.path) for name in experiment.attack.written)
     blocks = [(name, folder) for name, folder in blocks if is_import_path(name)]
     for group in experiment.clients:
         folder = group.defence.get("path")
@@ -111,8 +115,8 @@ def _code_blocks(experiment: Experiment) -> list[tuple[str, str | None]]:
 
 
 def code_locations(experiment: Experiment) -> list[Path]:
-    """The files or folders of the user's own modules (model, data set, defence parts) that are not installed
-    packages."""
+    """The files or folders of the user's own modules (model, data set, defence parts, attacks) that are not
+    installed packages."""
     found: list[Path] = []
     for name, folder in _code_blocks(experiment):
         location = module_location(name, folder)
@@ -122,7 +126,8 @@ def code_locations(experiment: Experiment) -> list[Path]:
 
 
 def code_folders(experiment: Experiment) -> list[str]:
-    """The recorded folders of the user's own modules (model.path, dataset.path, each group's defence.path)."""
+    """The recorded folders of the user's own modules (model.path, dataset.path, each group's defence.path,
+    attack.path)."""
     folders: list[str] = []
     for _, folder in _code_blocks(experiment):
         if folder and folder not in folders:

@@ -103,14 +103,12 @@ class WorkerPool:
         running: dict[ray.ObjectRef, tuple[int, ChunkTask, tuple[ray.ObjectRef, ray.ObjectRef]]] = {}
         summaries: dict[int, ChunkSummary] = {}
         payloads: dict[int, tuple[ray.ObjectRef, ray.ObjectRef]] = {}
-        load = [0] * len(self.workers)
         deaths: dict[int, int] = {}  # chunk index -> times its worker died running it
 
         def submit(slot: int) -> None:
             task = pending.popleft()
             summary_ref, payload_ref, audit_ref = self.workers[slot].run.options(num_returns=3).remote(params_ref, task)
             running[summary_ref] = (slot, task, (payload_ref, audit_ref))
-            load[slot] += 1
 
         for _ in range(IN_FLIGHT_PER_WORKER):
             for slot in range(len(self.workers)):
@@ -118,8 +116,7 @@ class WorkerPool:
                     submit(slot)
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
-            slot, task, payload_ref = running.pop(ready[0])
-            load[slot] -= 1
+            slot, task, payload_and_audit = running.pop(ready[0])
             try:
                 summary: ChunkSummary = ray.get(ready[0])
             except (RayActorError, WorkerCrashedError) as exc:
@@ -132,12 +129,12 @@ class WorkerPool:
                         f"(it is retried at most {MAX_CHUNK_RETRIES} times); last error: {detail}"
                     ) from None
                 log.warning("client worker %d died; re-running chunk %d on a new worker", slot, task.index)
-                self._replace(slot, running, pending, load)
+                self._replace(slot, running, pending)
                 pending.appendleft(task)
                 submit(slot)
                 continue
             summaries[task.index] = summary
-            payloads[task.index] = payload_ref
+            payloads[task.index] = payload_and_audit
             if on_done is not None:
                 on_done(summary)
             if pending:
@@ -151,14 +148,12 @@ class WorkerPool:
         slot: int,
         running: dict[ray.ObjectRef, tuple[int, ChunkTask, tuple[ray.ObjectRef, ray.ObjectRef]]],
         pending: deque[ChunkTask],
-        load: list[int],
     ) -> None:
         """Start a new worker in ``slot``; the dead worker's other in-flight tasks go back to the queue."""
         for ref, (other_slot, task, _) in list(running.items()):
             if other_slot == slot:
                 del running[ref]
                 pending.appendleft(task)
-                load[slot] -= 1
         self.workers[slot] = self._make()
         self.replaced += 1
 

@@ -151,8 +151,8 @@ def code_references(config: Mapping[str, Any]) -> list[str]:
     nothing; an import path (``package.module:callable``) in ``model.name``, ``dataset.name`` or a
     defence block would. Defence blocks are searched for any dotted or colon name, keys included.
     """
-    from defenses.registry import is_import_path as names_defence_class
     from defenses.import_path import is_import_path
+    from defenses.registry import is_import_path as names_defence_class
 
     found = []
     for block in ("model", "dataset"):

@@ -210,3 +210,44 @@ def test_joining_a_cluster_ships_the_users_module_to_the_workers(tmp_path: Path)
             ray.shutdown()
         cluster.shutdown()
     assert where.endswith(f"{module}.py") and not where.startswith(str(tmp_path)), where
+
+
+def test_a_users_attack_from_the_users_file_runs_through_testbed_run_and_its_leakage_is_logged(
+    tmp_path: Path,
+) -> None:
+    """docs/attacks.md's example attack, saved beside the topology (no PYTHONPATH, run from another folder),
+    reaches the attack actor and recovers FedSGD's one-sample updates through the softmax model."""
+    from tests.unit.test_attacks_user import documented_attack
+
+    module = write_module(tmp_path, documented_attack(), stem="my_attacks")
+    topology = {
+        "name": "user-attack",
+        "seed": 0,
+        "rounds": 2,
+        "dataset": {"name": "mnist-5k", "max_train": 400, "max_test": 100, "partition": {"scheme": "iid"}},
+        "model": {"name": "softmax"},
+        "algorithm": {"name": "fedsgd", "lr": 0.1},
+        "clients": [{"group": "a", "count": 8, "batch_size": 1}],
+        "attack": {"name": f"{module}:RowLeastSquares", "params": {"floor": 1e-12}, "audit": {"clients_per_round": 3}},
+        "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 8},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
+    }
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=elsewhere,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["leakage"]["a"]["audited_samples"] == 6, result  # 3 clients a round, 2 rounds
+    assert result["leakage"]["a"]["recovered_fraction"] == 1.0, result  # one image per update: recovered exactly
+    run = MlflowClient(tracking_uri=topology["tracking"]["uri"]).get_run(result["run_id"])
+    assert run.data.params["attack.path"] == str(tmp_path.resolve())
+    assert run.data.metrics["leakage/a/recovered_fraction"] == 1.0

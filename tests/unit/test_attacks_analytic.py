@@ -16,7 +16,7 @@ from attacks.losses import batch_loss, centred, logit_derivatives, marks_presenc
 from defenses import CrossEntropy, LabelSmoothing, MeanSquaredError, SigmoidBinaryCrossEntropy
 from metrics.recovery import recovered
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 
@@ -93,6 +93,7 @@ def test_ce_demix_recovers_every_sample_of_a_distinct_label_batch(labels: list[i
 
 
 @pytest.mark.parametrize(("labels", "offset"), [([4, 4], 0), ([7, 7], 1), ([4, 4, 4, 4], 0)])
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_ce_demix_separates_identical_labels_on_a_trained_softmax_model(labels: list[int], offset: int) -> None:
     images, targets = mnist_digits(labels, offset=offset)
     result = build_attack("ce-demix").reconstruct(make_view(_trained_softmax(), images, targets))
@@ -107,6 +108,7 @@ def test_ce_demix_separates_identical_labels_on_a_trained_softmax_model(labels: 
 @pytest.mark.parametrize(
     ("labels", "offset", "counted"), [([0, 3, 4, 8], 0, [3, 4, 4, 8]), ([1, 5, 6, 9], 1, [1, 1, 5, 6])]
 )
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_ce_demix_finds_distinct_labels_that_bias_counting_gets_wrong_after_training(
     labels: list[int], offset: int, counted: list[int]
 ) -> None:
@@ -126,6 +128,7 @@ def test_ce_demix_finds_distinct_labels_that_bias_counting_gets_wrong_after_trai
 @pytest.mark.parametrize(
     ("labels", "trained", "public"), [([2, 2], True, False), ([2, 2], True, True), ([0, 3, 4, 8], False, False)]
 )
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_ce_demix_attacks_the_mse_loss(labels: list[int], trained: bool, public: bool) -> None:
     images, targets = mnist_digits(labels, offset=1 if not public else 0)
     model = _trained_softmax() if trained else _model("softmax")
@@ -135,6 +138,7 @@ def test_ce_demix_attacks_the_mse_loss(labels: list[int], trained: bool, public:
     _assert_every_sample_recovered(images, result)
 
 
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_ce_demix_attacks_label_smoothing() -> None:
     images, targets = mnist_digits([1, 1, 7], offset=3)
     view = make_view(_trained_softmax(), images, targets, loss="label-smoothing")
@@ -176,6 +180,7 @@ def test_ce_demix_uses_public_labels_and_accepts_a_one_step_delta() -> None:
     assert float((result.images - images).abs().max()) < _exact_bound(result)
 
 
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_ce_demix_reads_a_one_step_delta_of_a_trained_model_with_inferred_labels() -> None:
     images, targets = mnist_digits([6, 6, 2])
     view = make_view(_trained_softmax(), images, targets, kind="delta", lr=0.5)
@@ -340,6 +345,7 @@ def test_analytic_attacks_leave_the_model_and_view_untouched() -> None:
     ("model_name", "labels", "loss"),
     [("lenet", [3, 6, 6, 6, 8, 9], "mse"), ("lenet", [1, 3, 3, 5, 5, 7, 8, 8], "label-smoothing")],
 )
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_a_failed_label_count_is_searched_before_an_optimisation_attack_runs(
     model_name: str, labels: list[int], loss: str
 ) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attacks import AttackerView, build_attack
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 IMAGE_TOLERANCE = 1e-4
@@ -39,5 +40,6 @@ def test_ce_demix_batched_over_updates_equals_one_at_a_time() -> None:
     _assert_batched_equals_single("ce-demix", _views(4, 3), {})
 
 
+@pytest.mark.slow  # over 10 s on two shared cores: make test runs it, make quick does not
 def test_cocktail_party_batched_over_updates_equals_one_at_a_time() -> None:
     _assert_batched_equals_single("cocktail-party", _views(4, 3), {"iterations": 200})

@@ -13,7 +13,7 @@ import metrics
 from attacks import ATTACKS, AttackConfigError, AttackerView, AttackNotApplicable, build_attack
 from attacks.ica import calibrate, to_images, whiten
 from tests.conftest import REPO
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 

@@ -20,8 +20,8 @@ import metrics
 from attacks import Reconstruction, build_attack
 from metrics.recovery import recovered
 from testbed.runtime.models import build_model
+from tests.support.attacks import make_view, mnist_digits
 from tests.unit.test_attacks_analytic import _trained_softmax
-from tests.unit.test_attacks_support import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 

@@ -20,7 +20,7 @@ import metrics
 from attacks import build_attack
 from attacks.ica import IcaSettings, separate
 from metrics.recovery import recovered
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 PIXEL_TOLERANCE = 0.06
 SSIM_TOLERANCE = 0.005

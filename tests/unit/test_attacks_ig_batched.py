@@ -36,7 +36,7 @@ from attacks.inverting_gradients import PerSampleLanes, VmapLanes, _Setup
 from attacks.simulate import autograd_gradient, lane_gradients, lane_layers, simulated_update
 from defenses import LOSSES
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 LENET_PARAMETERS = 13_426

@@ -19,7 +19,7 @@ from attacks.early_stop import Plateau
 from attacks.inverting_gradients import LaneObjective, PerSampleLanes, VmapLanes
 from attacks.simulate import autograd_gradient
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 

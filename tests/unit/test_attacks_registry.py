@@ -19,7 +19,7 @@ from attacks import (
 from defenses import LOSSES
 from testbed.runtime.models import build_model
 from tests.conftest import REPO
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 NAMES = ["dense-ratio", "ce-demix", "label-inference", "dlg", "inverting-gradients", "cocktail-party"]
@@ -61,6 +61,18 @@ def test_bad_parameter_values_raise_one_line_errors(name: str, params: dict[str,
     with pytest.raises(AttackConfigError) as error:
         build_attack(name, params)
     assert str(error.value) == message
+
+
+def test_number_parameters_read_numeric_strings_as_defence_parameters_do() -> None:
+    """One rule for numbers given as strings: YAML 1.1 keeps 1e-3 as text; attacks and defences both read it."""
+    from defenses import build_policy
+
+    assert build_attack("dlg", {"lr": "1e-3"}).params["lr"] == 0.001
+    assert build_policy({"update": [{"clip-l2": "1e-3"}]}).transforms[0].describe()["norm"] == 0.001
+    with pytest.raises(AttackConfigError, match=r"dlg\.lr: must be a number > 0, got 'fast'"):
+        build_attack("dlg", {"lr": "fast"})
+    with pytest.raises(AttackConfigError, match=r"dlg\.iterations: must be an integer >= 1, got '10'"):
+        build_attack("dlg", {"iterations": "10"})
 
 
 def test_parameters_override_defaults_and_keep_their_types() -> None:

@@ -29,7 +29,7 @@ from defenses import (
     register,
     registered,
 )
-from tests.unit.defence_plugins import HingeLoss, MyTransform
+from tests.support.defence_plugins import HingeLoss, MyTransform
 
 
 def test_missing_keys_default_to_random_cross_entropy_and_no_transforms() -> None:
@@ -84,7 +84,7 @@ def test_a_yaml_block_with_a_user_part_and_exponent_numbers_builds() -> None:
     batching: {distinct_labels: null}
     loss: sigmoid-bce
     update:
-      - tests.unit.defence_plugins:MyTransform: 0.5
+      - tests.support.defence_plugins:MyTransform: 0.5
       - {gaussian_noise: 1e-3}
     """
     policy = build_policy(yaml.safe_load(text))
@@ -92,7 +92,7 @@ def test_a_yaml_block_with_a_user_part_and_exponent_numbers_builds() -> None:
         "batching": {"name": "distinct-labels"},
         "loss": {"name": "sigmoid-bce"},
         "update": [
-            {"name": "tests.unit.defence_plugins:MyTransform", "factor": 0.5},
+            {"name": "tests.support.defence_plugins:MyTransform", "factor": 0.5},
             {"name": "gaussian-noise", "sigma": 0.001, "noise_multiplier": None, "clip_norm": None},
         ],
     }
@@ -107,18 +107,20 @@ def test_describe_is_plain_data_with_names_and_parameters() -> None:
     }
 
 
-@pytest.mark.parametrize("path", ["tests.unit.defence_plugins:MyTransform", "tests.unit.defence_plugins.MyTransform"])
+@pytest.mark.parametrize(
+    "path", ["tests.support.defence_plugins:MyTransform", "tests.support.defence_plugins.MyTransform"]
+)
 def test_user_transform_loads_by_import_path(path: str) -> None:
     policy = build_policy({"update": [{path: {"factor": 3.0}}, {"name": path, "factor": 0.5}, {path: 2}]})
     assert policy.transforms == (MyTransform(3.0), MyTransform(0.5), MyTransform(2.0))
     update = {"w": torch.ones(2, 3)}
     result = policy.transform(update, [torch.Generator(), torch.Generator()])
     torch.testing.assert_close(result["w"], torch.full((2, 3), 3.0))
-    assert policy.describe()["update"][0] == {"name": "tests.unit.defence_plugins:MyTransform", "factor": 3.0}
+    assert policy.describe()["update"][0] == {"name": "tests.support.defence_plugins:MyTransform", "factor": 3.0}
 
 
 def test_user_loss_written_as_a_plain_class_loads_by_path() -> None:
-    policy = build_policy({"loss": {"name": "tests.unit.defence_plugins:HingeLoss", "margin": 0.5}})
+    policy = build_policy({"loss": {"name": "tests.support.defence_plugins:HingeLoss", "margin": 0.5}})
     assert isinstance(policy.loss, HingeLoss) and policy.loss.margin == 0.5
     assert policy.describe()["loss"] == {"name": "test-hinge", "margin": 0.5}
     logits = torch.tensor([[2.0, 1.0, 0.0]])
@@ -202,18 +204,21 @@ BAD_SPECS: list[tuple[Any, str]] = [
     ),
     ({"loss": "no-such:Thing"}, "defence.loss: 'no-such:Thing' is not an import path of the form package.module"),
     ({"loss": "mse", "path": 3}, "defence.path: expected the folder of the import-path parts, got 3"),
-    ({"loss": "tests.unit.defence_plugins:Missing"}, "defence.loss: 'tests.unit.defence_plugins' has no attribute"),
     (
-        {"loss": "tests.unit.defence_plugins:NotAPart"},
-        "defence.loss: 'tests.unit.defence_plugins:NotAPart' is not a Loss",
+        {"loss": "tests.support.defence_plugins:Missing"},
+        "defence.loss: 'tests.support.defence_plugins' has no attribute",
     ),
-    ({"loss": "tests.unit.defence_plugins:MyTransform"}, "is not a Loss subclass"),
+    (
+        {"loss": "tests.support.defence_plugins:NotAPart"},
+        "defence.loss: 'tests.support.defence_plugins:NotAPart' is not a Loss",
+    ),
+    ({"loss": "tests.support.defence_plugins:MyTransform"}, "is not a Loss subclass"),
     (
         {"update": ["defenses.transforms:UpdateTransform"]},
         "defence.update[0]: 'defenses.transforms:UpdateTransform' is abstract",
     ),
     (
-        {"update": [{"tests.unit.defence_plugins:MyTransform": {"factor": "x"}}]},
+        {"update": [{"tests.support.defence_plugins:MyTransform": {"factor": "x"}}]},
         "MyTransform.factor: expected a number",
     ),
 ]

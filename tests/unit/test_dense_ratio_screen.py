@@ -21,7 +21,7 @@ from attacks.dense_ratio import (
 from attacks.layers import summed_gradient
 from defenses import CrossEntropy
 from testbed.runtime.models import build_model
-from tests.unit.test_attacks_support import make_view, mnist_digits
+from tests.support.attacks import make_view, mnist_digits
 
 SHAPE = (1, 28, 28)
 COPY, DEDUP = 1 - 1e-6, 0.99

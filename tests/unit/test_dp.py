@@ -21,7 +21,7 @@ from testbed.runtime.models import build_model
 from testbed.runtime.preparation import initial_params, prepare_data
 from testbed.runtime.records import ChunkTask
 from testbed.runtime.round_metrics import privacy_metrics, privacy_plan
-from testbed.runtime.simulation import SimulationContext, _fuses, plan_batches, simulate_chunk
+from testbed.runtime.simulation import SimulationContext, _fused_path_applies, plan_batches, simulate_chunk
 
 DP = {"clip": 0.5, "noise_multiplier": 1.3, "delta": 1e-5}
 
@@ -313,7 +313,7 @@ def test_dp_groups_plan_poisson_batches_and_never_fuse(context: tuple[Simulation
     group = built.groups[0]
     clients = np.arange(12)
     index, short = plan_batches(built, group, clients, round_index=0)
-    assert built.fusable and not _fuses(built, group, index)
+    assert built.dense_stack and not _fused_path_applies(built, group, index)
     assert short == 0
     for row, client in enumerate(clients):
         owned = built.partition.client(int(client))

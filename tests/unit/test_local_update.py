@@ -81,12 +81,12 @@ def _norms(update: dict[str, torch.Tensor]) -> torch.Tensor:
     [("mlp", "cross-entropy"), ("softmax", "mse"), ("mlp", "mse"), ("mlp", "sigmoid-bce")],
 )
 def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: str) -> None:
-    from testbed.runtime.fused import fusable, fused_trace
+    from testbed.runtime.fused import fused_trace, is_dense_stack
 
     model, params, clients = _setup(model_name)
     loss = build_policy({"loss": loss_name}).loss
     stacked = _stack([batches[:1] for batches in clients])
-    assert fusable(model)
+    assert is_dense_stack(model)
     trace = fused_trace(model, loss, params, stacked, lr=None)
     per_client = stacked_gradients(model, loss, params, stacked)
     counts = stacked.w[:, 0].sum(dim=1)
@@ -96,7 +96,7 @@ def test_fused_fedsgd_matches_the_per_client_path(model_name: str, loss_name: st
     chosen = trace.per_client(torch.tensor([2, 0]))
     for name, value in per_client.items():
         torch.testing.assert_close(chosen[name], value[[2, 0]], rtol=1e-4, atol=1e-7)
-    assert not fusable(build_model("lenet", (1, 28, 28), 10))
+    assert not is_dense_stack(build_model("lenet", (1, 28, 28), 10))
 
 
 @pytest.mark.parametrize(
@@ -129,11 +129,11 @@ def test_fused_fedavg_matches_the_per_client_path(model_name: str, loss_name: st
 
 
 def test_fusing_is_chosen_by_rows_per_client() -> None:
-    from testbed.runtime.fused import worth_fusing
+    from testbed.runtime.fused import low_rank_cheaper
 
     model = build_model("mlp", (1, 28, 28), 10, hidden=[256], activation="relu", seed=0)
-    assert worth_fusing(model, 64)  # the reference workload: two local steps of 32
-    assert not worth_fusing(model, 600)  # nineteen steps: per-client weights are cheaper
+    assert low_rank_cheaper(model, 64)  # the reference workload: two local steps of 32
+    assert not low_rank_cheaper(model, 600)  # nineteen steps: per-client weights are cheaper
 
 
 @pytest.mark.parametrize(("loss_name", "activation"), [("cross-entropy", "relu"), ("mse", "tanh")])
@@ -162,7 +162,7 @@ def test_which_chunks_take_the_fused_path(algorithm: str, steps: int, width: int
 
     from testbed.config.topology import validate
     from testbed.data.partition import partition
-    from testbed.runtime.simulation import SimulationContext, _fuses
+    from testbed.runtime.simulation import SimulationContext, _fused_path_applies
 
     experiment = validate(
         {
@@ -178,4 +178,4 @@ def test_which_chunks_take_the_fused_path(algorithm: str, steps: int, width: int
     context = SimulationContext.build(
         experiment, np.zeros((40, 1, 28, 28), np.float32), labels, partition(labels, 4, "iid", seed=0), 10
     )
-    assert _fuses(context, context.groups[0], np.zeros((4, steps, width), dtype=np.int64)) is fused
+    assert _fused_path_applies(context, context.groups[0], np.zeros((4, steps, width), dtype=np.int64)) is fused

@@ -43,7 +43,8 @@ def test_scores_are_those_of_the_matched_pairs() -> None:
     result = match(originals, reconstructions)
     for i, j in enumerate(result.assignment):
         assert result.scores["avd"][i] == avd(originals[i], reconstructions[j])
-        assert result.scores["ssim"][i] == ssim(originals[i], reconstructions[j])
+        # one SSIM kernel, its window sums BLAS products whose round-off depends on how many pairs are stacked
+        assert result.scores["ssim"][i] == pytest.approx(ssim(originals[i], reconstructions[j]), abs=1e-12)
 
 
 def test_fewer_reconstructions_leave_worst_scores() -> None:

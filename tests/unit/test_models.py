@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from testbed.runtime.models import UnknownModelError, build_model
+from testbed.config.schema import BUILT_IN_MODELS, ModelConfig
+from testbed.runtime.models import UnknownModelError, build_model, model_for
 
 
-@pytest.mark.parametrize("name", ["softmax", "mlp", "lenet", "cnn"])
+@pytest.mark.parametrize("name", BUILT_IN_MODELS)
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
-def test_output_shape(name: str, shape: tuple[int, int, int]) -> None:
-    model = build_model(name, shape, 10, hidden=[32, 16], seed=0)
+def test_every_model_name_the_schema_allows_builds(name: str, shape: tuple[int, int, int]) -> None:
+    """The schema's list is the one list of built-in models: each name it accepts builds, with its logits."""
+    model = model_for(ModelConfig(name=name, hidden=[32, 16]), shape, 10, seed=0)
     assert model(torch.rand(5, *shape)).shape == (5, 10)
 
 

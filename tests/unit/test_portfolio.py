@@ -65,7 +65,7 @@ def test_auto_is_the_default_and_runs_every_image_attack_with_their_own_paramete
     assert tuned.label.startswith("auto: worst case of dense-ratio")
     for bad, message in [
         ({"name": "auto", "params": {"iterations": 3}}, "iterations is not in attack.name"),
-        ({"name": ["auto", "dlg"]}, "give it alone"),
+        ({"name": ["auto", "dlg"]}, "auto runs dlg already; list it once"),
         ({"audit": {"optimisation_per_round": 0}}, "greater than or equal to 1"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -25,7 +25,7 @@ from testbed.runtime.buffers import (
     split_state,
     stateful_update,
 )
-from testbed.runtime.fused import fusable
+from testbed.runtime.fused import is_dense_stack
 from testbed.runtime.local_update import StackedBatches, evaluate
 from testbed.runtime.models import model_for
 from testbed.runtime.preparation import prepare_data
@@ -76,7 +76,7 @@ def test_a_torchvision_resnet_by_import_path() -> None:
     params, buffers = split_state(model, state)
     assert set(params) == {name for name, _ in model.named_parameters()}
     assert "bn1.running_mean" in buffers and buffers["bn1.num_batches_tracked"].dtype == torch.int64
-    assert not fusable(model)
+    assert not is_dense_stack(model)
     assert code_locations(validate(_minimal(model=config.model_dump()))) == []  # installed: nothing to ship
 
 
@@ -323,9 +323,9 @@ def test_batchnorm_models_never_take_the_fused_dense_path() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x.flip(0))
 
-    assert fusable(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
-    assert not fusable(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
-    assert not fusable(Ordered(nn.Flatten(), nn.Linear(4, 2)))
+    assert is_dense_stack(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    assert not is_dense_stack(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
+    assert not is_dense_stack(Ordered(nn.Flatten(), nn.Linear(4, 2)))
 
 
 def test_dense_attacks_refuse_a_batchnorm_model_in_one_line() -> None:
