@@ -18,7 +18,7 @@ from testbed.runtime.preparation import prepare_data
 from testbed.study.spec import load_study
 from testbed.study.training import train
 from tests.conftest import REPO, small_experiment
-from tests.user_code import BATCHNORM_NET, write_module
+from tests.support.user_code import BATCHNORM_NET, write_module
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

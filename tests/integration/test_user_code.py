@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from testbed.config.load import load_experiment
 from testbed.engine import run_experiment
 from tests.conftest import REPO
-from tests.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
+from tests.support.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
 
 pytestmark = pytest.mark.ray
 

@@ -15,7 +15,7 @@ from testbed.config.schema import AttackConfig
 from testbed.runtime.models import build_model
 from tests.conftest import REPO
 from tests.support.attacks import make_view, mnist_digits
-from tests.user_code import write_module
+from tests.support.user_code import write_module
 
 
 def documented_attack() -> str:

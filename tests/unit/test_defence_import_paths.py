@@ -15,7 +15,7 @@ from defenses import build_policy
 from testbed.cli import main
 from testbed.config.load import load_experiment
 from testbed.runtime.user_models import code_folders, runtime_env
-from tests.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
+from tests.support.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
 
 
 @pytest.fixture

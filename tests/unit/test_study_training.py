@@ -13,7 +13,7 @@ from testbed.runtime.preparation import prepare_data
 from testbed.runtime.round_step import RunAborted
 from testbed.study.training import train
 from tests.conftest import small_experiment
-from tests.user_code import BATCHNORM_NET, write_module
+from tests.support.user_code import BATCHNORM_NET, write_module
 
 
 def _bn_experiment(tmp_path: Path, tracking: dict[str, Any], **changes: Any) -> Any:

@@ -11,7 +11,7 @@ import pytest
 from testbed.config.topology import validate
 from testbed.errors import UserError
 from testbed.runtime.preparation import prepare_data
-from tests.user_code import write_module
+from tests.support.user_code import write_module
 
 WRITERS = '''
 """A FEMNIST-like data set: every training image comes with the id of the writer who drew it."""

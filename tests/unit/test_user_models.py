@@ -31,7 +31,7 @@ from testbed.runtime.models import model_for
 from testbed.runtime.preparation import prepare_data
 from testbed.runtime.records import ChunkPayload
 from testbed.runtime.user_models import code_locations, runtime_env
-from tests.user_code import BATCHNORM_NET, write_module
+from tests.support.user_code import BATCHNORM_NET, write_module
 
 EPS = torch.finfo(torch.float32).eps
 
