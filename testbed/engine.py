@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from testbed.tracking.progress import Progress
 from testbed.tracking.run_summary import check_same_experiment, log_final, resolved_yaml, run_note
 from testbed.tracking.store import Tracker, TrackingUnavailable, flatten
 from testbed.tracking.store_check import check_output_folders, check_tracking_uri
+
+if TYPE_CHECKING:
+    from testbed.audit.precision import PrecisionTarget
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +149,31 @@ class RoundLoop:
         attacks = experiment.attack.names if experiment.attack is not None else []
         self.leakage_log = LeakageLog(self.dataset, self.tracker, "", attacks)
         self.leakage_log.restore(self.state.get("audits", {}))
-        self.audits = AuditQueue(scorers, self.leakage_log.record)
+        self.precision = self._precision_target()
+        self.audits = AuditQueue(scorers, self._on_round)
         self.progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         self.progress.start_at(self.start_round)
         self.run_id = ""
+
+    def _precision_target(self) -> PrecisionTarget | None:
+        """The per-window intervals that size the audits, with ``attack.audit.target_half_width``."""
+        from testbed.audit.precision import PrecisionTarget
+
+        attack = self.experiment.attack
+        half_width = attack.audit.target_half_width if attack is not None else None
+        if attack is None or half_width is None:
+            return None
+        audit = attack.audit
+        groups = audit.groups if audit.groups is not None else [group.group for group in self.experiment.clients]
+        target = PrecisionTarget(half_width, audit.window, audit.backlog, groups)
+        target.restore(self.state.get("audits", {}).get("precision", {}))
+        return target
+
+    def _on_round(self, round_index: int, audits: list[Any], failed: int) -> None:
+        """A round's scored audits, released by the audit queue in round order: leakage, then the intervals."""
+        cases = self.leakage_log.record(round_index, audits, failed)
+        if self.precision is not None and cases:
+            self.tracker.log_metrics(self.run_id, self.precision.observe(round_index, cases), step=round_index + 1)
 
     def _start_audit_actors(self, data_ref: Any) -> tuple[list[str], list[Any], list[Any]]:
         """The attack actors (named, so aggregators can reach them) and the scorers; none without an attack."""
@@ -248,10 +272,15 @@ class RoundLoop:
         from testbed.audit.queue import make_room
 
         sampled = sample_clients(self.experiment, round_index)
-        audited = audited_clients(self.experiment, round_index, sampled)
-        wait, skipped = 0.0, 0
+        wait, skipped, settled = 0.0, 0, frozenset[str]()
+        if self.precision is not None:  # decide from the audits of rounds up to round - backlog, all of them
+            started = time.perf_counter()
+            self.audits.wait_through(round_index - self.precision.lag)
+            wait, settled = time.perf_counter() - started, self.precision.settled(round_index)
+        audited = audited_clients(self.experiment, round_index, sampled, settled)
         if len(audited) and self.experiment.attack is not None:
-            wait, skipped = make_room(self.audits, self.experiment.attack.audit, len(audited))
+            waited, skipped = make_room(self.audits, self.experiment.attack.audit, len(audited))
+            wait += waited
             audited = audited[:0] if skipped else audited
         return sampled, audited, wait, skipped
 
@@ -294,7 +323,10 @@ class RoundLoop:
                 "history": self.history,
                 "config": self.experiment.model_dump(mode="json"),
                 "pending_metrics": list(self.tracker.pending),
-                "audits": self.leakage_log.state(),
+                "audits": {
+                    **self.leakage_log.state(),
+                    **({"precision": self.precision.state()} if self.precision is not None else {}),
+                },
             },
         )
 
@@ -305,7 +337,8 @@ class RoundLoop:
         self.tracker.flush()
         self.leakage = self.leakage_log.summary_by_group()
         log_final(self.tracker, self.run_id, self.experiment, self.params, self.history)
-        note = run_note(self.experiment, self.history, self.leakage, self.leakage_log.grids)
+        intervals = self.precision.latest() if self.precision is not None else {}
+        note = run_note(self.experiment, self.history, self.leakage, self.leakage_log.grids, intervals)
         if self.audits.failed:
             failed = self.audits.failed
             note += f"\n\n**{failed} audit tasks failed**; their clients are not in these numbers (see the log)."

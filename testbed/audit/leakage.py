@@ -27,7 +27,7 @@ from metrics.graded import level_name
 from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
 from testbed.audit.sample_table import BEST_SSIM, SampleTable
 from testbed.audit.scoring import ScoredAudit, ScoredClient
-from testbed.audit.worst_case import summarise, worst_cases
+from testbed.audit.worst_case import WorstCase, summarise, worst_cases
 from testbed.data.datasets import Dataset
 from testbed.tracking.store import Tracker
 
@@ -87,14 +87,15 @@ class LeakageLog:
         self.grids = list(state.get("grids", []))
         self.attack_samples = SampleTable.from_state(state.get("attack_rows", []))
 
-    def record(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> None:
-        """Log one audited round whose every scoring task is back (``failed`` of them raised)."""
+    def record(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> list[WorstCase]:
+        """Log one audited round whose every scoring task is back (``failed`` of them raised); its worst cases."""
         if audits:
-            self._log_round(round_index, audits, failed)
-        elif failed:
+            return self._log_round(round_index, audits, failed)
+        if failed:
             self.tracker.log_metrics(self.run_id, {"audit/failed_tasks": float(failed)}, step=round_index + 1)
+        return []
 
-    def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> None:
+    def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> list[WorstCase]:
         scored = [item for audit in audits for item in audit.scored]
         reasons = [reason for audit in audits for reason in audit.not_applicable]
         for group, attack, reason in reasons:
@@ -130,12 +131,13 @@ class LeakageLog:
                 png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, portfolio=several)
             except (ValueError, TypeError) as exc:  # a picture must not end a run whose scores are logged
                 log.warning("round %d: the audit grid could not be drawn: %s", round_index + 1, exc)
-                return
+                return cases
             with self.tracker.staging() as folder:
                 path = folder / f"round_{round_index + 1:04d}.png"
                 path.write_bytes(png)
                 self.tracker.log_file(self.run_id, path, "audits")
             self.grids.append(f"audits/{path.name}")
+        return cases
 
     def _append(self, table: SampleTable, item: ScoredClient, attacks: str | list[str]) -> None:
         """One row per sample of a scored client: scores, the best baseline's scores, the attack behind it."""

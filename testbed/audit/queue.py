@@ -2,9 +2,10 @@
 
 ``AuditQueue`` sends each attack task's outcome to a ``LeakageScorer`` (in turn), keeps the backlog of
 audited rounds still out, waits for the oldest when asked, and hands each round whose every scoring
-task is back to its ``on_round`` callback, the round's audits in send order, once. It knows nothing of
-metrics or MLflow: that is the leakage log's part (testbed.audit.leakage). ``make_room`` applies
-``attack.audit.backlog`` and ``when_busy`` before an audited round.
+task is back to its ``on_round`` callback, the round's audits in send order, once, and rounds in
+round order (a round done early waits for the earlier ones), so what is logged never depends on
+timing. It knows nothing of metrics or MLflow: that is the leakage log's part (testbed.audit.leakage).
+``make_room`` applies ``attack.audit.backlog`` and ``when_busy`` before an audited round.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class AuditQueue:
                 lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
                 cause = lines[-1] if lines else type(exc).__name__  # Ray puts the task's own error last
                 log.warning("round %d: an audit task failed and its clients are not scored: %s", round_index + 1, cause)
+        busy = [r for r, count in self.outstanding.items() if count > 0]
+        first_busy = min(busy) if busy else None
         for round_index in sorted(r for r, count in self.outstanding.items() if count == 0):
+            if first_busy is not None and round_index > first_busy:
+                break  # released in round order: a round waits for every earlier audited round
             del self.outstanding[round_index]
             audits = [audit for _, audit in sorted(self.arrived.pop(round_index, []), key=lambda pair: pair[0])]
             self.on_round(round_index, audits, self.failed_in.pop(round_index, 0))
@@ -87,6 +92,17 @@ class AuditQueue:
             oldest = min(r for r, count in self.outstanding.items() if count > 0)
             mine = [ref for ref, (r, _) in self.pending.items() if r == oldest]
             ray.wait(mine, num_returns=self.outstanding[oldest])
+            self.collect(wait=False)
+
+    def wait_through(self, round_index: int) -> None:
+        """Wait until every audited round up to ``round_index`` is back and released."""
+        import ray
+
+        while any(r <= round_index for r in self.outstanding):
+            oldest = min(self.outstanding)
+            mine = [ref for ref, (r, _) in self.pending.items() if r == oldest]
+            if mine:
+                ray.wait(mine, num_returns=len(mine))
             self.collect(wait=False)
 
 
