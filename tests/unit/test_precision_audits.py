@@ -6,9 +6,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from testbed.audit.precision import PrecisionTarget
 from testbed.config.schema import Experiment
+from testbed.errors import UserError
 from testbed.runtime.scheduling import audited_clients, client_groups, optimisation_clients, sample_clients
 
 
@@ -68,3 +70,22 @@ def test_a_group_is_settled_from_the_audits_of_rounds_up_to_the_lag_and_only_in_
     again = PrecisionTarget(0.05, window=5, lag=2, groups=["a", "b"])
     again.restore(target.state())  # a checkpoint keeps the decisions
     assert again.settled(4) == frozenset({"a"}) and again.interval("b", 0) == target.interval("b", 0)
+
+
+def test_a_checkpoint_with_the_targets_state_reads_back_and_a_foreign_one_is_refused(tmp_path: Any) -> None:
+    import torch
+
+    from testbed.tracking.checkpoint import load_checkpoint, save_checkpoint
+
+    target = PrecisionTarget(0.05, window=5, lag=2, groups=["a"])
+    target.observe(0, _cases("a", [1.0, 0.5, 0.25]))
+    base = {"round": 1, "params": {"w": torch.zeros(2)}, "history": [], "config": {}}
+    path = tmp_path / "ok.pt"
+    save_checkpoint(path, {**base, "audits": {"precision": target.state()}})
+    again = PrecisionTarget(0.05, window=5, lag=2, groups=["a"])
+    again.restore(load_checkpoint(path)["audits"]["precision"])
+    assert again.observed == {"a": {0: [1.0, 0.5, 0.25]}}
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, {**base, "audits": {"precision": {"observed": {"a": {"0": [1.5]}}}}})
+    with pytest.raises(UserError, match=r"audits\.precision must map groups"):
+        load_checkpoint(bad)
