@@ -53,7 +53,9 @@ def as_image_pair(original: Any, reconstruction: Any) -> tuple[np.ndarray, np.nd
     first = to_float_array(original, "original")
     second = to_float_array(reconstruction, "reconstruction")
     if first.shape != second.shape:
-        raise ValueError(f"original and reconstruction must have the same shape, got {first.shape} and {second.shape}")
+        raise ValueError(
+            f"original and reconstruction must have the same shape, got {first.shape} and {second.shape}"
+        )
     first = as_image(first, "original")
     check_finite(first, "original")
     return first, as_image(second, "reconstruction")
@@ -63,7 +65,9 @@ def as_image_batch(value: Any, name: str) -> np.ndarray:
     """Return a batch of images, (N, H, W) or (N, C, H, W), as a float64 array of shape (N, C, H, W)."""
     array = to_float_array(value, name)
     if array.ndim not in (3, 4):
-        raise ValueError(f"{name}: expected a batch of shape N x H x W or N x C x H x W, got shape {array.shape}")
+        raise ValueError(
+            f"{name}: expected a batch of shape N x H x W or N x C x H x W, got shape {array.shape}"
+        )
     _check_sides(array.shape, name)
     return array if array.ndim == 4 else array[:, np.newaxis]
 

@@ -47,6 +47,7 @@ def recovered(
     distance = _score_array(scores, "avd")
     if similarity.shape != distance.shape:
         raise ValueError(
-            f"scores['ssim'] and scores['avd'] must have the same shape, got {similarity.shape} and {distance.shape}"
+            f"scores['ssim'] and scores['avd'] must have the same shape, "
+            f"got {similarity.shape} and {distance.shape}"
         )
     return (similarity >= ssim_threshold) | (distance <= avd_threshold)
