@@ -16,6 +16,7 @@ from metrics.baselines import (
     recovered_beyond,
 )
 from metrics.classification import accuracy
+from metrics.confidence import betting_confidence_sequence
 from metrics.conventions import HIGHER_IS_BETTER, METRIC_NAMES, PSNR_CEILING_DB, WORST_SCORE
 from metrics.graded import SSIM_LEVELS, GradedLeakage, graded_leakage, ssim_beyond_baselines
 from metrics.matching import UNMATCHED, MatchResult, match, match_many
@@ -42,6 +43,7 @@ __all__ = [
     "avd",
     "baseline_scores",
     "best_baseline",
+    "betting_confidence_sequence",
     "first_order_map",
     "graded_leakage",
     "label_accuracy",

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from testbed.tracking.progress import Progress
 from testbed.tracking.run_summary import check_same_experiment, log_final, resolved_yaml, run_note
 from testbed.tracking.store import Tracker, TrackingUnavailable, flatten
 from testbed.tracking.store_check import check_output_folders, check_tracking_uri
+
+if TYPE_CHECKING:
+    from testbed.audit.precision import PrecisionTarget
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,8 @@ class RoundLoop:
     ) -> None:
         import ray
 
-        from testbed.audit.leakage import LeakageMeter
+        from testbed.audit.leakage import LeakageLog
+        from testbed.audit.queue import AuditQueue
         from testbed.runtime.cluster import check_resources
         from testbed.runtime.tree import build_tree
         from testbed.runtime.workers import WorkerPool
@@ -143,11 +147,33 @@ class RoundLoop:
         self.eval_model = model_for(experiment.model, self.dataset.input_shape, self.dataset.num_classes)
         self.test_x, self.test_y = torch.as_tensor(self.dataset.test_x), torch.as_tensor(self.dataset.test_y)
         attacks = experiment.attack.names if experiment.attack is not None else []
-        self.meter = LeakageMeter(self.dataset, self.tracker, "", scorers, attacks)
-        self.meter.restore(self.state.get("audits", {}))
+        self.leakage_log = LeakageLog(self.dataset, self.tracker, "", attacks)
+        self.leakage_log.restore(self.state.get("audits", {}))
+        self.precision = self._precision_target()
+        self.audits = AuditQueue(scorers, self._on_round)
         self.progress = Progress(experiment.rounds, experiment.name, enabled=show_progress)
         self.progress.start_at(self.start_round)
         self.run_id = ""
+
+    def _precision_target(self) -> PrecisionTarget | None:
+        """The per-window intervals that size the audits, with ``attack.audit.target_half_width``."""
+        from testbed.audit.precision import PrecisionTarget
+
+        attack = self.experiment.attack
+        half_width = attack.audit.target_half_width if attack is not None else None
+        if attack is None or half_width is None:
+            return None
+        audit = attack.audit
+        groups = audit.groups if audit.groups is not None else [group.group for group in self.experiment.clients]
+        target = PrecisionTarget(half_width, audit.window, audit.backlog, groups)
+        target.restore(self.state.get("audits", {}).get("precision", {}))
+        return target
+
+    def _on_round(self, round_index: int, audits: list[Any], failed: int) -> None:
+        """A round's scored audits, released by the audit queue in round order: leakage, then the intervals."""
+        cases = self.leakage_log.record(round_index, audits, failed)
+        if self.precision is not None and cases:
+            self.tracker.log_metrics(self.run_id, self.precision.observe(round_index, cases), step=round_index + 1)
 
     def _start_audit_actors(self, data_ref: Any) -> tuple[list[str], list[Any], list[Any]]:
         """The attack actors (named, so aggregators can reach them) and the scorers; none without an attack."""
@@ -186,7 +212,7 @@ class RoundLoop:
             self.tracker.log_text(self.run_id, resolved_yaml(self.experiment), "config.yaml")
         else:
             self.run_id = resume_run_id
-        self.meter.run_id = self.run_id
+        self.leakage_log.run_id = self.run_id
 
     def execute(self) -> RunResult:
         """Every remaining round, then the final records; the actors are stopped and the run closed either way."""
@@ -238,18 +264,23 @@ class RoundLoop:
         self.checkpoint(round_index)
         self.tracker.flush()
         shown = {"acc": metrics["test_accuracy"]} if "test_accuracy" in metrics else {}
-        leaked = {f"rec[{group}]": value for group, value in self.meter.take_fresh().items()}
+        leaked = {f"rec[{group}]": value for group, value in self.leakage_log.take_fresh().items()}
         self.progress.update(round_index + 1, {**shown, **leaked, "s/round": seconds})
 
     def sample(self, round_index: int) -> tuple[np.ndarray, np.ndarray, float, int]:
         """The round's clients and those audited; with a full audit backlog, wait or skip the audits."""
-        from testbed.audit.leakage import make_room
+        from testbed.audit.queue import make_room
 
         sampled = sample_clients(self.experiment, round_index)
-        audited = audited_clients(self.experiment, round_index, sampled)
-        wait, skipped = 0.0, 0
+        wait, skipped, settled = 0.0, 0, frozenset[str]()
+        if self.precision is not None:  # decide from the audits of rounds up to round - backlog, all of them
+            started = time.perf_counter()
+            self.audits.wait_through(round_index - self.precision.lag)
+            wait, settled = time.perf_counter() - started, self.precision.settled(round_index)
+        audited = audited_clients(self.experiment, round_index, sampled, settled)
         if len(audited) and self.experiment.attack is not None:
-            wait, skipped = make_room(self.meter, self.experiment.attack.audit, len(audited))
+            waited, skipped = make_room(self.audits, self.experiment.attack.audit, len(audited))
+            wait += waited
             audited = audited[:0] if skipped else audited
         return sampled, audited, wait, skipped
 
@@ -263,7 +294,7 @@ class RoundLoop:
         params_ref = ray.put(self.params)
         summaries, payload_refs, audited_refs = self.pool.run_round(params_ref, tasks)
         new_params, audit_refs = self.tree.aggregate(params_ref, summaries, payload_refs, audited_refs)
-        self.meter.expect(round_index, self.tree.ground_truth(summaries), audit_refs)
+        self.audits.expect(round_index, self.tree.ground_truth(summaries), audit_refs)
         return summaries, new_params
 
     def evaluate(self, round_index: int) -> dict[str, float]:
@@ -279,7 +310,7 @@ class RoundLoop:
     def log(self, round_index: int, metrics: dict[str, float]) -> None:
         """Queue the round's metrics, take the audits that are back, and keep the round in the history."""
         self.tracker.queue(self.run_id, metrics, step=round_index + 1)
-        self.meter.collect(wait=False)
+        self.audits.collect(wait=False)
         self.history.append({"round": round_index + 1, **metrics})
 
     def checkpoint(self, round_index: int) -> None:
@@ -292,19 +323,24 @@ class RoundLoop:
                 "history": self.history,
                 "config": self.experiment.model_dump(mode="json"),
                 "pending_metrics": list(self.tracker.pending),
-                "audits": self.meter.state(),
+                "audits": {
+                    **self.leakage_log.state(),
+                    **({"precision": self.precision.state()} if self.precision is not None else {}),
+                },
             },
         )
 
     def finish(self) -> None:
         """Wait for the last audits; log the final model, summary, leakage per group and the run's description."""
-        self.meter.finish()
+        self.audits.collect(wait=True)
+        self.leakage_log.finish()
         self.tracker.flush()
-        self.leakage = self.meter.summary_by_group()
+        self.leakage = self.leakage_log.summary_by_group()
         log_final(self.tracker, self.run_id, self.experiment, self.params, self.history)
-        note = run_note(self.experiment, self.history, self.leakage, self.meter.grids)
-        if self.meter.failed:
-            failed = self.meter.failed
+        intervals = self.precision.latest() if self.precision is not None else {}
+        note = run_note(self.experiment, self.history, self.leakage, self.leakage_log.grids, intervals)
+        if self.audits.failed:
+            failed = self.audits.failed
             note += f"\n\n**{failed} audit tasks failed**; their clients are not in these numbers (see the log)."
         self.tracker.set_note(self.run_id, note)
 

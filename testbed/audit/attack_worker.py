@@ -20,7 +20,7 @@ from testbed.audit.outcome import AuditOutcome, attacker_view
 from testbed.config.schema import Experiment
 from testbed.runtime.models import model_for
 from testbed.runtime.records import ClientUpdate, Params
-from testbed.runtime.scheduling import audited_clients, optimisation_clients, sample_clients
+from testbed.runtime.scheduling import optimisation_clients, optimisation_pool
 
 
 def attack_model(experiment: Experiment, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -117,9 +117,8 @@ class AttackWorker:
         skipped: dict[int, set[int]] = {}
         for update in updates:
             if update.round not in skipped:
-                sampled = sample_clients(self.experiment, update.round)
-                audited = {int(client) for client in audited_clients(self.experiment, update.round, sampled)}
-                skipped[update.round] = audited - optimisation_clients(self.experiment, update.round, self.cap)
+                pool = {int(client) for client in optimisation_pool(self.experiment, update.round)}
+                skipped[update.round] = pool - optimisation_clients(self.experiment, update.round, self.cap)
         return {index for index, update in enumerate(updates) if update.client in skipped[update.round]}
 
     @staticmethod

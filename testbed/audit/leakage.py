@@ -1,4 +1,4 @@
-"""The leakage meter: sends attack outcomes to be scored against the ground truth, and logs the scores.
+"""The leakage log: the scores of each audited round as metrics, the run's audited samples, its artifacts.
 
 Per audited round and group it logs ``leakage/<group>/<metric>`` (AVD, MSE, PSNR, SSIM means and
 medians, recovered fraction beyond the no-information baselines, the baselines' best scores as
@@ -8,14 +8,14 @@ label accuracy and exact label histograms) and, per aggregator,
 (testbed.audit.worst_case) and each attack also logs ``leakage/<key>/<attack>/...``. A PNG grid of
 originals above matched reconstructions per audited round, and at the end a CSV of every audited sample
 (``samples.csv``, the worst case; ``samples_by_attack.csv`` with a portfolio). The scoring itself runs
-in ``LeakageScorer`` actors (testbed.audit.scoring); a round is logged once every attack task of it
-has been scored, so each step gets its metrics once.
+in ``LeakageScorer`` actors (testbed.audit.scoring), reached through the audit queue
+(testbed.audit.queue), which hands a round to ``LeakageLog.record`` once every attack task of it has
+been scored, so each step gets its metrics once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -27,8 +27,7 @@ from metrics.graded import level_name
 from testbed.audit.grid import GRID_MAX_CLIENTS, render_grid
 from testbed.audit.sample_table import BEST_SSIM, SampleTable
 from testbed.audit.scoring import ScoredAudit, ScoredClient
-from testbed.audit.worst_case import summarise, worst_cases
-from testbed.config.schema import AuditConfig
+from testbed.audit.worst_case import WorstCase, summarise, worst_cases
 from testbed.data.datasets import Dataset
 from testbed.tracking.store import Tracker
 
@@ -40,27 +39,32 @@ def _at(items: Sequence[ScoredClient], key: str) -> list[ScoredClient]:
     return [item for item in items if key in (item.outcome.group, item.outcome.aggregator)]
 
 
-class LeakageMeter:
-    """Collects audit outcomes as they arrive and logs leakage for each audited round."""
+class NotApplicable:
+    """Counts of the reasons an attack did not apply, each (group, attack) pair's first one logged as a warning."""
 
-    def __init__(
-        self, dataset: Dataset, tracker: Tracker, run_id: str, scorers: Any, attacks: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        self.counts: dict[str, int] = defaultdict(int, counts or {})
+        self.said: set[tuple[str, str]] = set()  # (group, attack) pairs whose reason was logged
+
+    def add(self, group: str, attack: str, reason: str) -> None:
+        """Count one update an attack did not apply to."""
+        self.counts[reason] += 1
+        if (group, attack) not in self.said:
+            self.said.add((group, attack))
+            log.warning("group %s: %s (counted in audit/not_applicable)", group, reason)
+
+
+class LeakageLog:
+    """Logs leakage for each audited round the audit queue releases, and keeps the run's audited samples."""
+
+    def __init__(self, dataset: Dataset, tracker: Tracker, run_id: str, attacks: Sequence[str] = ()) -> None:
         self.dataset = dataset
-        self.attacks = list(attacks)
-        self.said: set[tuple[str, str]] = set()  # (group, attack) pairs whose not-applicable reason was logged
-        self.attack_samples = SampleTable()  # with a portfolio: one row per sample per attack
         self.tracker = tracker
         self.run_id = run_id
-        self.scorers = list(scorers) if isinstance(scorers, (list, tuple)) else [scorers]
-        self.sent = 0  # scoring tasks sent so far: each task's place, so a round logs in the same order always
-        self.pending: dict[Any, tuple[int, int]] = {}  # scoring task -> (its round, its place)
-        self.outstanding: dict[int, int] = defaultdict(int)  # round -> scoring tasks not yet back
-        self.arrived: dict[int, list[tuple[int, ScoredAudit]]] = defaultdict(list)  # round -> (place, audit)
+        self.attacks = list(attacks)
         self.samples = SampleTable()  # one row per audited sample: the worst case over the attacks
-        self.not_applicable: dict[str, int] = defaultdict(int)
-        self.failed = 0  # audit tasks that raised (their clients are not scored; logged as audit/failed_tasks)
-        self.failed_in: dict[int, int] = defaultdict(int)
+        self.attack_samples = SampleTable()  # with a portfolio: one row per sample per attack
+        self.not_applicable = NotApplicable()
         self.fresh: dict[str, float] = {}  # group -> recovered fraction of the rounds logged since take_fresh()
         self.grids: list[str] = []  # artifact paths of the audit grids logged so far
 
@@ -72,79 +76,30 @@ class LeakageMeter:
         return {
             "rows": self.samples.state(),
             "attack_rows": self.attack_samples.state(),
-            "not_applicable": dict(self.not_applicable),
+            "not_applicable": dict(self.not_applicable.counts),
             "grids": list(self.grids),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's audit state."""
         self.samples = SampleTable.from_state(state.get("rows", []))
-        self.not_applicable.update(state.get("not_applicable", {}))
+        self.not_applicable = NotApplicable(dict(state.get("not_applicable", {})))
         self.grids = list(state.get("grids", []))
         self.attack_samples = SampleTable.from_state(state.get("attack_rows", []))
 
-    def expect(self, round_index: int, ground_truth: dict[int, np.ndarray], outcome_refs: Sequence[Any]) -> None:
-        """Send a round's attack outcomes to the scorers (in turn) with the ground truth (client -> sample indices)."""
-        if not outcome_refs:
-            return
-        import ray
+    def record(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> list[WorstCase]:
+        """Log one audited round whose every scoring task is back (``failed`` of them raised); its worst cases."""
+        if audits:
+            return self._log_round(round_index, audits, failed)
+        if failed:
+            self.tracker.log_metrics(self.run_id, {"audit/failed_tasks": float(failed)}, step=round_index + 1)
+        return []
 
-        truth_ref = ray.put(ground_truth)
-        for ref in outcome_refs:
-            scorer = self.scorers[self.sent % len(self.scorers)]
-            self.pending[scorer.score.remote(ref, truth_ref, round_index)] = (round_index, self.sent)
-            self.sent += 1
-            self.outstanding[round_index] += 1
-
-    def collect(self, *, wait: bool) -> None:
-        """Take the scored audits that are back (all of them when ``wait``); log every completed round."""
-        import ray
-
-        if not self.pending:
-            return
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=None if wait else 0)
-        for ref in ready:
-            round_index, place = self.pending.pop(ref)
-            self.outstanding[round_index] -= 1
-            try:
-                self.arrived[round_index].append((place, ray.get(ref)))
-            except ray.exceptions.RayError as exc:
-                self.failed += 1
-                self.failed_in[round_index] += 1
-                lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-                cause = lines[-1] if lines else type(exc).__name__  # Ray puts the task's own error last
-                log.warning("round %d: an audit task failed and its clients are not scored: %s", round_index + 1, cause)
-        for round_index in sorted(r for r, count in self.outstanding.items() if count == 0):
-            del self.outstanding[round_index]
-            audits = [audit for _, audit in sorted(self.arrived.pop(round_index, []), key=lambda pair: pair[0])]
-            failed = self.failed_in.pop(round_index, 0)
-            if audits:
-                self._log_round(round_index, audits, failed)
-            elif failed:
-                self.tracker.log_metrics(self.run_id, {"audit/failed_tasks": float(failed)}, step=round_index + 1)
-
-    def busy_rounds(self) -> int:
-        """Audited rounds whose scores are not all back yet."""
-        return sum(1 for count in self.outstanding.values() if count > 0)
-
-    def wait_below(self, limit: int) -> None:
-        """Wait for the oldest audited rounds until fewer than ``limit`` are still busy."""
-        import ray
-
-        while self.busy_rounds() >= limit:
-            oldest = min(r for r, count in self.outstanding.items() if count > 0)
-            mine = [ref for ref, (r, _) in self.pending.items() if r == oldest]
-            ray.wait(mine, num_returns=self.outstanding[oldest])
-            self.collect(wait=False)
-
-    def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> None:
+    def _log_round(self, round_index: int, audits: list[ScoredAudit], failed: int = 0) -> list[WorstCase]:
         scored = [item for audit in audits for item in audit.scored]
         reasons = [reason for audit in audits for reason in audit.not_applicable]
         for group, attack, reason in reasons:
-            self.not_applicable[reason] += 1
-            if (group, attack) not in self.said:
-                self.said.add((group, attack))
-                log.warning("group %s: %s (counted in audit/not_applicable)", group, reason)
+            self.not_applicable.add(group, attack, reason)
         metrics: dict[str, float] = {
             "attack_seconds": float(sum(audit.attack_seconds for audit in audits)),
             "audit/not_applicable": float(len(reasons)),
@@ -176,12 +131,13 @@ class LeakageMeter:
                 png = render_grid(round_index, shown[:GRID_MAX_CLIENTS], self.dataset.train_x, portfolio=several)
             except (ValueError, TypeError) as exc:  # a picture must not end a run whose scores are logged
                 log.warning("round %d: the audit grid could not be drawn: %s", round_index + 1, exc)
-                return
+                return cases
             with self.tracker.staging() as folder:
                 path = folder / f"round_{round_index + 1:04d}.png"
                 path.write_bytes(png)
                 self.tracker.log_file(self.run_id, path, "audits")
             self.grids.append(f"audits/{path.name}")
+        return cases
 
     def _append(self, table: SampleTable, item: ScoredClient, attacks: str | list[str]) -> None:
         """One row per sample of a scored client: scores, the best baseline's scores, the attack behind it."""
@@ -234,26 +190,11 @@ class LeakageMeter:
         return result
 
     def finish(self) -> None:
-        """Wait for every outstanding audit and store the per-sample CSV."""
-        self.collect(wait=True)
-        if not len(self.samples) and not self.not_applicable:
+        """Store the per-sample CSV (after the audit queue has released every round)."""
+        if not len(self.samples) and not self.not_applicable.counts:
             return
         self.tracker.log_text(self.run_id, self.samples.to_csv(), "audits/samples.csv")
         if len(self.attack_samples):
             self.tracker.log_text(self.run_id, self.attack_samples.to_csv(), "audits/samples_by_attack.csv")
-        if self.not_applicable:
-            self.tracker.log_json(self.run_id, dict(self.not_applicable), "audits/not_applicable.json")
-
-
-def make_room(meter: Any, audit: AuditConfig, clients: int) -> tuple[float, int]:
-    """Keep the audit backlog bounded before an audited round: (seconds waited, clients not audited).
-
-    ``meter`` is a LeakageMeter (or anything with ``busy_rounds`` and ``wait_below``).
-    """
-    if meter.busy_rounds() < audit.backlog:
-        return 0.0, 0
-    if audit.when_busy == "skip":
-        return 0.0, clients
-    started = time.perf_counter()
-    meter.wait_below(audit.backlog)
-    return time.perf_counter() - started, 0
+        if self.not_applicable.counts:
+            self.tracker.log_json(self.run_id, dict(self.not_applicable.counts), "audits/not_applicable.json")

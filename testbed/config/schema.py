@@ -310,6 +310,32 @@ class AuditConfig(Strict):
         "updates left out are counted per attack in audit/<attack>/not_applicable. Default: 4 under attack "
         "auto, no cap for named attacks",
     )
+    target_half_width: float | None = Field(
+        None,
+        gt=0,
+        lt=0.5,
+        description="audit as many of each group's sampled clients as it takes for the 95% confidence sequence of "
+        "the group's recovered fraction (per window of rounds) to be this narrow, then none until the next window "
+        "(docs/attacks.md: Audits sized by a precision target); clients_per_round is then unused. Default: off, "
+        "clients_per_round every audited round",
+    )
+    window: int = Field(
+        5, ge=1, description="with target_half_width: rounds per window; each window's interval starts afresh"
+    )
+    max_clients_per_round: int = Field(
+        16,
+        ge=1,
+        description="with target_half_width: the cost cap, clients audited in one round (all groups together)",
+    )
+
+    @model_validator(mode="after")
+    def _target_waits(self) -> AuditConfig:
+        if self.target_half_width is not None and self.when_busy == "skip":
+            raise ValueError(
+                "attack.audit.target_half_width needs when_busy: wait (skipped audits would make the count depend "
+                "on timing)"
+            )
+        return self
 
 
 AUTO_ATTACK = "auto"

@@ -31,33 +31,63 @@ def sample_clients(experiment: Experiment, round_index: int) -> np.ndarray:
     return np.sort(rng.choice(total, size=per_round, replace=False)).astype(np.int64)
 
 
-def audited_clients(experiment: Experiment, round_index: int, sampled: np.ndarray) -> np.ndarray:
-    """Sorted ids of the sampled clients whose raw updates the attack sees this round."""
+def audit_candidates(experiment: Experiment, round_index: int, sampled: np.ndarray) -> np.ndarray:
+    """The sampled clients an audited round may attack: those of ``attack.audit.groups`` (all by default);
+    none on rounds that are not audited."""
     attack = experiment.attack
     if attack is None or round_index % attack.audit.every != 0:
         return np.empty(0, dtype=np.int64)
-    bounds = group_bounds(experiment)
-    eligible = sampled
-    if attack.audit.groups is not None:
-        names = [group.group for group in experiment.clients]
-        keep = np.zeros(len(sampled), dtype=bool)
-        for name in attack.audit.groups:
-            g = names.index(name)
-            keep |= (sampled >= bounds[g]) & (sampled < bounds[g + 1])
-        eligible = sampled[keep]
-    count = min(attack.audit.clients_per_round, len(eligible))
+    if attack.audit.groups is None:
+        return sampled
+    return sampled[np.isin(client_groups(experiment, sampled), attack.audit.groups)]
+
+
+def client_groups(experiment: Experiment, clients: np.ndarray) -> np.ndarray:
+    """The group name of each global client id."""
+    names = np.array([group.group for group in experiment.clients], dtype=object)
+    return names[np.searchsorted(group_bounds(experiment), clients, side="right") - 1]
+
+
+def audited_clients(
+    experiment: Experiment, round_index: int, sampled: np.ndarray, settled: frozenset[str] = frozenset()
+) -> np.ndarray:
+    """Sorted ids of the sampled clients whose raw updates the attack sees this round.
+
+    ``attack.audit.clients_per_round`` of the candidates, drawn with the round's seed. With
+    ``target_half_width``: up to ``max_clients_per_round`` of the candidates outside ``settled`` (the groups
+    whose interval in this window already meets the target, as decided from the audits logged so far).
+    """
+    attack = experiment.attack
+    eligible = audit_candidates(experiment, round_index, sampled)
+    if attack is None or not len(eligible):
+        return np.empty(0, dtype=np.int64)
+    count = attack.audit.clients_per_round
+    if attack.audit.target_half_width is not None:
+        eligible = eligible[~np.isin(client_groups(experiment, eligible), sorted(settled))]
+        count = attack.audit.max_clients_per_round
+    count = min(count, len(eligible))
     rng = np.random.default_rng([experiment.seed, round_index, STREAM_AUDIT])
     return np.sort(rng.choice(eligible, size=count, replace=False)).astype(np.int64)
 
 
+def optimisation_pool(experiment: Experiment, round_index: int) -> np.ndarray:
+    """The clients the optimisation cap draws from: the round's audited clients, or with
+    ``target_half_width`` (where which groups are audited depends on earlier audits) its candidates."""
+    sampled = sample_clients(experiment, round_index)
+    if experiment.attack is not None and experiment.attack.audit.target_half_width is not None:
+        return audit_candidates(experiment, round_index, sampled)
+    return audited_clients(experiment, round_index, sampled)
+
+
 def optimisation_clients(experiment: Experiment, round_index: int, cap: int) -> set[int]:
-    """The audited clients of a round that the optimisation attacks run on: all of them up to ``cap``, else
-    ``cap`` drawn from the round's own stream (a pure function of the experiment and the round)."""
-    audited = audited_clients(experiment, round_index, sample_clients(experiment, round_index))
-    if len(audited) <= cap:
-        return {int(client) for client in audited}
+    """The clients of a round that the optimisation attacks may run on: all of ``optimisation_pool`` up to
+    ``cap``, else ``cap`` drawn from the round's own stream (a pure function of the experiment and the round).
+    With ``target_half_width`` some of them may not be audited, so fewer than ``cap`` can run."""
+    pool = optimisation_pool(experiment, round_index)
+    if len(pool) <= cap:
+        return {int(client) for client in pool}
     rng = np.random.default_rng([experiment.seed, round_index, STREAM_OPTIMISATION])
-    return {int(client) for client in rng.choice(audited, size=cap, replace=False)}
+    return {int(client) for client in rng.choice(pool, size=cap, replace=False)}
 
 
 def make_tasks(experiment: Experiment, round_index: int, sampled: np.ndarray, audited: np.ndarray) -> list[ChunkTask]:

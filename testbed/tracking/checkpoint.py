@@ -126,9 +126,33 @@ def _audits_problem(audits: Any) -> str | None:
         grids = audits.get("grids", [])
         if not isinstance(grids, list) or not all(isinstance(grid, str) for grid in grids):
             return "audits.grids must be a list of artifact paths"
+        if not _precision_state(audits.get("precision", {})):
+            return "audits.precision must map groups to each window's audited fractions and the round it met the target"
     except Exception as exc:  # any failure to rebuild the tables means the audit state is not ours
         return f"audits cannot be read back ({_first_line(exc)})"
     return None
+
+
+def _precision_state(state: Any) -> bool:
+    """Whether a precision target's state is ours: ``observed`` group -> window -> fractions in [0, 1] and
+    ``reached`` group -> window -> round (windows written as whole numbers in strings)."""
+    if not isinstance(state, dict) or set(state) - {"observed", "reached"}:
+        return False
+
+    def windows(by_group: Any, ok: Any) -> bool:
+        return isinstance(by_group, dict) and all(
+            isinstance(group, str)
+            and isinstance(by_window, dict)
+            and all(isinstance(w, str) and w.isdigit() and ok(v) for w, v in by_window.items())
+            for group, by_window in by_group.items()
+        )
+
+    def fractions(values: Any) -> bool:
+        return isinstance(values, list) and all(_number(v) and 0.0 <= v <= 1.0 for v in values)
+
+    return windows(state.get("observed", {}), fractions) and windows(
+        state.get("reached", {}), lambda r: isinstance(r, int) and not isinstance(r, bool) and r >= 0
+    )
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -4,7 +4,7 @@ model and summary, the MLflow description, and the check that a resumed run kept
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,14 @@ def run_note(
     history: list[dict[str, float]],
     leakage: Mapping[str, Mapping[str, float]],
     grids: list[str],
+    intervals: Mapping[str, Sequence[Any]] | None = None,
 ) -> str:
-    """The run's MLflow description (markdown): final accuracy, leakage per group, where the audit grids are."""
+    """The run's MLflow description (markdown): final accuracy, leakage per group, where the audit grids are.
+
+    ``intervals``: with ``attack.audit.target_half_width``, per group its window intervals in window order
+    (anything with ``window``, ``audited``, ``low``, ``high`` and ``half_width``, as
+    testbed.audit.precision.WindowInterval).
+    """
     accuracy = next((row["test_accuracy"] for row in reversed(history) if "test_accuracy" in row), float("nan"))
     lines = [f"**{experiment.name}**: {experiment.rounds} rounds, final test accuracy {accuracy:.4f}."]
     if experiment.attack is None:
@@ -68,11 +74,40 @@ def run_note(
     if not leakage:
         lines.append("| (no audited sample was scored) | 0 | | | | | |")
     lines.append("")
+    audit = experiment.attack.audit
+    if audit.target_half_width is not None:
+        lines += precision_lines(audit.target_half_width, audit.window, intervals or {})
     if grids:
         span = f"`{grids[0]}` ... `{grids[-1]}` ({len(grids)} rounds)" if len(grids) > 1 else f"`{grids[0]}`"
         lines.append(f"Audit grids (originals above matched reconstructions): {span}.")
     lines.append("Every audited sample: `audits/samples.csv`.")
     return "\n".join(lines)
+
+
+def precision_lines(target: float, window: int, intervals: Mapping[str, Sequence[Any]]) -> list[str]:
+    """The run note's table of each group's recovered fraction with its 95% interval per window of rounds."""
+    lines = [
+        f"Audits sized by a precision target: per group and window of {window} rounds, audited until the 95% "
+        f"confidence sequence of its recovered fraction (the audited update as the unit) had half-width "
+        f"<= {target:g}:",
+        "",
+        "| group | windows at target | last window's rounds | audited there | 95% interval | half-width |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for group, rows in intervals.items():
+        if not rows:
+            continue
+        last = rows[-1]
+        met = sum(1 for row in rows if row.half_width <= target)
+        span = f"{last.window * window + 1}-{(last.window + 1) * window}"
+        lines.append(
+            f"| {group} | {met} of {len(rows)} | {span} | {last.audited} | [{last.low:.3f}, {last.high:.3f}] | "
+            f"{last.half_width:.3f} |"
+        )
+    if not intervals:
+        lines.append("| (no audited update was scored) | | | | | |")
+    lines.append("")
+    return lines
 
 
 def log_final(

@@ -193,3 +193,35 @@ def test_attack_auto_through_testbed_run_on_fedsgd_and_fedavg(tmp_path: Path) ->
     assert children["fedsgd"].data.metrics["audit/ce-demix/not_applicable"] == 0.0
     assert children["fedavg"].data.metrics["audit/ce-demix/not_applicable"] == 6.0  # a delta of two local steps
     assert "auto: worst case of dense-ratio" in children["fedavg"].data.tags["mlflow.note.content"]
+
+
+def test_a_precision_target_sizes_the_audits_and_its_interval_holds_the_known_fraction(
+    local_ray: None, tracking: dict[str, Any]
+) -> None:
+    # ce-demix on a softmax model recovers every sample of a FedSGD batch of 4 distinct labels: the distinct
+    # group's recovered fraction is 1.0 (the first test above). With up to 40 audits a round (20 per group), the
+    # 95% confidence sequence reaches half-width 0.05 at 47 all-recovered updates, so after round 3's 60; round 4
+    # decides from rounds 1-2 (backlog 2) and still audits the group, round 5 from rounds 1-3 and does not.
+    overrides = [f"tracking.{key}={value}" for key, value in tracking.items()] + [
+        "rounds=5",
+        "attack.audit.target_half_width=0.05",
+        "attack.audit.window=5",
+        "attack.audit.max_clients_per_round=40",
+    ]
+    experiment = load_experiment(REPO / "topologies" / "attack-demo.yaml", overrides)
+    result = run_experiment(experiment, show_progress=False)
+    client = MlflowClient(tracking_uri=tracking["uri"])
+
+    def history(name: str) -> dict[int, float]:
+        return {point.step: point.value for point in client.get_metric_history(result.run_id, name)}
+
+    assert history("audit/distinct/audited_in_window") == {1: 20.0, 2: 40.0, 3: 60.0, 4: 80.0}
+    low, high = history("leakage/distinct/recovered_ci_low"), history("leakage/distinct/recovered_ci_high")
+    half = history("leakage/distinct/recovered_ci_half_width")
+    assert half[2] > 0.05 >= half[3] and half[4] <= half[3]  # narrows, and meets the target with round 3
+    assert all(high[step] - low[step] == pytest.approx(2 * half[step]) for step in half)
+    known = result.leakage["distinct"]["recovered_fraction"]
+    assert known == 1.0 and low[4] <= known <= high[4] and low[4] >= 0.9, (low, high)
+    assert result.leakage["distinct"]["audited_samples"] == 80 * 4  # nothing of the group audited in round 5
+    note = client.get_run(result.run_id).data.tags["mlflow.note.content"]
+    assert f"| distinct | 1 of 1 | 1-5 | 80 | [{low[4]:.3f}, {high[4]:.3f}] | {half[4]:.3f} |" in note, note

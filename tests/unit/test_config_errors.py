@@ -68,6 +68,22 @@ CASES = [
         "unknown groups",
     ),
     ("negative lr", _with([("algorithm", {"name": "fedsgd", "lr": -1})]), "algorithm.lr"),
+    (
+        "half-width of a whole interval",
+        _with([("attack", {"name": "dense-ratio", "audit": {"target_half_width": 0.5}})]),
+        "attack.audit.target_half_width: Input should be less than 0.5",
+    ),
+    (
+        "precision target that skips",
+        _with([("attack", {"name": "dense-ratio", "audit": {"target_half_width": 0.05, "when_busy": "skip"}})]),
+        "target_half_width needs when_busy: wait",
+    ),
+    ("empty window", _with([("attack", {"name": "dense-ratio", "audit": {"window": 0}})]), "attack.audit.window"),
+    (
+        "no clients under the cap",
+        _with([("attack", {"name": "dense-ratio", "audit": {"max_clients_per_round": 0}})]),
+        "attack.audit.max_clients_per_round",
+    ),
 ]
 
 

@@ -35,7 +35,7 @@ def test_outcomes_are_matched_with_their_own_clients_samples() -> None:
 
 
 class _Meter:
-    """A leakage meter's backlog as _make_room sees it."""
+    """An audit queue's backlog as make_room sees it."""
 
     def __init__(self, busy: int) -> None:
         self.busy = busy
@@ -50,7 +50,7 @@ class _Meter:
 
 
 def test_a_full_backlog_waits_or_skips_as_configured() -> None:
-    from testbed.audit.leakage import make_room
+    from testbed.audit.queue import make_room
     from testbed.config.schema import AuditConfig
 
     room = _Meter(busy=1)
