@@ -41,7 +41,7 @@ import platform
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,20 @@ def inverting_gradients_rows(args: argparse.Namespace, threads: int) -> list[Row
 # cocktail-party against FastICA ----------------------------------------------------------------------------------
 
 
+def mlp_cell(tag: int, size: int, batches: int, labels_public: bool) -> tuple[list[AttackerView], list[torch.Tensor]]:
+    """``batches`` FedSGD updates of ``size`` random-label digits (the eval split of ``cocktail_party_curve``),
+    each on its own fresh MLP 784-256-10 (sigmoid), drawn from seed ``[tag, size]``; and their digits."""
+    images, labels = digits("eval")
+    rng = np.random.default_rng([tag, size])
+    views, originals = [], []
+    for _ in range(batches):
+        batch, targets = draw(images, labels, size, "random", rng)
+        view = client_view(mlp(256, "sigmoid", int(rng.integers(2**31))), batch, targets, 0, 0.1)
+        views.append(replace(view, labels=targets) if labels_public else view)
+        originals.append(batch)
+    return views, originals
+
+
 def first_dense(model: torch.nn.Module) -> str:
     """The parameter name prefix of the first ``nn.Linear`` of ``model``."""
     return next(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
@@ -308,16 +322,12 @@ def fastica_all(
 
 def cocktail_party_rows(args: argparse.Namespace, threads: int) -> list[Row]:
     """Per batch size: FastICA on each view, then the testbed's ``reconstruct_many`` on all views of the cell."""
-    images, labels = digits("eval")
     rows = []
     for size in args.cp_batch_sizes:
-        rng = np.random.default_rng([0, size])
-        views, originals = [], []
-        for _ in range(args.cp_batches):
-            batch, targets = draw(images, labels, size, "random", rng)
-            views.append(client_view(mlp(256, "sigmoid", int(rng.integers(2**31))), batch, targets, 0, 0.1))
-            originals.append(batch)
+        views, originals = mlp_cell(0, size, args.cp_batches, labels_public=False)
         attack = build_attack("cocktail-party", {})
+        fastica_all(views[:1], originals[:1], args.cp_iterations)  # imports and first calls, untimed
+        batched(attack, views[:1])
         ref_seconds, ref_images = timed(fastica_all, views, originals, args.cp_iterations)
         seconds, found = timed(batched, attack, views)
         rows.append(
@@ -411,26 +421,18 @@ def least_squares_reference(view: AttackerView, restarts: int, good_enough: floa
 
 def ce_demix_rows(args: argparse.Namespace, threads: int) -> list[Row]:
     """Per batch size: least_squares on each view, then the testbed's ``reconstruct_many`` on all views."""
-    from dataclasses import replace
-
     from attacks.ce_demix import GOOD_ENOUGH
 
-    images, labels = digits("eval")
     rows = []
     for size in args.ce_batch_sizes:
-        rng = np.random.default_rng([1, size])
-        views, originals = [], []
-        for _ in range(args.ce_batches):
-            batch, targets = draw(images, labels, size, "random", rng)
-            view = client_view(mlp(256, "sigmoid", int(rng.integers(2**31))), batch, targets, 0, 0.1)
-            views.append(replace(view, labels=targets))
-            originals.append(batch)
+        views, originals = mlp_cell(1, size, args.ce_batches, labels_public=True)
         attack = build_attack("ce-demix", {})
         good_enough = GOOD_ENOUGH * attack.params["fit_tolerance"]
         restarts = attack.params["restarts"]
-        ref_seconds, ref_images = timed(
-            one_by_one, partial(least_squares_reference, restarts=restarts, good_enough=good_enough), views
-        )
+        solve = partial(least_squares_reference, restarts=restarts, good_enough=good_enough)
+        one_by_one(solve, views[:1])  # imports and first calls, untimed
+        batched(attack, views[:1])
+        ref_seconds, ref_images = timed(one_by_one, solve, views)
         seconds, found = timed(batched, attack, views)
         rows.append(
             Row(
@@ -446,6 +448,80 @@ def ce_demix_rows(args: argparse.Namespace, threads: int) -> list[Row]:
         )
         print(rows[-1].line(), flush=True)
     return rows
+
+
+# Profiles ------------------------------------------------------------------------------------------------------
+
+
+def torch_ops(label: str, run: Callable[..., object], *args: Any) -> None:
+    """Print the operators taking most of ``run(*args)``'s CPU time (torch profiler, self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        run(*args)
+    wall = time.perf_counter() - start
+    events = sorted(recorded.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    print(f"\n{label}: {wall:.2f} s under the profiler; torch operators by self CPU time", flush=True)
+    for event in events[:12]:
+        share = event.self_cpu_time_total / total
+        print(f"  {share:6.1%}  {event.count:8d} calls  {event.key}")
+
+
+def python_functions(label: str, run: Callable[..., object], *args: Any) -> None:
+    """Print the functions taking most of ``run(*args)``'s time (cProfile, own time), with the wall time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(run, *args)
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    rows: Any = stats.stats  # type: ignore[attr-defined]
+    ranked = sorted(rows.items(), key=lambda item: item[1][2], reverse=True)
+    print(f"\n{label}: {wall:.2f} s under cProfile; functions by own time", flush=True)
+    for (filename, line, name), (_, calls, own, cumulative, _) in ranked[:12]:
+        where = f"{Path(filename).parent.name}/{Path(filename).name}:{line}" if filename != "~" else ""
+        print(f"  {own / wall:6.1%}  own {own:6.2f} s  cum {cumulative:6.2f} s  {calls:7d} calls  {name} {where}")
+
+
+def profiles(args: argparse.Namespace) -> None:
+    """Where each side's time goes, at one thread, on one cell per attack (``--profile``)."""
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        if "inverting-gradients" in args.attacks:
+            views, _ = lenet_views("dlg", args.ig_singles, args.ig_pairs)
+            attack = build_attack("inverting-gradients", {"iterations": args.ig_iterations})
+            reference = BreachingInvertingGradients(views[0].model, args.ig_iterations, attack.params["tv_weight"])
+            batched(attack, views[:2])
+            title = f"inverting-gradients, LeNet DLG init, {args.ig_iterations} iterations"
+            torch_ops(f"{title}: breaching, 4 victims one by one", one_by_one, reference.reconstruct, views[:4])
+            torch_ops(f"{title}: testbed one by one, 4 victims", one_by_one, testbed_one(attack), views[:4])
+            torch_ops(f"{title}: testbed batched, {len(views)} victims", batched, attack, views)
+        if "cocktail-party" in args.attacks:
+            size = max(args.cp_batch_sizes)
+            views, originals = mlp_cell(0, size, args.cp_batches, labels_public=False)
+            attack = build_attack("cocktail-party", {})
+            title = f"cocktail-party, {args.cp_batches} x {size} digits"
+            python_functions(f"{title}: FastICA", fastica_all, views, originals, args.cp_iterations)
+            python_functions(f"{title}: testbed batched", batched, attack, views)
+            torch_ops(f"{title}: testbed batched", batched, attack, views)
+        if "ce-demix" in args.attacks:
+            from attacks.ce_demix import GOOD_ENOUGH
+
+            attack = build_attack("ce-demix", {})
+            solve = partial(
+                least_squares_reference,
+                restarts=attack.params["restarts"],
+                good_enough=GOOD_ENOUGH * attack.params["fit_tolerance"],
+            )
+            for size in args.ce_batch_sizes:
+                views, _ = mlp_cell(1, size, args.ce_batches, labels_public=True)
+                title = f"ce-demix, {args.ce_batches} x {size} digits"
+                python_functions(f"{title}: scipy least_squares", one_by_one, solve, views)
+                python_functions(f"{title}: testbed batched", batched, attack, views)
 
 
 # The run and the docs block --------------------------------------------------------------------------------------
@@ -484,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ce-batch-sizes", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--ce-batches", type=int, default=None, help="updates per batch size (default 8)")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the block of docs/benchmarks.md")
+    parser.add_argument("--profile", action="store_true", help="profile each side at one thread instead of the table")
     args = parser.parse_args(argv)
     quick = args.quick
     args.ig_singles = args.ig_singles if args.ig_singles is not None else (4 if quick else 8)
@@ -493,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.ce_batches = args.ce_batches or (4 if quick else 8)
     if importlib.util.find_spec("breaching") is None and "inverting-gradients" in args.attacks:
         parser.error("breaching is not installed here: run bash benchmarks/reference_rates.sh")
+    if args.profile:
+        profiles(args)
+        return
     started, load = time.monotonic(), _load()
     print(HEADER, flush=True)
     rows: list[Row] = []
