@@ -236,14 +236,14 @@ def inverting_gradients_rows(args: argparse.Namespace, threads: int) -> list[Row
         BreachingInvertingGradients(views[0].model, 2, 0.0).reconstruct(warm[0])
         ref_seconds, ref_images = timed(one_by_one, reference.reconstruct, views)
         batch_seconds, batch_images = timed(batched, attack, views)
-        loop_seconds, loop_images = timed(one_by_one, testbed_one(attack), views)
+        paths = [("batched", batch_seconds, batch_images)]
+        if threads in args.loop_threads:
+            loop_seconds, loop_images = timed(one_by_one, testbed_one(attack), views)
+            paths.append(("one by one", loop_seconds, loop_images))
         init_name = "DLG init" if init == "dlg" else "torch init"
         victims = f"LeNet {init_name}: {args.ig_singles} x 1 + {args.ig_pairs} x 2 digits, {args.ig_iterations} it."
         ref_ssim = mean_ssim(originals, ref_images)
-        for path, seconds, images in (
-            ("batched", batch_seconds, batch_images),
-            ("one by one", loop_seconds, loop_images),
-        ):
+        for path, seconds, images in paths:
             rows.append(
                 Row(
                     f"inverting-gradients ({path})",
@@ -551,8 +551,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer victims and iterations (a few minutes)")
     parser.add_argument("--attacks", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--ig-singles", type=int, default=None, help="one-digit victims per LeNet (default 8)")
-    parser.add_argument("--ig-pairs", type=int, default=None, help="two-digit victims per LeNet (default 4)")
+    parser.add_argument("--ig-singles", type=int, default=None, help="one-digit victims per LeNet (default 6)")
+    parser.add_argument("--ig-pairs", type=int, default=None, help="two-digit victims per LeNet (default 3)")
+    parser.add_argument(
+        "--loop-threads", type=int, nargs="*", default=[1], help="threads at which the one-by-one path is timed"
+    )
     parser.add_argument("--ig-iterations", type=int, default=None, help="Inverting Gradients budget (default 1000)")
     parser.add_argument("--cp-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--cp-batches", type=int, default=None, help="updates per batch size (default 6)")
@@ -563,8 +566,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="profile each side at one thread instead of the table")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.ig_singles = args.ig_singles if args.ig_singles is not None else (4 if quick else 8)
-    args.ig_pairs = args.ig_pairs if args.ig_pairs is not None else (2 if quick else 4)
+    args.ig_singles = args.ig_singles if args.ig_singles is not None else (4 if quick else 6)
+    args.ig_pairs = args.ig_pairs if args.ig_pairs is not None else (2 if quick else 3)
     args.ig_iterations = args.ig_iterations or (200 if quick else 1000)
     args.cp_batches = args.cp_batches or (2 if quick else 6)
     args.ce_batches = args.ce_batches or (4 if quick else 8)
