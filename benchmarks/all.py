@@ -4,7 +4,9 @@ Usage:
     python benchmarks/all.py [--quick] [--out docs/benchmarks.md]
 
 Each benchmark runs in its own process (so one's threads and Ray session cannot slow the next) and
-its markdown table is copied as printed, under the exact command that produced it.
+its markdown table is copied as printed, under the exact command that produced it. The block written by
+``bash benchmarks/reference_rates.sh --write-docs`` (between its markers; it runs in its own environment)
+is kept as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def _table(output: str) -> str:
     caption = next((line for line in reversed(lines[:start]) if line.strip()), "")
     table = "\n".join(lines[start:])
     return f"{caption}\n\n{table}" if caption and not caption.startswith("|") else table
+
+
+KEPT = ("<!-- reference-rates:begin -->", "<!-- reference-rates:end -->")
+"""Markers of the block ``benchmarks/reference_rates.sh --write-docs`` owns (it needs its own environment)."""
+
+
+def _kept_block(out: Path) -> list[str]:
+    """The reference-rate block of the current file, markers included, so that rewriting the file keeps it."""
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    begin, end = text.find(KEPT[0]), text.find(KEPT[1])
+    if begin < 0 or end < begin:
+        return []
+    return [text[begin : end + len(KEPT[1])], ""]
 
 
 def main() -> None:
@@ -87,6 +102,7 @@ def main() -> None:
         else:
             sections += [_table(done.stdout), ""]
         print(f"{title}: {seconds:.0f} s", file=sys.stderr, flush=True)
+    sections += _kept_block(args.out)
     args.out.write_text("\n".join(sections), encoding="utf-8")
     print(args.out)
 
