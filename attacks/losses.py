@@ -81,10 +81,22 @@ def logit_derivatives(loss: ClientLoss, logits: Tensor, targets: Tensor) -> tupl
     """``E = dL/dZ`` (..., N, C) and ``K_n = de_n/dz_n`` (..., N, C, C) of the batch-mean loss.
 
     ``logits`` and ``targets`` (probabilities, one-hot for hard labels) are (..., N, C); the batch mean runs
-    over the N axis. Both come from automatic differentiation of ``loss``: a sample's loss depends on its own
-    logits only, so one backward pass gives every row of ``E`` and ``C`` more (one per class) every ``K_n``
-    (checked against torch's own losses by the tests).
+    over the N axis. A loss that states its own derivatives (``logit_derivatives(logits, targets)`` per
+    sample, as the built-in losses of ``defenses`` do beside their definition) is asked for them; any other
+    is differentiated automatically (``autograd_logit_derivatives``). Tests check both ways agree.
     """
+    stated = getattr(loss, "logit_derivatives", None)
+    if callable(stated):
+        count, classes = logits.shape[-2], logits.shape[-1]
+        flat = targets.to(logits.dtype).expand(logits.shape).reshape(-1, classes)
+        error, curvature = stated(logits.reshape(-1, classes), flat)
+        return (error / count).reshape(logits.shape), (curvature / count).reshape(*logits.shape, classes)
+    return autograd_logit_derivatives(loss, logits, targets)
+
+
+def autograd_logit_derivatives(loss: ClientLoss, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``logit_derivatives`` by automatic differentiation of ``loss.per_sample``: a sample's loss depends on its
+    own logits only, so one backward pass gives every row of ``E`` and ``C`` more (one per class) every ``K_n``."""
     count, classes = logits.shape[-2], logits.shape[-1]
     flat_targets = targets.to(logits.dtype).expand(logits.shape).reshape(-1, classes).detach()
     with torch.enable_grad():
