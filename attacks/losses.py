@@ -8,8 +8,9 @@ protocol below. From it come:
 
 - ``batch_loss``: the batch-mean loss against target *probabilities*, the expectation over classes
   ``sum_c t_c l(z, c)`` (exact for one-hot targets; what the optimisation attacks and DLG's soft labels use);
-- ``logit_derivatives``: the logit gradient ``E = dL/dZ`` and each sample's curvature ``de_n/dz_n`` by
-  automatic differentiation (what ce-demix's solve needs);
+- ``logit_derivatives``: the logit gradient ``E = dL/dZ`` and each sample's curvature ``de_n/dz_n`` (what
+  ce-demix's solve needs): the loss's own closed form where it states one (the built-in losses do, beside
+  their definitions), else automatic differentiation;
 - ``centred`` and ``marks_presence``: two properties of the loss probed numerically (does a sample's logit
   gradient sum to zero over the classes; is it never negative off the target class).
 """
