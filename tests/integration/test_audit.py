@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from testbed.config.load import load_experiment
 from testbed.engine import run_experiment
 from tests.conftest import REPO
+from tests.support.cli import run_topology
 
 pytestmark = pytest.mark.ray
 
@@ -163,15 +161,7 @@ def test_attack_auto_through_testbed_run_on_fedsgd_and_fedavg(tmp_path: Path) ->
         "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 10},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
     }
-    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_topology(tmp_path, topology)
     client = MlflowClient(tracking_uri=topology["tracking"]["uri"])
     runs = client.search_runs(client.get_experiment_by_name("auto").experiment_id)
     children = {run.data.params.get("algorithm.name"): run for run in runs if "mlflow.parentRunId" in run.data.tags}

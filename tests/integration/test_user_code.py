@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from testbed.config.load import load_experiment
 from testbed.engine import run_experiment
 from tests.conftest import REPO
+from tests.support.cli import run_topology
 from tests.support.user_code import BATCHNORM_NET, FOCAL_LOSS, write_module
 
 pytestmark = pytest.mark.ray
@@ -36,20 +32,7 @@ def test_a_batchnorm_model_from_the_users_file_trains_by_fedavg_on_two_workers(t
         "resources": {"num_cpus": 2, "workers": 2, "chunk_size": 4},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
     }
-    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=elsewhere,  # neither the working directory nor PYTHONPATH holds the module: the topology's folder does
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_topology(tmp_path, topology, elsewhere=True, timeout=600)
     assert result["final_test_accuracy"] > 0.5, result  # ten classes: chance is 0.1
     client = MlflowClient(tracking_uri=topology["tracking"]["uri"])
     run = client.get_run(result["run_id"])
@@ -76,20 +59,7 @@ def test_a_focal_loss_from_the_users_file_trains_through_testbed_run(tmp_path: P
         "resources": {"num_cpus": 2, "workers": 2, "chunk_size": 4},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
     }
-    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=elsewhere,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_topology(tmp_path, topology, elsewhere=True, timeout=600)
     assert result["final_test_accuracy"] > 0.5, result  # ten classes: chance is 0.1
     params = MlflowClient(tracking_uri=topology["tracking"]["uri"]).get_run(result["run_id"]).data.params
     assert params["clients.focal.defence.path"] == str(tmp_path.resolve())
@@ -124,18 +94,7 @@ def test_a_users_focal_loss_and_label_smoothing_are_attacked_as_cross_entropy_is
         "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 12},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
     }
-    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    leakage = json.loads(done.stdout.strip().splitlines()[-1])["leakage"]
+    leakage = run_topology(tmp_path, topology)["leakage"]
     assert set(leakage) == {"ce", "focal", "smooth"}, leakage  # every group attacked, none not applicable
     assert all(row["audited_samples"] >= 3 for row in leakage.values()), leakage
     reference = leakage["ce"]["recovered_fraction"]
@@ -232,20 +191,7 @@ def test_a_users_attack_from_the_users_file_runs_through_testbed_run_and_its_lea
         "resources": {"num_cpus": 2, "workers": 1, "chunk_size": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_location": str(tmp_path / "art")},
     }
-    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topology), encoding="utf-8")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-m", "testbed", "run", str(tmp_path / "topology.yaml"), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=elsewhere,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_topology(tmp_path, topology, elsewhere=True, timeout=600)
     assert result["leakage"]["a"]["audited_samples"] == 6, result  # 3 clients a round, 2 rounds
     assert result["leakage"]["a"]["recovered_fraction"] == 1.0, result  # one image per update: recovered exactly
     run = MlflowClient(tracking_uri=topology["tracking"]["uri"]).get_run(result["run_id"])
