@@ -327,8 +327,41 @@ def fastica_reference(view: AttackerView, originals: torch.Tensor, iterations: i
 def fastica_all(
     views: Sequence[AttackerView], originals: Sequence[torch.Tensor], iterations: int
 ) -> list[torch.Tensor]:
-    """``fastica_reference`` on each view in turn."""
-    return [fastica_reference(view, batch, iterations) for view, batch in zip(views, originals, strict=True)]
+    """``fastica_reference`` on each view in turn (``originals``: the batches of the views, the first
+    ``len(views)`` of them used)."""
+    pairs = zip(views, originals[: len(views)], strict=True)
+    return [fastica_reference(view, batch, iterations) for view, batch in pairs]
+
+
+def compared_row(
+    label: str,
+    reference: str,
+    threads: int,
+    reference_run: Callable[[Sequence[AttackerView]], list[torch.Tensor]],
+    attack: Attack,
+    views: Sequence[AttackerView],
+    originals: Sequence[torch.Tensor],
+) -> Row:
+    """One row: a warm-up call of each side on the first view (untimed), then the reference on every view and
+    the testbed's ``reconstruct_many`` on all of them, timed back to back; printed as it comes."""
+    reference_run(views[:1])  # imports and first calls, untimed
+    batched(attack, views[:1])
+    ref_seconds, ref_images = timed(reference_run, views)
+    seconds, found = timed(batched, attack, views)
+    size = views[0].num_samples
+    row = Row(
+        label,
+        reference,
+        threads,
+        f"MLP 784-256-10 sigmoid: {len(views)} x {size} digits",
+        len(views) / ref_seconds,
+        len(views) / seconds,
+        mean_ssim(originals, ref_images),
+        mean_ssim(originals, found),
+    )
+    print(row.line(), flush=True)
+    LOADS.append(_load())
+    return row
 
 
 def cocktail_party_rows(args: argparse.Namespace, threads: int) -> list[Row]:
@@ -336,25 +369,13 @@ def cocktail_party_rows(args: argparse.Namespace, threads: int) -> list[Row]:
     rows = []
     for size in args.cp_batch_sizes:
         views, originals = mlp_cell(0, size, args.cp_batches, labels_public=False)
+        reference = partial(fastica_all, originals=originals, iterations=args.cp_iterations)
         attack = build_attack("cocktail-party", {})
-        fastica_all(views[:1], originals[:1], args.cp_iterations)  # imports and first calls, untimed
-        batched(attack, views[:1])
-        ref_seconds, ref_images = timed(fastica_all, views, originals, args.cp_iterations)
-        seconds, found = timed(batched, attack, views)
         rows.append(
-            Row(
-                "cocktail-party (batched)",
-                "scikit-learn FastICA",
-                threads,
-                f"MLP 784-256-10 sigmoid: {args.cp_batches} x {size} digits",
-                len(views) / ref_seconds,
-                len(views) / seconds,
-                mean_ssim(originals, ref_images),
-                mean_ssim(originals, found),
+            compared_row(
+                "cocktail-party (batched)", "scikit-learn FastICA", threads, reference, attack, views, originals
             )
         )
-        print(rows[-1].line(), flush=True)
-        LOADS.append(_load())
     return rows
 
 
@@ -442,24 +463,17 @@ def ce_demix_rows(args: argparse.Namespace, threads: int) -> list[Row]:
         good_enough = GOOD_ENOUGH * attack.params["fit_tolerance"]
         restarts = attack.params["restarts"]
         solve = partial(least_squares_reference, restarts=restarts, good_enough=good_enough)
-        one_by_one(solve, views[:1])  # imports and first calls, untimed
-        batched(attack, views[:1])
-        ref_seconds, ref_images = timed(one_by_one, solve, views)
-        seconds, found = timed(batched, attack, views)
         rows.append(
-            Row(
+            compared_row(
                 "ce-demix (batched)",
                 "scipy least_squares (lm)",
                 threads,
-                f"MLP 784-256-10 sigmoid: {args.ce_batches} x {size} digits",
-                len(views) / ref_seconds,
-                len(views) / seconds,
-                mean_ssim(originals, ref_images),
-                mean_ssim(originals, found),
+                partial(one_by_one, solve),
+                attack,
+                views,
+                originals,
             )
         )
-        print(rows[-1].line(), flush=True)
-        LOADS.append(_load())
     return rows
 
 
