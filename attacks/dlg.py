@@ -119,6 +119,7 @@ class DeepLeakage(Attack):
                 kind=view.kind,
                 local_steps=view.local_steps,
                 lr=view.lr,
+                batch_size=view.batch_size,
                 differentiate=autograd_gradient,
             )
             objective = squared_distance(simulated, target) * scale

@@ -159,6 +159,7 @@ class InvertingGradients(Attack):
                 kind=view.kind,
                 local_steps=view.local_steps,
                 lr=view.lr,
+                batch_size=view.batch_size,
                 differentiate=differentiate,
             )
             return cosine_distance(simulated, target) + self.params["tv_weight"] * total_variation(images)

@@ -44,11 +44,13 @@ def simulated_update(
     local_steps: int,
     lr: float,
     differentiate: Differentiate,
+    batch_size: int | None = None,
 ) -> Params:
     """The update a client would send for ``images`` (N, ...) with soft ``targets`` (N, classes).
 
     ``kind="gradient"``: the mean loss gradient over all N samples. ``kind="delta"``: ``local_steps``
-    SGD steps of size ``lr``, step t on samples ``[t*N/steps, (t+1)*N/steps)``; returns after - before.
+    SGD steps of size ``lr`` on consecutive slices of the samples (``step_sizes``: equal slices, or a
+    shuffling loader's full batches of ``batch_size`` and a short last one); returns after - before.
     """
 
     def batch_loss(images_part: Tensor, targets_part: Tensor) -> Callable[[Params], Tensor]:
@@ -59,13 +61,35 @@ def simulated_update(
 
     if kind == "gradient":
         return differentiate(batch_loss(images, targets), params)
-    per_step = images.shape[0] // local_steps
     current = params
-    for step in range(local_steps):
-        part = slice(step * per_step, (step + 1) * per_step)
+    start = 0
+    for size in step_sizes(images.shape[0], local_steps, batch_size):
+        part = slice(start, start + size)
+        start += size
         grads = differentiate(batch_loss(images[part], targets[part]), current)
         current = {name: current[name] - lr * grads[name] for name in current}
     return {name: current[name] - params[name] for name in params}
+
+
+def step_sizes(num_samples: int, local_steps: int, batch_size: int | None = None) -> list[int]:
+    """How many of ``num_samples`` samples each of ``local_steps`` SGD steps used, as the attacks assume.
+
+    Given ``batch_size``: one pass of a shuffling loader, full batches and a last batch holding the rest
+    (``(local_steps - 1) * batch_size < num_samples <= local_steps * batch_size``); without it, equal
+    slices. ValueError for any other count (the client's batches cannot be told from the update's metadata:
+    several epochs over data that do not fill whole batches, or batches of uneven sizes).
+    """
+    if local_steps < 1 or num_samples < local_steps:
+        raise ValueError(f"{num_samples} samples cannot fill {local_steps} local steps")
+    if batch_size is None:
+        if num_samples % local_steps == 0:
+            return [num_samples // local_steps] * local_steps
+    elif (local_steps - 1) * batch_size < num_samples <= local_steps * batch_size:
+        return [batch_size] * (local_steps - 1) + [num_samples - (local_steps - 1) * batch_size]
+    raise ValueError(
+        f"num_samples {num_samples} over {local_steps} local steps is not one pass of full batches of {batch_size} "
+        "and a last one holding the rest"
+    )
 
 
 def squared_distance(simulated: Params, target: Params) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from attacks.label_search import searched_labels
 from attacks.losses import SoftTargetLoss, batch_loss
-from attacks.simulate import Params
+from attacks.simulate import Params, step_sizes
 from attacks.view import AttackerView, AttackNotApplicable
 
 
@@ -20,11 +20,11 @@ def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
     missing = [name for name in names if name not in view.update or name not in view.global_params]
     if missing:
         raise AttackNotApplicable(f"{attack}: the update lacks model parameter {missing[0]!r}")
-    if view.kind == "delta" and view.num_samples != view.local_steps * view.batch_size:
-        raise AttackNotApplicable(
-            f"{attack}: num_samples {view.num_samples} is not local_steps x batch_size "
-            f"({view.local_steps} x {view.batch_size})"
-        )
+    if view.kind == "delta":
+        try:
+            step_sizes(view.num_samples, view.local_steps, view.batch_size)
+        except ValueError as exc:
+            raise AttackNotApplicable(f"{attack}: {exc}") from None
     return batch_loss(view.loss)
 
 

@@ -68,7 +68,7 @@ def audit_stage(
     sizes = spec.audited_batch_sizes(arm)
     clients = audited_clients(data, seed, stage.round, spec.audit.clients, max(sizes))
     rows: list[dict[str, Any]] = []
-    for policy in spec.audited_policies(arm):
+    for policy in spec.audited_policies(arm, budget_check=attack_params is not None):
         lr = spec.lr_for(lrs, policy)
         for size in sizes:
             experiment = experiment_for(

@@ -130,8 +130,8 @@ class Study:
         return self.spec.loss_of(policy)
 
     def portfolio(self, cell: Cell) -> list[str]:
-        """The arm's attacks."""
-        return list(self.arms[cell.arm].attacks)
+        """The arm's attacks (``auto`` expanded)."""
+        return self.arms[cell.arm].attack_names
 
 
 def describe(cell: Cell, era: str, level: str) -> str:

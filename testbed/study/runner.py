@@ -23,7 +23,7 @@ from testbed.runtime.round_metrics import privacy_metrics, privacy_plan
 from testbed.study.audits import Stage, audit_stage
 from testbed.study.metric_noise import noise_rows
 from testbed.study.page import write_rows
-from testbed.study.spec import STAGES, StudySpec, experiment_for
+from testbed.study.spec import StudySpec, experiment_for
 from testbed.study.training import train
 from testbed.study.tuning import choose_rate
 from testbed.tracking.progress import Progress
@@ -86,7 +86,7 @@ def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> di
         commit = f"`{found[0]}`" + (" (with uncommitted changes)" if found[1] else "")
     minutes, rest = divmod(round(seconds), 60)
     budgets = "; ".join(
-        f"{arm.label}: {arm.rounds} rounds, attacks {', '.join(arm.attacks)}"
+        f"{arm.label}: {arm.rounds} rounds, attacks {arm.portfolio_label}"
         + (f" ({json.dumps(arm.attack_params)})" if arm.attack_params else " (default budgets)")
         + (f", audited batch sizes {arm.audit_batch_sizes}" if arm.audit_batch_sizes is not None else "")
         + (f", audited policies {arm.audit_policies}" if arm.audit_policies is not None else "")
@@ -104,7 +104,9 @@ def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> di
         "budget_check": "none"
         if spec.budget_check is None
         else f"arms {[spec.arms[i].label for i in spec.budget_check.arms]}, seeds {spec.budget_check.seeds}, "
-        f"stages {spec.budget_check.stages}: {json.dumps(spec.budget_check.attack_params)}",
+        f"stages {spec.budget_check.stages}"
+        + (f", policies {spec.budget_check.policies}" if spec.budget_check.policies is not None else "")
+        + f": {json.dumps(spec.budget_check.attack_params)}",
     }
 
 
@@ -280,7 +282,7 @@ def _train_and_audit(
             for policy in spec.trained_policies(arm):
                 lr = spec.lr_for(lrs[index], policy)
                 pending[trainer.remote(ref, index, seed, policy, lr)] = _Task("train", index, seed, arm.label, policy)
-    total = len(pending) + len(spec.arms) * len(spec.seeds) * len(STAGES)
+    total = len(pending) + len(spec.arms) * len(spec.seeds) * len(spec.audit.stages)
     progress = Progress(total, "study training and audits", enabled=show_progress, unit="task")
     training: list[dict[str, Any]] = []
     audits: list[dict[str, Any]] = []
@@ -306,7 +308,7 @@ def _train_and_audit(
                 by_round: dict[int, list[tuple[Stage, Any]]] = {}
                 for stage, params in result["stages"]:
                     by_round.setdefault(stage.round, []).append((stage, params))
-                total -= len(STAGES) - len(by_round) if result["stages"] else 0
+                total -= len(spec.audit.stages) - len(by_round) if result["stages"] else 0
                 label = spec.arms[index].label
                 for same in by_round.values():
                     stage, params = same[0]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from testbed.config.schema import Experiment
+from testbed.config.schema import AUTO_ATTACK, Experiment
 from testbed.config.topology import format_loc, read_yaml, validate
 from testbed.errors import UserError
 
@@ -44,13 +44,36 @@ class Arm(_Strict):
     lr_grid: list[float] = Field(
         min_length=1, description="tried per loss on every tuning seed; the best worst-seed final accuracy wins"
     )
-    attacks: list[str] = Field(min_length=1, description="the portfolio run on every audited update")
+    attacks: list[str] = Field(
+        min_length=1,
+        description="the portfolio run on every audited update: attack names, or auto (every image attack where it "
+        "applies), alone or beside others",
+    )
     attack_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     accuracy_policies: list[str] | None = Field(
         None, description="policies trained on every seed for their accuracy cost (null: all)"
     )
     audit_policies: list[str] | None = Field(None, description="policies audited at each stage (null: all)")
     audit_batch_sizes: list[int] | None = Field(None, description="batch sizes audited (null: audit.batch_sizes)")
+
+    @property
+    def attack_names(self) -> list[str]:
+        """The registry names of the portfolio, ``auto`` expanded to every image attack (in registry order)."""
+        from attacks import auto_attacks
+
+        names: list[str] = []
+        for entry in self.attacks:
+            for name in auto_attacks() if entry == AUTO_ATTACK else [entry]:
+                if name not in names:
+                    names.append(name)
+        return names
+
+    @property
+    def portfolio_label(self) -> str:
+        """The portfolio as written, ``auto`` followed by what it stands for: ``auto (dense-ratio, ...)``."""
+        if AUTO_ATTACK not in self.attacks:
+            return ", ".join(self.attacks)
+        return ", ".join(self.attacks) + f" ({', '.join(self.attack_names)})"
 
     @property
     def label(self) -> str:
@@ -83,6 +106,9 @@ class BudgetCheck(_Strict):
     seeds: list[int] = Field(min_length=1)
     stages: list[Stage] = Field(min_length=1)
     attack_params: dict[str, dict[str, Any]] = Field(description="attack -> parameters replacing the arm's")
+    policies: list[str] | None = Field(
+        None, description="the policies re-attacked, of those each arm audits (null: every audited policy)"
+    )
 
 
 class ClaimRules(_Strict):
@@ -140,6 +166,9 @@ class StudySpec(_Strict):
             for seed in check.seeds:
                 if seed not in self.seeds:
                     raise ValueError(f"budget_check.seeds: {seed} is not one of seeds {self.seeds}")
+            for name in check.policies or []:
+                if name not in self.policies:
+                    raise ValueError(f"budget_check.policies: unknown policy {name!r}")
         return self
 
     def lr_for(self, lrs: dict[str, float], policy: str) -> float:
@@ -151,9 +180,11 @@ class StudySpec(_Strict):
         """The loss a policy trains with (cross-entropy unless its block says otherwise)."""
         return str(self.policies[policy].get("loss", "cross-entropy"))
 
-    def audited_policies(self, arm: Arm) -> list[str]:
-        """The policies audited on ``arm``'s stages."""
-        return arm.audit_policies if arm.audit_policies is not None else list(self.policies)
+    def audited_policies(self, arm: Arm, budget_check: bool = False) -> list[str]:
+        """The policies audited on ``arm``'s stages (``budget_check``: those the budget check re-attacks)."""
+        names = arm.audit_policies if arm.audit_policies is not None else list(self.policies)
+        chosen = self.budget_check.policies if budget_check and self.budget_check is not None else None
+        return names if chosen is None else [name for name in names if name in chosen]
 
     def audited_batch_sizes(self, arm: Arm) -> list[int]:
         """The batch sizes audited on ``arm``'s stages."""
@@ -205,7 +236,14 @@ def experiment_for(
     }
     if attack:
         params = {**arm.attack_params, **(attack_params or {})}
-        data["attack"] = {"name": arm.attacks, "params": {k: v for k, v in params.items() if k in arm.attacks}}
+        names = arm.attack_names
+        data["attack"] = {
+            "name": arm.attacks,
+            "params": {k: v for k, v in params.items() if k in names},
+            # every audited update of a call meets every applicable attack: no per-round cap on the optimisation
+            # attacks (auto's default cap is for runs, where a round's audits compete with its training)
+            "audit": {"optimisation_per_round": setting.clients},
+        }
     return validate(data, source=f"study arm {arm.label}, policy {policy}")
 
 

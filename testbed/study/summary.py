@@ -180,7 +180,7 @@ def budgets_table(spec: StudySpec) -> list[str]:
         )
         sizes = arm.audit_batch_sizes if arm.audit_batch_sizes is not None else spec.audit.batch_sizes
         lines.append(
-            f"| {arm.label} | {arm.rounds} | {', '.join(arm.attacks)} | {params or 'defaults'} | "
+            f"| {arm.label} | {arm.rounds} | {arm.portfolio_label} | {params or 'defaults'} | "
             f"{', '.join(map(str, sizes))} |"
         )
     return lines
