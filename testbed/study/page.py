@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from testbed.study.claims import judge
+from testbed.study.cost import cost_rows, cost_table
 from testbed.study.eras import ATTACK_ERA
 from testbed.study.metric_noise import tolerance
 from testbed.study.spec import STAGE_HELP, StudySpec
@@ -275,9 +276,13 @@ def write_report(folder: Path, out: Path, page: Path | None, spec: StudySpec, pr
         + ", ".join(name for name, era in ATTACK_ERA.items() if era == "paper")
         + "; an update counts the most any one of them recovered), 'to date' the worst case over the whole "
         "portfolio (docs/study.md has the era table).",
-        "- **Caveats**: conditional on the audited models, the attack portfolio and its budgets (below); the "
-        "committed tables keep each update's mean SSIM, which the graded levels give to each of its samples; "
-        "the paper-era fraction is a lower bound on the union of its attacks.",
+        "- **Caveats**: conditional on the audited models, the attack portfolio and its budgets (below); "
+        + (
+            ""
+            if any(row.get("ssim_samples") for row in audits)
+            else "these tables keep each update's mean SSIM, which the graded levels give to each of its samples; "
+        )
+        + "the paper-era fraction is a lower bound on the union of its attacks.",
         "",
         "## Run",
         "",
@@ -357,6 +362,16 @@ def write_report(folder: Path, out: Path, page: Path | None, spec: StudySpec, pr
             )
             + ".",
         ]
+    costs = cost_rows(audits, training)
+    write_rows(out / "cost.csv", costs)
+    lines += ["", "## Cost: attack seconds per audited update and training, per arm", ""]
+    lines += [
+        "CPU seconds of one Ray task each (the study runs "
+        f"{spec.workers} at once); an update's attack seconds are its audit call's wall time shared over the "
+        "call's updates, every applicable attack of the arm's portfolio included (the budget check left out).",
+        "",
+    ]
+    lines += cost_table(costs)
     lines += ["", "## Figures", ""]
     lines += [f"![{figure.stem}](results/{figure.name})" for figure in figures[1:]]
     lines += ["", "## Notes", ""]

@@ -68,18 +68,20 @@ def make_view(
     local_steps: int = 1,
     lr: float = 0.1,
     public_labels: bool = False,
+    batch_size: int | None = None,
 ) -> AttackerView:
     """The attacker's view of an honest client that trained ``model`` on ``images``.
 
     ``gradient``: the mean loss gradient of the whole batch. ``delta``: ``local_steps`` SGD steps, each
-    on the next ``len(images) // local_steps`` samples.
+    on the next ``len(images) // local_steps`` samples, or (``batch_size`` given) one pass of a shuffling
+    loader: batches of ``batch_size`` and a short last one.
     """
     params = {name: value.detach().clone() for name, value in model.named_parameters()}
     working = {name: value.clone().requires_grad_(True) for name, value in params.items()}
     steps = local_steps if kind == "delta" else 1
-    batch = images.shape[0] // steps
+    batch = batch_size if batch_size is not None else images.shape[0] // steps
     for step in range(steps):
-        chunk = slice(step * batch, (step + 1) * batch)
+        chunk = slice(step * batch, min((step + 1) * batch, images.shape[0]))
         logits = torch.func.functional_call(model, working, (images[chunk],))
         grads = torch.autograd.grad(client_loss(logits, labels[chunk], loss), list(working.values()))
         if kind == "gradient":

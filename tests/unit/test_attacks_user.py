@@ -64,15 +64,21 @@ def test_auto_in_a_list_runs_every_image_attack_and_the_users_one(tmp_path: Path
         {"name": ["auto", written], "params": {written: {"floor": 1e-6}, "dlg": {"iterations": 3}}},
         context={"folder": str(tmp_path)},
     )
-    assert config.names == ["dense-ratio", "ce-demix", "dlg", "inverting-gradients", "cocktail-party",
-                            "row-least-squares"]
+    assert config.names == [
+        "dense-ratio",
+        "ce-demix",
+        "dlg",
+        "inverting-gradients",
+        "cocktail-party",
+        "row-least-squares",
+    ]
     assert config.params_of("row-least-squares") == {"floor": 1e-6} and config.params_of("dlg") == {"iterations": 3}
     assert config.optimisation_cap == 4 and config.label.startswith("auto: worst case of")
     with pytest.raises(ValueError, match=r"row-least-squares\.floor: must be a number >= 0, got -1"):
         AttackConfig.model_validate({"name": written, "params": {"floor": -1}}, context={"folder": str(tmp_path)})
 
 
-USER_MISTAKES = '''
+USER_MISTAKES = """
 from attacks import Attack, DenseRatio
 
 
@@ -91,7 +97,7 @@ class Abstract(Attack):
 class BadCost(DenseRatio):
     name = "bad-cost"
     cost = "cheap"
-'''
+"""
 
 
 @pytest.mark.parametrize(
