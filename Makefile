@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,flower]"
 	touch $(STAMP)
 
 setup: $(STAMP)

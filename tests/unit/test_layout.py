@@ -24,6 +24,7 @@ LEVELS = {
     "testbed.report": 5,
     "testbed.engine": 6,
     "testbed.study": 6,
+    "testbed.integrations": 6,
     "testbed.sweep": 7,
     "testbed.cli": 8,
     "testbed.__main__": 9,
@@ -116,6 +117,18 @@ def test_attacks_defences_and_metrics_never_import_the_engine() -> None:
         for path in (REPO / package).rglob("*.py")
         for dep in _imports(path)
         if dep.split(".")[0] in ("testbed", "ray", "mlflow")
+    ]
+    assert offending == []
+
+
+def test_only_the_flower_wrapper_and_mod_import_flower() -> None:
+    """Flower is an optional extra: the auditor core and everything else import without it."""
+    allowed = {"testbed.integrations.flower.strategy", "testbed.integrations.flower.mod"}
+    offending = [
+        name
+        for path in PACKAGE.rglob("*.py")
+        for name in [_module_name(path)]
+        if name not in allowed and any(dep.split(".")[0] == "flwr" for dep in _imports(path))
     ]
     assert offending == []
 
