@@ -74,16 +74,24 @@ def checkout_commit(folder: Path) -> tuple[str, bool] | None:
         return None
 
 
-def study_meta(spec: StudySpec, source: Path, run_id: str, seconds: float) -> dict[str, Any]:
-    """What the results page states about the run: command, commit, wall time, machine, budgets."""
+def _described(found: tuple[str, bool] | None) -> str:
+    if found is None:
+        return "unknown (not a git checkout)"
+    return f"`{found[0]}`" + (" (with uncommitted changes)" if found[1] else "")
+
+
+def study_meta(
+    spec: StudySpec, source: Path, run_id: str, seconds: float, at_start: tuple[str, bool] | None = None
+) -> dict[str, Any]:
+    """What the results page states about the run: command, commit (the checkout when the study started,
+    ``at_start``, and the one at its end where they differ), wall time, machine, budgets."""
     import os
     import platform
 
     found = checkout_commit(source.resolve().parent)
-    if found is None:
-        commit = "unknown (not a git checkout)"
-    else:
-        commit = f"`{found[0]}`" + (" (with uncommitted changes)" if found[1] else "")
+    commit = _described(at_start if at_start is not None else found)
+    if at_start is not None and found != at_start:
+        commit += f" when the study started; {_described(found)} when it ended"
     minutes, rest = divmod(round(seconds), 60)
     budgets = "; ".join(
         f"{arm.label}: {arm.rounds} rounds, attacks {arm.portfolio_label}"
@@ -185,6 +193,7 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
     from testbed.runtime.cluster import ray_session
 
     started = time.perf_counter()
+    at_start = checkout_commit(source.resolve().parent)
     check_tracking_uri(str(spec.tracking["uri"]))
     first = experiment_for(spec, spec.arms[0], seed=spec.seeds[0], policy=spec.baseline, lr=spec.arms[0].lr_grid[0])
     prepare_data(first)  # a missing data set is a one-line error before Ray starts
@@ -236,7 +245,7 @@ def run_study(spec: StudySpec, source: Path, out: Path, *, show_progress: bool =
             write_rows(out / name, rows)
             tracker.log_file(run_id, out / name, "study")
         seconds = time.perf_counter() - started
-        meta = study_meta(spec, source, run_id, seconds)
+        meta = study_meta(spec, source, run_id, seconds, at_start)
         meta["notes"] = (
             [f"{len(failures)} study tasks failed; their cells are missing: " + " / ".join(failures)]
             if failures
