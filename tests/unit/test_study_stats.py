@@ -201,6 +201,20 @@ def test_claims_read_metadata_and_need_the_seeds(seeds: int) -> None:
     assert mlp_cell.intervals[("to date", "ssim_ge_0.5")].value == 1.0
 
 
+def test_a_lenet_whose_baseline_does_not_leak_neither_supports_nor_refutes_claim_6() -> None:
+    """Nothing leaks under the baseline: a zero difference says nothing about the defence's use (not tested); where
+    the baseline leaks on every seed and identical labels leak nothing, 10 seeds support the claim."""
+    lenet = "lenet/s"
+    quiet = [*_rows(lenet, "random-ce", [0] * 10, attack="inverting-gradients")]
+    quiet += _rows(lenet, "same", [0] * 10, attack="inverting-gradients")
+    verdicts = judge(build_cells(quiet, [], "random-ce"), _spec(10), [])
+    assert _verdict(verdicts, "lenet") == "not tested" and _verdict(verdicts, "lenet", "paper") == "not tested"
+    leaking = [*_rows(lenet, "random-ce", [2] * 10, attack="inverting-gradients")]
+    leaking += _rows(lenet, "same", [0] * 10, attack="inverting-gradients")
+    verdicts = judge(build_cells(leaking, [], "random-ce"), _spec(10), [])
+    assert _verdict(verdicts, "lenet") == SUPPORTED
+
+
 def test_noise_test_on_images_with_a_known_answer() -> None:
     rng = np.random.default_rng(0)
     images = rng.random((40, 1, 12, 12)).astype(np.float32)
