@@ -27,6 +27,7 @@ from attacks.victim import (
     initial_images,
     label_targets,
     target_update,
+    view_step_sizes,
     working_model,
 )
 from attacks.view import AttackerView, Reconstruction
@@ -105,6 +106,7 @@ class DeepLeakage(Attack):
         best = _Best(math.inf, images.detach().clone(), label_logits.detach().clone())
         evaluations = 0
         scale = 1.0 if view.kind == "gradient" else 1.0 / view.lr**2
+        sizes = view_step_sizes(view)
 
         def closure() -> Tensor:
             nonlocal evaluations
@@ -119,7 +121,7 @@ class DeepLeakage(Attack):
                 kind=view.kind,
                 local_steps=view.local_steps,
                 lr=view.lr,
-                batch_size=view.batch_size,
+                sizes=sizes,
                 differentiate=autograd_gradient,
             )
             objective = squared_distance(simulated, target) * scale

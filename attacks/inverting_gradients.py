@@ -47,6 +47,7 @@ from attacks.victim import (
     initial_images,
     label_targets,
     target_update,
+    view_step_sizes,
     working_model,
 )
 from attacks.view import AttackerView, Reconstruction
@@ -148,6 +149,7 @@ class InvertingGradients(Attack):
         self, setup: _Setup, differentiate: Differentiate
     ) -> Callable[[Tensor, Tensor, Params, Params], Tensor]:
         view = setup.view
+        sizes = view_step_sizes(view)
 
         def objective(images: Tensor, one_hot: Tensor, params: Params, target: Params) -> Tensor:
             simulated = simulated_update(
@@ -159,7 +161,7 @@ class InvertingGradients(Attack):
                 kind=view.kind,
                 local_steps=view.local_steps,
                 lr=view.lr,
-                batch_size=view.batch_size,
+                sizes=sizes,
                 differentiate=differentiate,
             )
             return cosine_distance(simulated, target) + self.params["tv_weight"] * total_variation(images)

@@ -8,7 +8,7 @@ under ``torch.func`` transforms (many victims through ``vmap``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,13 +44,13 @@ def simulated_update(
     local_steps: int,
     lr: float,
     differentiate: Differentiate,
-    batch_size: int | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Params:
     """The update a client would send for ``images`` (N, ...) with soft ``targets`` (N, classes).
 
     ``kind="gradient"``: the mean loss gradient over all N samples. ``kind="delta"``: ``local_steps``
-    SGD steps of size ``lr`` on consecutive slices of the samples (``step_sizes``: equal slices, or a
-    shuffling loader's full batches of ``batch_size`` and a short last one); returns after - before.
+    SGD steps of size ``lr`` on consecutive slices of the samples, ``sizes`` samples each (``step_sizes``;
+    default: equal slices); returns after - before.
     """
 
     def batch_loss(images_part: Tensor, targets_part: Tensor) -> Callable[[Params], Tensor]:
@@ -63,7 +63,8 @@ def simulated_update(
         return differentiate(batch_loss(images, targets), params)
     current = params
     start = 0
-    for size in step_sizes(images.shape[0], local_steps, batch_size):
+    per_step = images.shape[0] // local_steps
+    for size in sizes if sizes is not None else [per_step] * local_steps:
         part = slice(start, start + size)
         start += size
         grads = differentiate(batch_loss(images[part], targets[part]), current)
@@ -71,24 +72,30 @@ def simulated_update(
     return {name: current[name] - params[name] for name in params}
 
 
-def step_sizes(num_samples: int, local_steps: int, batch_size: int | None = None) -> list[int]:
-    """How many of ``num_samples`` samples each of ``local_steps`` SGD steps used, as the attacks assume.
+def step_sizes(num_samples: int, local_steps: int, batch_size: int, one_pass: bool = False) -> list[int]:
+    """How many of ``num_samples`` samples each of ``local_steps`` SGD steps used, as the attacks simulate them.
 
-    Given ``batch_size``: one pass of a shuffling loader, full batches and a last batch holding the rest
-    (``(local_steps - 1) * batch_size < num_samples <= local_steps * batch_size``); without it, equal
-    slices. ValueError for any other count (the client's batches cannot be told from the update's metadata:
-    several epochs over data that do not fill whole batches, or batches of uneven sizes).
+    Whole batches of ``batch_size`` when they account for every sample (every batch is then full, whatever the
+    batching); with ``one_pass`` (the client's group trains one pass of a shuffling loader: ``AttackerView.one_pass``)
+    also full batches and a short last one. ValueError otherwise: batches of other sizes (identical-label batching,
+    several epochs over data that do not fill whole batches, a step cap, DP-SGD's Poisson batches) cannot be told
+    from the update's metadata, and simulating the wrong steps would under-report.
     """
     if local_steps < 1 or num_samples < local_steps:
         raise ValueError(f"{num_samples} samples cannot fill {local_steps} local steps")
-    if batch_size is None:
-        if num_samples % local_steps == 0:
-            return [num_samples // local_steps] * local_steps
-    elif (local_steps - 1) * batch_size < num_samples <= local_steps * batch_size:
+    if num_samples == local_steps * batch_size:
+        return [batch_size] * local_steps
+    if one_pass and (local_steps - 1) * batch_size < num_samples < local_steps * batch_size:
         return [batch_size] * (local_steps - 1) + [num_samples - (local_steps - 1) * batch_size]
+    if one_pass:
+        raise ValueError(
+            f"num_samples {num_samples} over {local_steps} local steps is not one pass of full batches of "
+            f"{batch_size} and a last one holding the rest"
+        )
     raise ValueError(
-        f"num_samples {num_samples} over {local_steps} local steps is not one pass of full batches of {batch_size} "
-        "and a last one holding the rest"
+        f"num_samples {num_samples} is not local_steps x batch_size ({local_steps} x {batch_size}), and the client's "
+        "batches of other sizes cannot be told from the update (only one pass of random batching is simulated with "
+        "a short last batch)"
     )
 
 

@@ -22,10 +22,17 @@ def check_simulable(view: AttackerView, attack: str) -> SoftTargetLoss:
         raise AttackNotApplicable(f"{attack}: the update lacks model parameter {missing[0]!r}")
     if view.kind == "delta":
         try:
-            step_sizes(view.num_samples, view.local_steps, view.batch_size)
+            step_sizes(view.num_samples, view.local_steps, view.batch_size, view.one_pass)
         except ValueError as exc:
             raise AttackNotApplicable(f"{attack}: {exc}") from None
     return batch_loss(view.loss)
+
+
+def view_step_sizes(view: AttackerView) -> list[int] | None:
+    """The samples of each local step of a delta view (``attacks.simulate.step_sizes``); None for a gradient."""
+    if view.kind != "delta":
+        return None
+    return step_sizes(view.num_samples, view.local_steps, view.batch_size, view.one_pass)
 
 
 def working_model(view: AttackerView, device: torch.device) -> nn.Module:

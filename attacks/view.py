@@ -37,6 +37,9 @@ class AttackerView:
     weights that came as a thin SVD, key -> (L, V) with the update equal to L @ V.T (V's columns
     orthonormal; a function of the update alone); such keys are then absent from ``update``. Only attacks
     that declare ``reads_factors`` are given views with factors; the helpers of ``attacks.layers`` read both.
+    ``one_pass``: the threat model says the client's local steps are one pass of a shuffling loader (random
+    batching, one epoch, no step cap, no DP), so a delta whose samples do not fill whole batches had full batches
+    and a short last one; otherwise only whole batches can be simulated (``attacks.simulate.step_sizes``).
     """
 
     model: torch.nn.Module
@@ -52,6 +55,7 @@ class AttackerView:
     num_classes: int
     labels: Tensor | None = None
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    one_pass: bool = False  # a delta's steps are one pass of a shuffling loader (its group's public batching)
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:

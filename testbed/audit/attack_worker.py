@@ -16,7 +16,7 @@ from torch import nn
 
 from attacks import Attack, AttackerView, AttackNotApplicable, build_attack
 from defenses import build_policy
-from testbed.audit.outcome import AuditOutcome, attacker_view
+from testbed.audit.outcome import AuditOutcome, attacker_view, one_pass_groups
 from testbed.config.schema import Experiment
 from testbed.runtime.models import model_for
 from testbed.runtime.records import ClientUpdate, Params
@@ -58,6 +58,7 @@ class AttackWorker:
         ]
         self.losses = {group.group: build_policy(group.defence).loss for group in experiment.clients}
         self.cap = experiment.attack.optimisation_cap
+        self.one_pass = one_pass_groups(experiment)
         for edge in experiment.aggregators:
             self.losses[f"{edge.name}-aggregate"] = self.losses[edge.groups[0]]
 
@@ -86,6 +87,7 @@ class AttackWorker:
                 self.num_classes,
                 self.losses[update.group],
                 keep_factors=all(attack.reads_factors for attack in self.attacks),
+                one_pass=update.group in self.one_pass,
             )
             for update in updates
         ]

@@ -40,12 +40,14 @@ def attacker_view(
     num_classes: int,
     loss: ClientLoss,
     keep_factors: bool = False,
+    one_pass: bool = False,
 ) -> AttackerView:
     """What the threat model lets the server know about one client's update (``loss``: the loss its group
     declared, with its parameters: the threat model makes it public).
 
     A weight the client sent as a thin SVD (``ClientUpdate.factors``) is multiplied out, unless
     ``keep_factors`` (every attack to run reads factors: ``Attack.reads_factors``) passes it as it came.
+    ``one_pass``: the update's group trains one pass of a shuffling loader (``one_pass_groups``).
     """
     labels = torch.as_tensor(update.labels) if update.labels is not None else None
     algorithm = experiment.algorithm
@@ -64,4 +66,21 @@ def attacker_view(
         input_shape=input_shape,
         num_classes=num_classes,
         labels=labels,
+        one_pass=one_pass and algorithm.name == "fedavg",
     )
+
+
+def one_pass_groups(experiment: Experiment) -> set[str]:
+    """The client groups whose FedAvg local steps are one pass of a shuffling loader over their samples: random
+    batching, no DP-SGD, one local epoch and no step cap (their short last batch is public knowledge)."""
+    from defenses import build_policy
+
+    algorithm = experiment.algorithm
+    if algorithm.name != "fedavg" or algorithm.local_steps is not None or (algorithm.local_epochs or 1) != 1:
+        return set()
+    found = set()
+    for group in experiment.clients:
+        policy = build_policy(group.defence)
+        if policy.batching.name == "random" and policy.dp is None:
+            found.add(group.group)
+    return found

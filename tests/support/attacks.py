@@ -106,4 +106,5 @@ def make_view(
         input_shape=tuple(images.shape[1:]),
         num_classes=10,
         labels=labels.clone() if public_labels else None,
+        one_pass=batch_size is not None,
     )

@@ -127,18 +127,18 @@ def test_a_fedavg_delta_with_a_short_last_batch_is_simulated_as_the_client_train
     would not, and a count no such pass gives is not applicable."""
     images, labels = mnist_digits([3, 7, 1, 4, 9])
     view = make_view(lenet, images, labels, kind="delta", local_steps=3, lr=0.05, batch_size=2)
-    assert step_sizes(5, 3, 2) == [2, 2, 1]
+    assert step_sizes(5, 3, 2, one_pass=True) == [2, 2, 1]
     one_hot = torch.nn.functional.one_hot(labels, 10).to(torch.float32)
     simulate = {"kind": "delta", "local_steps": 3, "lr": 0.05, "differentiate": autograd_gradient}
     loss = check_simulable(view, "inverting-gradients")
     params = {name: value.clone().requires_grad_(True) for name, value in view.global_params.items()}
-    same = simulated_update(lenet, loss, params, images, one_hot, batch_size=2, **simulate)  # type: ignore[arg-type]
+    same = simulated_update(lenet, loss, params, images, one_hot, sizes=[2, 2, 1], **simulate)  # type: ignore[arg-type]
     scale = max(float(value.abs().max()) for value in view.update.values())
     for name, value in view.update.items():
         # a few float32 roundings of the same operations: 1e-5 of the update's largest entry
         assert torch.allclose(same[name].detach(), value, atol=1e-5 * scale), name
     with pytest.raises(ValueError):
-        step_sizes(5, 3)  # equal slices cannot hold 5 samples in 3 steps
+        step_sizes(5, 3, 2)  # without one pass of random batching, only whole batches can be simulated
     with pytest.raises(AttackNotApplicable, match="not one pass of full batches of 2"):
         check_simulable(make_view(lenet, images[:4], labels[:4], kind="delta", local_steps=3, batch_size=2), "dlg")
     result = build_attack("inverting-gradients", {"iterations": 200}).reconstruct(

@@ -202,8 +202,20 @@ class FlowerAuditor:
             return f"update kind {reply.sent!r} is not one of {', '.join(SENT_KINDS)}"
         if self.experiment.algorithm.name == "fedsgd" and reply.local_steps > 1:
             return f"fedsgd audits one local step; the reply reports {reply.local_steps}"
-        if reply.num_samples < 1 or reply.batch_size < 1:
-            return f"num_samples {reply.num_samples} and batch_size {reply.batch_size} must be at least 1"
+        if reply.num_samples < 1 or reply.batch_size < 1 or reply.local_steps < 1:
+            return (
+                f"num_samples {reply.num_samples}, batch_size {reply.batch_size} and local_steps {reply.local_steps} "
+                "must be at least 1"
+            )
+        if reply.num_samples > reply.local_steps * reply.batch_size:
+            return (
+                f"num_samples {reply.num_samples} exceeds local_steps x batch_size ({reply.local_steps} x "
+                f"{reply.batch_size}): report the samples trained on this round, not the data set's size"
+            )
+        if reply.sample_indices is not None:
+            indices = np.asarray(reply.sample_indices)
+            if indices.shape != (reply.num_samples,) or indices.min() < 0 or indices.max() >= len(self.dataset.train_y):
+                return "the ground-truth sample indices do not match num_samples or the training split"
         return _mismatch(reply.arrays, reference)
 
     def audit_round(

@@ -109,15 +109,29 @@ class AuditedStrategy(Strategy):
         if METRIC_KEYS["num_samples"] not in values:
             return None, f"the reply's MetricRecord lacks {METRIC_KEYS['num_samples']!r}"
         experiment = self.auditor.experiment
-        client = int(truth["partition-id"]) if truth is not None and "partition-id" in truth else index  # type: ignore[arg-type]
-        indices = np.asarray(truth["sample-indices"], dtype=np.int64) if truth is not None else None
+        try:
+            node = int(message.metadata.src_node_id)
+            client = int(truth["partition-id"]) if truth is not None and "partition-id" in truth else node  # type: ignore[arg-type]
+            indices = np.asarray(truth["sample-indices"], dtype=np.int64) if truth is not None else None
+            counts = {
+                key: _count(values.get(METRIC_KEYS[key], default))
+                for key, default in (
+                    ("num_samples", None),
+                    ("batch_size", experiment.clients[0].batch_size),
+                    ("local_steps", 1),
+                )
+            }
+            arrays_sent = {name: array.numpy() for name, array in arrays[0].items()}
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            return None, f"the reply's records cannot be read: {type(exc).__name__}: {exc}"
+        del index
         return (
             Reply(
                 client=client,
-                arrays={name: array.numpy() for name, array in arrays[0].items()},
-                num_samples=int(values[METRIC_KEYS["num_samples"]]),  # type: ignore[arg-type]
-                batch_size=int(values.get(METRIC_KEYS["batch_size"], experiment.clients[0].batch_size)),  # type: ignore[arg-type]
-                local_steps=int(values.get(METRIC_KEYS["local_steps"], 1)),  # type: ignore[arg-type]
+                arrays=arrays_sent,
+                num_samples=counts["num_samples"],
+                batch_size=counts["batch_size"],
+                local_steps=counts["local_steps"],
                 sent=self.sent,  # type: ignore[arg-type]
                 sample_indices=indices,
             ),
@@ -155,6 +169,13 @@ class AuditedStrategy(Strategy):
             return result
         finally:
             self.auditor.close(status)
+
+
+def _count(value: Any) -> int:
+    """A whole, finite count from a MetricRecord value (ValueError for anything else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
 
 
 def _pop_truth(message: Message) -> ConfigRecord | None:
